@@ -1,0 +1,166 @@
+"""Functional form of the D2SM statistic: :func:`similarity_kl`.
+
+This is the single entry point to the math; :class:`d2sm_loss.SemanticStatisticsLoss`
+calls it. It validates its arguments once, chooses an implementation from
+:mod:`d2sm_loss.ops` and applies the reduction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .ops.reference import KERNELS, similarity_kl_reference
+
+__all__ = ["similarity_kl", "resolve_implementation", "IMPLEMENTATIONS", "REDUCTIONS"]
+
+logger = logging.getLogger(__name__)
+
+Kernel = Literal["cosine", "softmax"]
+Reduction = Literal["mean", "sum", "none"]
+Implementation = Literal["auto", "triton", "torch", "reference"]
+
+#: ``"torch"`` is the streaming PyTorch path, ``"reference"`` the plain O(N^2) one.
+IMPLEMENTATIONS = ("auto", "triton", "torch", "reference")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_error() -> str | None:
+    """Why the Triton implementation cannot be used, or None if it can."""
+    try:
+        from .ops import triton_kernels  # noqa: F401
+    except Exception as error:  # ImportError, or triton failing at import time
+        return f"the Triton kernels could not be imported ({type(error).__name__}: {error})"
+    return None
+
+
+def resolve_implementation(implementation: str, device: torch.device) -> str:
+    """The concrete implementation (``"triton"``, ``"torch"`` or ``"reference"``) that
+    ``implementation`` selects for tensors on ``device``.
+
+    ``"auto"`` picks Triton for CUDA tensors when Triton is importable, else the
+    streaming PyTorch path. ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1``
+    set in the environment before :mod:`d2sm_loss` is imported (the Triton interpreter
+    then runs the kernels on CPU tensors).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "auto":
+        if device.type == "cuda" and _triton_error() is None:
+            return "triton"
+        return "torch"
+    if implementation == "triton":
+        if device.type != "cuda" and not _triton_interpreted():
+            raise ValueError(
+                f"implementation='triton' needs CUDA tensors, got tensors on {device}; set "
+                "TRITON_INTERPRET=1 before importing d2sm_loss to run the kernels on the CPU "
+                "through the Triton interpreter (slow, for testing), or use implementation='torch'"
+            )
+        reason = _triton_error()
+        if reason is not None:
+            raise RuntimeError(f"implementation='triton' is unavailable: {reason}")
+    return implementation
+
+
+def similarity_kl(
+    restored: Tensor,
+    clean: Tensor,
+    *,
+    kernel: Kernel = "cosine",
+    temperature: float = 0.1,
+    include_self: bool = True,
+    reduction: Reduction = "mean",
+    implementation: Implementation = "auto",
+) -> Tensor:
+    """KL divergence between the similarity statistics of clean and restored features.
+
+    For each group, every row ``i`` defines a distribution over rows ``j``,
+    ``p(j | i) = s(c_ij) / sum_j s(c_ij)``, where ``c_ij`` is the cosine similarity of
+    rows ``i`` and ``j`` and ``s`` a similarity kernel. The result is
+    ``KL(p_clean(. | i) || p_restored(. | i))`` per row.
+
+    Args:
+        restored: features of the restored images, shape ``(N, D)`` or ``(G, N, D)``
+            (G independent groups of N samples with D features). Receives the gradient.
+        clean: features of the clean images, same shape. Treated as a constant.
+        kernel: ``"cosine"``: ``s = (1 + c) / 2`` (the paper's); ``"softmax"``:
+            ``s = exp((c - 1) / temperature)``.
+        temperature: temperature of the softmax kernel (ignored by the cosine kernel).
+        include_self: whether ``j = i`` takes part in each row's distribution.
+        reduction: ``"mean"`` over all rows of all groups, ``"sum"``, or ``"none"`` for
+            the per-row values of shape ``(N,)`` or ``(G, N)``.
+        implementation: ``"auto"`` (Triton on CUDA when available, else the streaming
+            PyTorch path), ``"triton"``, ``"torch"`` (streaming, O(N * block) memory) or
+            ``"reference"`` (plain, O(N^2) memory).
+
+    Returns:
+        A float32 tensor (float64 when the inputs are float64): a scalar, or the
+        per-row values for ``reduction="none"``. Inputs in float16 or bfloat16 (for
+        example under :func:`torch.autocast`) are accumulated in float32.
+    """
+    if not isinstance(restored, Tensor) or not isinstance(clean, Tensor):
+        raise TypeError(
+            f"restored and clean must be tensors, got {type(restored).__name__} and {type(clean).__name__}"
+        )
+    if restored.dim() not in (2, 3):
+        raise ValueError(f"restored must have shape (N, D) or (G, N, D), got shape {tuple(restored.shape)}")
+    if restored.shape != clean.shape:
+        raise ValueError(
+            f"restored and clean must have the same shape, got {tuple(restored.shape)} and {tuple(clean.shape)}"
+        )
+    for name, tensor in (("restored", restored), ("clean", clean)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if restored.device != clean.device:
+        raise ValueError(
+            f"restored and clean must be on the same device, got {restored.device} and {clean.device}"
+        )
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "softmax" and not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    n, d = restored.shape[-2], restored.shape[-1]
+    if n == 0 or d == 0:
+        raise ValueError(f"restored must have at least one row and one feature, got shape {tuple(restored.shape)}")
+    if not include_self and n < 2:
+        raise ValueError(
+            f"include_self=False needs at least 2 rows per group to compare, got N={n}"
+        )
+    impl = resolve_implementation(implementation, restored.device)
+    logger.debug("similarity_kl: implementation=%s shape=%s", impl, tuple(restored.shape))
+
+    squeeze = restored.dim() == 2
+    x = restored.unsqueeze(0) if squeeze else restored
+    y = clean.detach().unsqueeze(0) if squeeze else clean.detach()
+    if impl == "triton":
+        from .ops.triton_kernels import similarity_kl_triton
+
+        rows = similarity_kl_triton(x, y, kernel=kernel, temperature=float(temperature), include_self=include_self)
+    else:
+        # Statistics in float32 at least (float64 stays float64), outside any autocast region.
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x, y = x.to(dtype), y.to(dtype)
+            if impl == "torch":
+                from .ops.streaming import similarity_kl_streaming
+
+                rows = similarity_kl_streaming(x, y, kernel=kernel, temperature=float(temperature), include_self=include_self)
+            else:
+                rows = similarity_kl_reference(x, y, kernel=kernel, temperature=float(temperature), include_self=include_self)
+    if squeeze:
+        rows = rows.squeeze(0)
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
