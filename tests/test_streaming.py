@@ -1,0 +1,274 @@
+"""The streaming PyTorch path (:mod:`d2sm_loss.ops.streaming`) against the reference.
+
+Tolerances (stated once, used throughout):
+
+- float64 streaming vs float64 reference: values and gradients agree to 1e-9 relative
+  to the largest magnitude of the tensor compared (plus 1e-12 absolute). The two paths
+  round differently (fused scale, sums in another order), nothing more.
+- float32 streaming vs float64 reference: values to 5e-5 relative to the largest KL in
+  the batch plus 1e-6 absolute, gradients to 5e-5 relative to the largest gradient
+  entry plus 1e-6 absolute (for gradients that are exactly 0, e.g. N=2 without self).
+  Observed: at most 1.7e-5 (values) and 2.3e-6 (gradients) relative, for the
+  shapes below; a wrong term or a missed mask misses these by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from d2sm_loss.functional import similarity_kl
+from d2sm_loss.ops.reference import similarity_kl_reference
+from d2sm_loss.ops.streaming import TILE_ELEMENTS, default_block_size, similarity_kl_streaming
+
+F64_RTOL, F64_ATOL = 1e-9, 1e-12
+F32_VALUE_RTOL, F32_VALUE_ATOL = 5e-5, 1e-6
+F32_GRAD_RTOL, F32_GRAD_ATOL = 5e-5, 1e-6
+
+KERNELS = [("cosine", 0.1), ("softmax", 0.1)]
+
+
+def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str) -> None:
+    """|actual - expected| <= rtol * max|expected| + atol, everywhere."""
+    assert actual.shape == expected.shape, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual.double() - expected.double()).abs().max().item()
+    bound = rtol * expected.double().abs().max().item() + atol
+    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+
+
+def _inputs(g: int, n: int, d: int, dtype=torch.float64, seed: int = 0, special_rows: bool = True):
+    """Random features with, where N allows, an all-zero restored row, an all-zero clean
+    row and duplicated rows on both sides."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(g, n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(g, n, d, generator=gen, dtype=torch.float64)
+    if special_rows and n >= 3:
+        x[:, 0] = 0.0
+        y[:, n // 2] = 0.0
+        x[:, n - 1] = x[:, 1]
+        y[:, n - 1] = y[:, 1]
+    grad = torch.randn(g, n, generator=gen, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype), grad.to(dtype)
+
+
+def _value_and_grad(fn, x, y, grad, **kwargs):
+    x = x.detach().clone().requires_grad_(True)
+    rows = fn(x, y, **kwargs)
+    (dx,) = torch.autograd.grad(rows, x, grad)
+    return rows.detach(), dx
+
+
+def _block_sizes(n: int) -> list:
+    sizes = {None, 1, 5, n, n + 3}
+    if n > 8:
+        sizes |= {n // 3 + 1, 32}
+    return sorted(sizes, key=lambda s: -1 if s is None else s)
+
+
+SHAPES = [
+    (g, n, d)
+    for g, n, d in itertools.product((1, 3), (1, 2, 33, 70, 257), (3, 17, 65))
+]
+
+
+@pytest.mark.parametrize("kernel,temperature", KERNELS)
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("g,n,d", SHAPES)
+def test_matches_reference_float64(g, n, d, kernel, temperature, include_self):
+    if n == 1 and not include_self:
+        pytest.skip("include_self=False needs N >= 2")
+    x, y, grad = _inputs(g, n, d, seed=n * 1000 + d * 10 + g)
+    opts = dict(kernel=kernel, temperature=temperature, include_self=include_self)
+    ref_rows, ref_dx = _value_and_grad(similarity_kl_reference, x, y, grad, **opts)
+    for block in _block_sizes(n):
+        rows, dx = _value_and_grad(similarity_kl_streaming, x, y, grad, block_size=block, **opts)
+        assert rows.dtype == torch.float64 and rows.shape == (g, n)
+        _assert_close_scaled(rows, ref_rows, F64_RTOL, F64_ATOL, f"values, block={block}")
+        _assert_close_scaled(dx, ref_dx, F64_RTOL, F64_ATOL, f"grad, block={block}")
+
+
+@pytest.mark.parametrize("kernel,temperature", KERNELS + [("softmax", 0.5)])
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("g,n,d", [(1, 2, 3), (3, 33, 17), (1, 70, 65), (3, 257, 17)])
+def test_float32_matches_float64_reference(g, n, d, kernel, temperature, include_self):
+    x, y, grad = _inputs(g, n, d, seed=7 + n, special_rows=False)
+    opts = dict(kernel=kernel, temperature=temperature, include_self=include_self)
+    ref_rows, ref_dx = _value_and_grad(similarity_kl_reference, x, y, grad, **opts)
+    for block in (None, 1, 7):
+        rows, dx = _value_and_grad(similarity_kl_streaming, x.float(), y.float(), grad.float(), block_size=block, **opts)
+        assert rows.dtype == torch.float32 and dx.dtype == torch.float32
+        _assert_close_scaled(rows, ref_rows, F32_VALUE_RTOL, F32_VALUE_ATOL, f"values, block={block}")
+        _assert_close_scaled(dx, ref_dx, F32_GRAD_RTOL, F32_GRAD_ATOL, f"grad, block={block}")
+
+
+def test_float32_zero_and_duplicate_rows_are_finite_and_match():
+    x, y, grad = _inputs(3, 70, 17, seed=3)
+    opts = dict(kernel="cosine", temperature=0.1, include_self=True)
+    ref_rows, ref_dx = _value_and_grad(similarity_kl_reference, x, y, grad, **opts)
+    rows, dx = _value_and_grad(similarity_kl_streaming, x.float(), y.float(), grad.float(), block_size=9, **opts)
+    _assert_close_scaled(rows, ref_rows, F32_VALUE_RTOL, F32_VALUE_ATOL, "values")
+    # The zero row's gradient is 1/NORM_EPS times larger than the others: compare rows apart.
+    _assert_close_scaled(dx[:, :1], ref_dx[:, :1], F32_GRAD_RTOL, F32_GRAD_ATOL, "grad of the zero row")
+    _assert_close_scaled(dx[:, 1:], ref_dx[:, 1:], F32_GRAD_RTOL, F32_GRAD_ATOL, "grad of the other rows")
+
+
+@pytest.mark.parametrize("kernel,temperature", KERNELS + [("softmax", 0.01)])
+@pytest.mark.parametrize("include_self", [True, False])
+def test_gradcheck_float64(kernel, temperature, include_self):
+    x, y, _ = _inputs(2, 11, 5, seed=11, special_rows=False)
+    y[:, 4] = y[:, 2]  # duplicated clean rows
+    x.requires_grad_(True)
+
+    def fn(inp):
+        return similarity_kl_streaming(inp, y, kernel=kernel, temperature=temperature, include_self=include_self, block_size=4)
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,temperature", KERNELS)
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_inputs_give_exactly_zero(kernel, temperature, include_self, dtype):
+    x, _, grad = _inputs(3, 45, 9, dtype=dtype, seed=5)
+    x = x.requires_grad_(True)
+    rows = similarity_kl_streaming(x, x.detach().clone(), kernel=kernel, temperature=temperature,
+                                   include_self=include_self, block_size=8)
+    (dx,) = torch.autograd.grad(rows, x, grad)
+    assert torch.equal(rows, torch.zeros_like(rows))
+    assert torch.equal(dx, torch.zeros_like(dx))
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.002])
+def test_small_temperature_without_self_stays_finite(temperature):
+    # exp((c - 1) / tau) underflows to 0 for every j != i when the rows are spread out:
+    # the logsumexp path keeps the values and gradients finite and equal to the reference.
+    x, y, grad = _inputs(2, 40, 64, seed=9, special_rows=False)
+    opts = dict(kernel="softmax", temperature=temperature, include_self=False)
+    ref_rows, ref_dx = _value_and_grad(similarity_kl_reference, x, y, grad, **opts)
+    assert torch.isfinite(ref_rows).all()
+    for dtype, rtol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
+        rows, dx = _value_and_grad(similarity_kl_streaming, x.to(dtype), y.to(dtype), grad.to(dtype), block_size=6, **opts)
+        _assert_close_scaled(rows, ref_rows, rtol, 0.0, f"values {dtype}")
+        _assert_close_scaled(dx, ref_dx, rtol * 10, 0.0, f"grad {dtype}")
+
+
+def test_y_gets_no_gradient_and_x_without_grad_works():
+    x, y, _ = _inputs(1, 10, 4, seed=1)
+    y = y.requires_grad_(True)
+    x = x.requires_grad_(True)
+    similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True).sum().backward()
+    assert x.grad is not None and y.grad is None
+    out = similarity_kl_streaming(x.detach(), y.detach(), kernel="cosine", temperature=0.1, include_self=True)
+    assert not out.requires_grad
+
+
+def test_saved_state_is_linear_in_n():
+    g, n, d = 2, 300, 7
+    x, y, _ = _inputs(g, n, d, seed=2)
+    x.requires_grad_(True)
+    rows = similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True, block_size=16)
+    saved = rows.grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved) == 2 * g * n * d + 3 * g * n
+    assert max(t.numel() for t in saved) < n * n
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any ATen operation returns (inside autograd too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "softmax"])
+def test_no_operation_produces_more_than_one_tile(kernel):
+    g, n, d, block = 2, 400, 8, 24
+    x, y, grad = _inputs(g, n, d, dtype=torch.float32, seed=4)
+    x.requires_grad_(True)
+    with _LargestTensor() as mode:
+        rows = similarity_kl_streaming(x, y, kernel=kernel, temperature=0.1, include_self=False, block_size=block)
+        rows.backward(grad)
+    assert mode.largest <= max(g * block * n, g * n * d)
+    with _LargestTensor() as mode:
+        similarity_kl_reference(x, y, kernel=kernel, temperature=0.1, include_self=False).backward(grad)
+    assert mode.largest >= g * n * n  # the check above is able to see an N x N matrix
+
+
+def test_default_block_size_adapts_to_n():
+    assert default_block_size(1, 4096) == TILE_ELEMENTS // 4096
+    assert default_block_size(8, 4096) == TILE_ELEMENTS // (8 * 4096)
+    assert default_block_size(1, 10) == 10
+    assert default_block_size(4, 1 << 20) == 1
+    for g, n in ((1, 4096), (8, 4096), (1, 16384), (3, 70)):
+        assert g * default_block_size(g, n) * n <= max(TILE_ELEMENTS, g * n)
+
+
+def test_invalid_arguments():
+    x, y, _ = _inputs(1, 5, 3, seed=0)
+    with pytest.raises(ValueError):
+        similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True, block_size=0)
+    with pytest.raises(ValueError):
+        similarity_kl_streaming(x, y, kernel="gauss", temperature=0.1, include_self=True)
+    with pytest.raises(ValueError):
+        similarity_kl_streaming(x[0], y[0], kernel="cosine", temperature=0.1, include_self=True)
+    with pytest.raises(TypeError):
+        similarity_kl_streaming(x.half(), y.half(), kernel="cosine", temperature=0.1, include_self=True)
+
+
+# --- through the public functional API -------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("kernel,temperature", KERNELS)
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("shape", [(70, 17), (3, 33, 65)])
+def test_functional_torch_implementation(shape, kernel, temperature, include_self, reduction):
+    gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    y = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    opts = dict(kernel=kernel, temperature=temperature, include_self=include_self, reduction=reduction)
+    out_shape = shape[:-1] if reduction == "none" else ()
+    upstream = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+
+    results = {}
+    for impl in ("reference", "torch"):
+        for dtype in (torch.float64, torch.float32):
+            xi = x.to(dtype).requires_grad_(True)
+            out = similarity_kl(xi, y.to(dtype), implementation=impl, **opts)
+            assert out.shape == out_shape and out.dtype == dtype
+            (dx,) = torch.autograd.grad(out, xi, upstream.to(dtype))
+            results[impl, dtype] = (out.detach(), dx)
+    ref_out, ref_dx = results["reference", torch.float64]
+    out, dx = results["torch", torch.float64]
+    _assert_close_scaled(out, ref_out, F64_RTOL, F64_ATOL, "float64 value")
+    _assert_close_scaled(dx, ref_dx, F64_RTOL, F64_ATOL, "float64 grad")
+    out, dx = results["torch", torch.float32]
+    _assert_close_scaled(out, ref_out, F32_VALUE_RTOL, F32_VALUE_ATOL, "float32 value")
+    _assert_close_scaled(dx, ref_dx, F32_GRAD_RTOL, F32_GRAD_ATOL, "float32 grad")
+
+
+def test_functional_auto_on_cpu_is_streaming_and_half_inputs_accumulate_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 20, 8, generator=gen)
+    y = torch.randn(2, 20, 8, generator=gen)
+    auto = similarity_kl(x, y, implementation="auto", reduction="none")
+    torch_path = similarity_kl(x, y, implementation="torch", reduction="none")
+    assert torch.equal(auto, torch_path)
+    xb = x.bfloat16().requires_grad_(True)
+    out = similarity_kl(xb, y.bfloat16(), implementation="torch")
+    assert out.dtype == torch.float32
+    out.backward()
+    assert xb.grad is not None and xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
+    ref = similarity_kl(xb.detach(), y.bfloat16(), implementation="reference")
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-7)
