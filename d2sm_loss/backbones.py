@@ -257,10 +257,7 @@ class FeatureExtractor(nn.Module):
             from timm.models import get_graph_node_names
 
             nodes = get_graph_node_names(blueprint)[1]
-            for layer in names:
-                if layer not in nodes:
-                    close = difflib.get_close_matches(layer, nodes, n=5)
-                    raise ValueError(f"layers: {layer!r} is not a module or node of {name!r}; close matches: {close}")
+            names = [self._node_for(layer, nodes, name) for layer in names]
             self.reductions = self._probe_reductions(timm, blueprint, names)
         try:
             if by_index:
@@ -283,6 +280,18 @@ class FeatureExtractor(nn.Module):
         self.model = model
         self.layers = names
         return cfg or getattr(blueprint, "pretrained_cfg", None) or {}
+
+    @staticmethod
+    def _node_for(layer: str, nodes: list[str], model_name: str) -> str:
+        """The graph node whose output is ``layer``'s: the node itself, or for a container
+        module (``"layer1"``, traced through) the last node inside it."""
+        if layer in nodes:
+            return layer
+        inside = [node for node in nodes if node.startswith(layer + ".")]
+        if inside:
+            return inside[-1]
+        close = difflib.get_close_matches(layer, nodes, n=5)
+        raise ValueError(f"layers: {layer!r} is not a module or node of {model_name!r}; close matches: {close}")
 
     @staticmethod
     def _probe_reductions(timm: Any, blueprint: nn.Module, names: list[str]) -> list[int | None]:

@@ -1,0 +1,415 @@
+"""SemanticStatisticsLoss end to end: backbones, layers, granularities, queue, freezing, errors.
+
+Backbones are built with random weights (no network in CI) or from checkpoints written here.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from d2sm_loss import SemanticStatisticsLoss, similarity_kl
+from d2sm_loss._compat import import_timm
+
+pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
+
+
+def make(backbone="resnet10t", **kwargs):
+    kwargs.setdefault("pretrained", False)
+    return SemanticStatisticsLoss(backbone, **kwargs)
+
+
+def images(batch=3, channels=3, size=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.rand(batch, channels, size, size, generator=g)
+    restored = (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    return restored.requires_grad_(), clean
+
+
+def conv_loss(**kwargs):
+    """A loss on a small random convolution: features that differ a lot between images."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
+    return SemanticStatisticsLoss(net, **kwargs)
+
+
+FAMILIES = {
+    "resnet10t": {},
+    "mobilenetv3_small_050": {},
+    "convnext_atto": {},
+    "vit_tiny_patch16_224": {"backbone_kwargs": {"dynamic_img_size": True}},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("granularity", ["image", "patch", "location"])
+def test_every_granularity_on_several_families(family, granularity):
+    torch.manual_seed(0)
+    criterion = make(family, granularity=granularity, patch_size=32, patch_stride=16, **FAMILIES[family])
+    restored, clean = images(batch=2, size=64)
+    loss = criterion(restored, clean)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    assert torch.isfinite(restored.grad).all() and restored.grad.abs().sum() > 0
+    same = clean.clone().requires_grad_()
+    zero = criterion(same, clean)
+    zero.backward()
+    assert abs(zero.item()) < 1e-6
+    assert same.grad.abs().max() < 1e-6
+
+
+def test_location_granularity_is_the_mean_of_per_image_groups():
+    criterion = make("resnet10t", layers=[2], granularity="location", implementation="reference")
+    restored, clean = images(batch=2, size=40)
+    with torch.no_grad():
+        fx = criterion._extractor(restored)[0]
+        fy = criterion._extractor(clean)[0]
+    expected = similarity_kl(fx.flatten(2).transpose(1, 2), fy.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(criterion(restored, clean), expected)
+
+
+def test_patch_granularity_cuts_crops():
+    criterion = make("resnet10t", layers=[1], granularity="patch", patch_size=16, patch_stride=8, pool_size=1)
+    restored, clean = images(batch=2, size=32)
+    crops_r = restored.unfold(2, 16, 8).unfold(3, 16, 8).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 16, 16)
+    crops_c = clean.unfold(2, 16, 8).unfold(3, 16, 8).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 16, 16)
+    assert crops_r.shape[0] == 2 * 3 * 3
+    with torch.no_grad():
+        fx = criterion._extractor(crops_r)[0].mean((2, 3))
+        fy = criterion._extractor(crops_c)[0].mean((2, 3))
+    torch.testing.assert_close(criterion(restored, clean), similarity_kl(fx, fy), rtol=1e-5, atol=1e-7)
+
+
+def test_layers_by_index_and_by_name_and_weighted_sum():
+    restored, clean = images()
+    by_index = make("resnet10t", layers=[1, -1])
+    assert by_index.layers == ["layer1", "layer4"]
+    by_name = make("resnet10t", layers=["layer1", "layer4"])
+    torch.testing.assert_close(by_index(restored, clean), by_name(restored, clean))
+    inner = make("resnet10t", layers=["layer2.0.conv1"])  # a node inside a block
+    assert torch.isfinite(inner(restored, clean))
+    weighted = make("resnet10t", layers=[1, 3], layer_weights=[0.25, 2.0])
+    first, second = make("resnet10t", layers=[1]), make("resnet10t", layers=[3])
+    expected = 0.25 * first(restored, clean) + 2.0 * second(restored, clean)
+    torch.testing.assert_close(weighted(restored, clean), expected)
+
+
+def test_user_module_backbone():
+    class TwoMaps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, stride=2)
+            self.b = nn.Conv2d(8, 16, 3, stride=2)
+
+        def forward(self, x):
+            a = torch.relu(self.a(x))
+            return {"a": a, "b": self.b(a)}
+
+    net = TwoMaps()
+    criterion = SemanticStatisticsLoss(net, layers=["b"], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    restored, clean = images()
+    loss = criterion(restored, clean)
+    loss.backward()
+    assert torch.isfinite(loss) and restored.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in net.parameters()) and net.a.weight.grad is None
+    with pytest.raises(ValueError, match="no output named 'c'"):
+        SemanticStatisticsLoss(TwoMaps(), layers=["c"])(restored, clean)
+
+
+def test_backbone_is_frozen_out_of_parameters_and_state_dict():
+    criterion = make("resnet10t", queue_size=4)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1))
+    model.criterion = criterion
+    model.train()
+    assert not criterion.backbone.training
+    assert all(not p.requires_grad for p in criterion.backbone.parameters())
+    assert list(criterion.parameters()) == []
+    assert len(list(model.parameters())) == 2  # the conv's weight and bias only
+    keys = list(model.state_dict())
+    assert all(k.startswith("0.") or k.startswith("criterion.queues.") for k in keys), keys
+    model.double()
+    assert next(criterion.backbone.parameters()).dtype == torch.float64
+
+
+def test_restored_features_get_gradient_but_clean_pass_builds_no_graph():
+    criterion = make("resnet10t")
+    restored, clean = images()
+    clean.requires_grad_()
+    criterion(restored, clean).backward()
+    assert restored.grad is not None and clean.grad is None
+
+
+def test_queue_wraps_around_and_matches_manual_statistic():
+    k, batch = 5, 3
+    criterion = conv_loss(queue_size=k, pool_size=2, kernel="softmax", implementation="reference")
+    seen_x, seen_y = [], []
+    for step in range(4):
+        restored, clean = images(batch=batch, seed=step)
+        restored = images(batch=batch, seed=100 + step)[1]  # unrelated images: a clearly non-zero loss
+        with torch.no_grad():
+            fx = nn.functional.adaptive_avg_pool2d(criterion._extractor(restored)[0], 2).flatten(1)
+            fy = nn.functional.adaptive_avg_pool2d(criterion._extractor(clean)[0], 2).flatten(1)
+        past_x = torch.cat(seen_x)[-k:] if seen_x else fx[:0]
+        past_y = torch.cat(seen_y)[-k:] if seen_y else fy[:0]
+        loss = criterion(restored, clean)
+        queue = criterion.queues[0]
+        assert queue.count == min(batch * (step + 1), k)
+        # The statistic is over the current batch plus the filled queue rows.
+        stored_x, stored_y = queue.rows()
+        assert sorted(map(tuple, stored_x.tolist())) == sorted(map(tuple, torch.cat(seen_x + [fx])[-k:].tolist()))
+        expected = similarity_kl(torch.cat([fx, past_x]), torch.cat([fy, past_y]), kernel="softmax")
+        assert loss > 1e-4
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-8)
+        seen_x.append(fx)
+        seen_y.append(fy)
+
+
+def test_queue_rows_from_a_different_batch_order_give_same_loss():
+    # The ring buffer's row order must not matter: the mean over rows is order-free.
+    criterion = conv_loss(queue_size=7, pool_size=3)
+    for seed in range(3):
+        criterion(*images(batch=4, seed=seed))
+    queue = criterion.queues[0]
+    restored, clean = images(seed=10)
+    before = criterion.eval()(restored, clean)
+    perm = torch.randperm(queue.count)
+    queue.restored[: queue.count] = queue.restored[: queue.count][perm]
+    queue.clean[: queue.count] = queue.clean[: queue.count][perm]
+    torch.testing.assert_close(criterion(restored, clean), before)
+
+
+def test_queue_is_only_updated_in_training_mode():
+    criterion = make("resnet10t", queue_size=6, pool_size=1)
+    criterion.eval()
+    criterion(*images())
+    assert criterion.queues[0].count == 0
+    criterion.train()
+    criterion(*images())
+    assert criterion.queues[0].count == 3
+
+
+def test_queue_survives_save_and_load_into_a_fresh_loss(tmp_path):
+    criterion = conv_loss(queue_size=8, pool_size=2)
+    for seed in range(3):
+        criterion(*images(seed=seed))
+    path = tmp_path / "loss.pt"
+    torch.save(criterion.state_dict(), path)
+    fresh = conv_loss(queue_size=8, pool_size=2)
+    fresh.load_state_dict(torch.load(path))
+    assert fresh.queues[0].count == 8 and fresh.queues[0].position == criterion.queues[0].position
+    torch.testing.assert_close(fresh.queues[0].restored, criterion.queues[0].restored)
+    restored, clean = images(seed=7)
+    torch.testing.assert_close(fresh.eval()(restored, clean), criterion.eval()(restored, clean))
+    with pytest.raises(ValueError, match="queue_size"):
+        conv_loss(queue_size=4, pool_size=2).load_state_dict(criterion.state_dict())
+
+
+def test_feature_size_change_is_a_clear_error_and_reset_recovers():
+    criterion = conv_loss(queue_size=4)
+    criterion(*images(size=48))
+    with pytest.raises(ValueError, match="image or patch size changed"):
+        criterion(*images(size=64))
+    criterion.reset_queue()
+    assert torch.isfinite(criterion(*images(size=64)))
+
+
+def test_batch_of_one_with_queue_works_after_first_step():
+    criterion = conv_loss(queue_size=4, pool_size=2, kernel="softmax")
+    first = criterion(*images(batch=1, seed=0))
+    assert first.item() == pytest.approx(0.0, abs=1e-7)  # a single row has nothing to compare yet
+    restored, clean = images(batch=1, seed=1)
+    second = criterion(restored, clean)
+    second.backward()
+    assert second > 1e-4 and restored.grad.abs().sum() > 0
+
+
+def test_constant_and_black_images_are_finite():
+    criterion = make("resnet10t", granularity="location", layers=[1])
+    for value in (0.0, 1.0):
+        restored = torch.full((2, 3, 32, 32), value, requires_grad=True)
+        clean = torch.rand(2, 3, 32, 32)
+        loss = criterion(restored, clean)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(restored.grad).all()
+
+
+def test_autocast_bfloat16_on_cpu():
+    criterion = make("resnet10t", layers=[2])
+    restored, clean = images()
+    full = criterion(restored, clean)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = criterion(restored, clean)
+    low.backward()
+    assert low.dtype == torch.float32 and torch.isfinite(restored.grad).all()
+    assert abs(low.item() - full.item()) <= 0.1 * abs(full.item()) + 1e-6
+
+
+def test_grayscale_and_input_range():
+    criterion = make("resnet10t", input_range=(0, 255))
+    restored, clean = images(channels=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 255-range images are in range: no warning
+        loss = criterion(restored * 255, clean * 255)
+    reference = make("resnet10t")(restored.expand(-1, 3, -1, -1), clean.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_out_of_range_values_warn_once():
+    criterion = make("resnet10t")
+    restored, clean = images()
+    with pytest.warns(UserWarning, match="outside input_range") as record:
+        criterion(restored * 3, clean)
+        criterion(restored * 3, clean)
+    assert sum("outside input_range" in str(w.message) for w in record) == 1
+
+
+def test_non_finite_inputs_raise_unless_checks_are_off():
+    criterion = make("resnet10t")
+    restored, clean = images()
+    bad = restored.detach().clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="restored contains NaN or inf"):
+        criterion(bad, clean)
+    inf = clean.clone()
+    inf[1, 2, 3, 4] = float("inf")
+    with pytest.raises(ValueError, match="clean contains NaN or inf"):
+        criterion(restored, inf)
+    make("resnet10t", check_inputs=False)(restored, clean)  # runs without the check
+
+
+@pytest.mark.parametrize(
+    "restored, clean, error, match",
+    [
+        (torch.rand(3, 32, 32), torch.rand(3, 32, 32), ValueError, "restored must have shape .B, C, H, W."),
+        (torch.rand(2, 4, 32, 32), torch.rand(2, 4, 32, 32), ValueError, "1 or 3 channels"),
+        (torch.rand(2, 3, 32, 32), torch.rand(2, 3, 40, 32), ValueError, "same shape"),
+        (torch.ones(2, 3, 32, 32, dtype=torch.uint8), torch.ones(2, 3, 32, 32, dtype=torch.uint8), TypeError, "floating-point"),
+        (torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32, device="meta"), ValueError, "same device"),
+        (torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), ValueError, "too small"),
+        (torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32), ValueError, "batch of one"),
+        ("image", torch.rand(2, 3, 32, 32), TypeError, "restored must be a torch.Tensor"),
+    ],
+)
+def test_bad_images(restored, clean, error, match):
+    criterion = make("resnet10t")  # deepest tap has reduction 32
+    with pytest.raises(error, match=match):
+        criterion(restored, clean)
+
+
+def test_patch_larger_than_image_and_vit_size():
+    with pytest.raises(ValueError, match="too small for patch_size=64"):
+        make("resnet10t", granularity="patch", patch_size=64)(*images(size=48))
+    vit = make("vit_tiny_patch16_224", granularity="location")
+    with pytest.raises(ValueError, match="exactly 224x224"):
+        vit(*images(size=64))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"granularity": "pixel"}, "granularity must be one of"),
+        ({"kernel": "rbf"}, "kernel must be one of"),
+        ({"reduction": "none"}, "reduction must be one of"),
+        ({"implementation": "cuda"}, "implementation must be one of"),
+        ({"queue_size": -1}, "queue_size"),
+        ({"queue_size": 4, "granularity": "location"}, "queue_size"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"input_range": (1, 0)}, "input_range"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"pool_size": (2, 0)}, "pool_size"),
+        ({"layers": [9]}, "feature index 9 is out of range"),
+        ({"layers": ["layer9"]}, "not a module or node"),
+        ({"layers": []}, "at least one layer"),
+        ({"layers": [1], "layer_weights": [1.0, 2.0]}, "one weight per layer"),
+        ({"mean": (0.5, 0.5)}, "mean must have 3 values"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make("resnet10t", **kwargs)
+
+
+def test_unknown_backbone_name():
+    with pytest.raises(ValueError, match="not a timm model name.*resnet50"):
+        make("resnet05")
+    with pytest.raises(TypeError, match="backbone must be"):
+        SemanticStatisticsLoss(42)
+
+
+def test_random_weights_warn():
+    with pytest.warns(UserWarning, match="random weights"):
+        SemanticStatisticsLoss("resnet10t", pretrained=False)
+
+
+def test_pretrained_without_network_says_how_to_pass_a_file():
+    code = (
+        "from d2sm_loss import SemanticStatisticsLoss\n"
+        "try:\n"
+        "    SemanticStatisticsLoss('resnet10t', pretrained=True)\n"
+        "except RuntimeError as e:\n"
+        "    print('MESSAGE', e)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "MESSAGE could not download pretrained weights for backbone 'resnet10t'" in out.stdout, out.stderr
+    assert "weights='/path/to/file.pth'" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_torchvision_checkpoint_loads_into_timm_by_position(tmp_path):
+    import_timm()
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2(weights=None).eval()
+    path = tmp_path / "mobilenet_v2_tv.pth"
+    torch.save(tv.state_dict(), path)
+    criterion = SemanticStatisticsLoss("mobilenetv2_100", layers=[2], weights=path, granularity="location")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = criterion.backbone((x - criterion._extractor.mean) / criterion._extractor.std)[0]
+        theirs = tv.features[:7]((x - criterion._extractor.mean) / criterion._extractor.std)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)  # features.6 ends stage 3 (/8)
+
+
+def test_mismatched_checkpoint_names_the_first_mismatch(tmp_path):
+    timm = import_timm()
+    path = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), path)
+    with pytest.raises(ValueError, match=r"entry 0 of the checkpoint, 'conv1.0.weight' with shape \(24, 3, 3, 3\)"):
+        SemanticStatisticsLoss("mobilenetv2_100", weights=path)
+
+
+def test_timm_format_checkpoint_loads_by_name(tmp_path):
+    timm = import_timm()
+    torch.manual_seed(1)
+    full = timm.create_model("resnet10t").eval()
+    path = tmp_path / "resnet10t.pth"
+    torch.save({"state_dict": full.state_dict()}, path)
+    criterion = SemanticStatisticsLoss("resnet10t", layers=[-1], weights=path)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        normalised = (x - criterion._extractor.mean) / criterion._extractor.std
+        torch.testing.assert_close(criterion.backbone(normalised)[0], full.forward_features(normalised))
+
+
+def test_paper_preset_configuration():
+    criterion = SemanticStatisticsLoss.paper(pretrained=False)
+    assert criterion.layers == ["features.34"]  # conv5_4 before its ReLU
+    assert isinstance(dict(criterion.backbone.named_modules())["features.34"], nn.Conv2d)
+    assert criterion.granularity == "image" and criterion.kernel == "cosine" and criterion.include_self
+    assert criterion.queue_size == 224
+    torch.testing.assert_close(criterion._extractor.mean.flatten(), torch.tensor([0.4488, 0.4371, 0.4040]))
+    torch.testing.assert_close(criterion._extractor.std.flatten(), torch.ones(3))
+    restored, clean = images(batch=2, size=32)
+    loss = criterion(restored, clean)
+    loss.backward()
+    assert loss.requires_grad is True or loss.grad_fn is not None
+    assert restored.grad.abs().sum() > 0
+    assert criterion.queues[0].count == 2
+    override = SemanticStatisticsLoss.paper(pretrained=False, queue_size=16, kernel="softmax")
+    assert override.queue_size == 16 and override.kernel == "softmax"
