@@ -1,0 +1,140 @@
+"""The loss under torch.distributed: 2 gloo processes on the CPU against one process.
+
+Checked over several steps, with queue wrap-around and unequal batch sizes: the loss on
+each rank equals the single-process loss on the concatenated batch, each rank's image
+gradient equals its slice of the single-process gradient (times the world size with
+``ddp_gradient_scale=True``), the queues are bitwise equal on all ranks, and a DDP
+model update equals the single-process update.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from d2sm_loss import SemanticStatisticsLoss
+
+pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. restored has values outside")
+
+WORLD = 2
+STEPS = 4
+SIZES = [3, 2]  # unequal per-rank batches; 5 rows a step wrap a queue of 7
+
+
+def make_loss(**kwargs):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
+    return SemanticStatisticsLoss(net, queue_size=7, pool_size=2, kernel="softmax", **kwargs)
+
+
+def batch(step, size=sum(SIZES)):
+    g = torch.Generator().manual_seed(step)
+    clean = torch.rand(size, 3, 24, 24, generator=g)
+    restored = torch.rand(size, 3, 24, 24, generator=g)
+    return restored, clean
+
+
+def make_model():
+    torch.manual_seed(1)
+    return nn.Conv2d(3, 3, 3, padding=1)
+
+
+def run_steps(criterion, rows):
+    """Losses, image gradients and queue state over STEPS steps, on the images ``rows``."""
+    out = {"loss": [], "grad": []}
+    for step in range(STEPS):
+        restored, clean = batch(step)
+        restored = restored[rows].clone().requires_grad_()
+        loss = criterion(restored, clean[rows])
+        loss.backward()
+        out["loss"].append(loss.detach())
+        out["grad"].append(restored.grad)
+    out["queue"] = {k: v.clone() for k, v in criterion.state_dict().items() if torch.is_tensor(v)}
+    out["queue_state"] = criterion.queues[0].get_extra_state()
+    return out
+
+
+def model_step(criterion, rows, wrap):
+    model = make_model()
+    trained = wrap(model)
+    noisy, clean = batch(100, size=4)
+    restored = trained(noisy[rows])
+    loss = nn.functional.l1_loss(restored, clean[rows]) + 0.5 * criterion(restored, clean[rows])
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        start = sum(SIZES[:rank])
+        rows = slice(start, start + SIZES[rank])
+        results = {
+            "exact": run_steps(make_loss(ddp_gradient_scale=False), rows),
+            "scaled": run_steps(make_loss(), rows),
+        }
+        equal_rows = slice(2 * rank, 2 * rank + 2)
+        results["model_grads"] = model_step(
+            make_loss(), equal_rows, lambda m: nn.parallel.DistributedDataParallel(m)
+        )
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single_results():
+    assert not dist.is_initialized()
+    return {
+        "exact": run_steps(make_loss(), slice(None)),
+        "model_grads": model_step(make_loss(), slice(None), lambda m: m),
+    }
+
+
+def test_loss_on_every_rank_equals_single_process_loss(distributed_results, single_results):
+    for rank_results in distributed_results:
+        for name in ("exact", "scaled"):
+            for got, want in zip(rank_results[name]["loss"], single_results["exact"]["loss"]):
+                assert want > 1e-3
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_each_rank_gets_its_slice_of_the_gradient(distributed_results, single_results):
+    for rank, rank_results in enumerate(distributed_results):
+        start = sum(SIZES[:rank])
+        for step in range(STEPS):
+            want = single_results["exact"]["grad"][step][start : start + SIZES[rank]]
+            assert want.abs().sum() > 0
+            torch.testing.assert_close(rank_results["exact"]["grad"][step], want, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(rank_results["scaled"]["grad"][step], WORLD * want, rtol=1e-5, atol=1e-9)
+
+
+def test_queues_are_bitwise_equal_across_ranks_and_match_single_process(distributed_results, single_results):
+    first, second = distributed_results
+    assert first["exact"]["queue_state"] == second["exact"]["queue_state"]
+    assert first["exact"]["queue_state"]["count"] == 7  # filled and wrapped: 4 steps x 5 rows
+    for key, value in first["exact"]["queue"].items():
+        assert torch.equal(value, second["exact"]["queue"][key]), key
+        torch.testing.assert_close(value, single_results["exact"]["queue"][key], rtol=1e-6, atol=1e-7)
+
+
+def test_ddp_model_update_equals_single_process_update(distributed_results, single_results):
+    for rank_results in distributed_results:
+        for got, want in zip(rank_results["model_grads"], single_results["model_grads"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_distributed_option_is_a_no_op_without_process_group():
+    restored, clean = batch(0)
+    on, off = make_loss(), make_loss(distributed=False)
+    torch.testing.assert_close(on(restored, clean), off(restored, clean))
