@@ -1,0 +1,530 @@
+"""Fused Triton kernels for the similarity-KL statistic (forward and backward).
+
+The math is the one of :mod:`.reference` (``../shared/METHOD.md``). For one group with
+restored features ``X`` and clean features ``Y`` (``N x D`` each)::
+
+    rinv_i   = 1 / max(|x_i|, NORM_EPS)               (a cheap O(N D) norm pass in torch)
+    c_ij     = (x_i . x_j) * rinv_i * rinv_j          (= xh_i . xh_j; no normalised copy of X)
+    lx_ij    = log s(c_ij),  ly_ij = log s(d_ij)      (-inf on the excluded diagonal)
+    KL_i     = sum_j py_ij (ly_ij - lx_ij) - log Zy_i + log Zx_i
+
+Forward (:func:`_similarity_kl_fwd_kernel`)
+    One program per (row block, group). It streams over column tiles, computing the two
+    ``BLOCK_M x BLOCK_N`` similarity tiles with ``tl.dot`` (looping over D in ``BLOCK_K``
+    chunks) and keeps only per-row accumulators: an online log-sum-exp (running maximum,
+    as in flash attention) for ``Zx`` and ``Zy``, and ``A_i = sum_j exp(ly_ij - m_i)
+    (ly_ij - lx_ij)`` rescaled with the same running maximum ``m_i`` as ``Zy``. Nothing of
+    size N x N is ever stored, and the softmax kernel with a small temperature and
+    ``include_self=False`` cannot underflow to ``log 0``. Saved for backward: ``log Zx``,
+    ``log Zy`` and the reciprocal row norms (all O(N)).
+
+Backward (:func:`_similarity_kl_bwd_kernel`)
+    With ``g_i`` the incoming gradient of ``KL_i``, ``G_ij = g_i (px_ij - py_ij) dlogs/dc(c_ij)``
+    and ``dXh = (G + G^T) Xh``. Because ``c`` and ``d`` are symmetric, one recomputed tile
+    gives both terms: the program that owns row block ``K`` builds, for every column tile
+    ``J``, ``H_kj = G_kj + G_jk = dlogs/dc(c_kj) [g_k (px_kj - py_kj) + g_j (px_jk - py_jk)]``
+    from the saved per-row statistics of rows ``k`` *and* ``j``, and accumulates
+    ``dxh_k += sum_j H_kj xh_j``. Every output row is written by exactly one program: no
+    atomics, no second pass. The projection of the normalisation,
+    ``dx_k = rinv_k (dxh_k - xh_k (xh_k . dxh_k))`` (rows with ``|x_k| >= NORM_EPS``; else
+    ``dx_k = dxh_k / NORM_EPS``), needs ``xh_k . dxh_k = sum_j H_kj c_kj``, a per-row scalar
+    accumulated in the same loop, so a program may own just a chunk of the D output
+    columns: the grid is (row blocks, groups, D chunks of ``BLOCK_DOUT``).
+
+FLOP count per group (one multiply-add = 2 FLOPs, elementwise work excluded):
+    forward  ``4 N^2 D``  (``X X^T`` and ``Y Y^T`` tile products);
+    backward ``(4 n_chunks + 2) N^2 D`` with ``n_chunks = ceil(D / BLOCK_DOUT)``: each D
+    chunk recomputes the two similarity tiles (``4 N^2 D``) and adds ``H Xh`` for its
+    columns (``2 N^2 D`` over all chunks). With the GPU heuristic below ``n_chunks = 1`` for
+    ``D <= 128``, i.e. ``6 N^2 D``. Memory: O(N D) inputs and gradient, O(N) statistics.
+
+Precision: features are loaded in their own dtype and every accumulation (dot products,
+log-sum-exp, KL sums) is float32, or float64 for float64 inputs (so ``gradcheck`` works).
+float32 (and float64) tile products use ``input_precision="ieee"``: TF32 would be several
+times faster on tensor cores but rounds the inputs to 10 mantissa bits, an error of about
+1e-3 on cosines, far above what the reference comparison tolerates (and
+``log((1 + c)/2 + eta)`` amplifies it near ``c = -1``). float16 similarity tiles are
+multiplied in float16 with float32 accumulation (products of two float16 values are exact in
+float32, so this loses nothing against an upcast). bfloat16 likewise on a GPU; under the
+Triton interpreter bfloat16 is upcast to float32 first because the interpreter's bfloat16
+``tl.dot`` returns garbage. The gradient product ``H Xh`` is always float32 (``ieee``).
+
+CPU use: set ``TRITON_INTERPRET=1`` *before* this module is imported; the kernels then run
+on CPU tensors through the (slow) Triton interpreter. No autotuning: block sizes come from a
+heuristic on D (the interpreter rejects autotune with several configurations anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .reference import COSINE_ETA, KERNELS, NORM_EPS
+
+__all__ = ["similarity_kl_triton", "BlockConfig", "choose_block_config"]
+
+# A finite "minus infinity" to start the running maxima: exp(_NEG_INIT - m) is 0 for every
+# real m, and exp(_NEG_INIT - _NEG_INIT) is 1 instead of NaN.
+_NEG_INIT = -1.0e30
+
+
+# --------------------------------------------------------------------------------------
+# Triton device functions
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _raw_dot_tiles(
+    X,
+    Y,
+    base,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    D,
+    ACC: tl.constexpr,
+    DOT_NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Un-normalised ``x_i . x_j`` and ``y_i . y_j`` for a (rows, cols) tile, looping over D."""
+    dot_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    dot_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    row_off = rows[:, None].to(tl.int64) * D
+    col_off = cols[None, :].to(tl.int64) * D
+    for k_start in range(0, D, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        b_mask = k_ok[:, None] & col_ok[None, :]
+        a_off = base + row_off + ks[None, :]  # (BLOCK_M, BLOCK_K)
+        b_off = base + col_off + ks[:, None]  # (BLOCK_K, BLOCK_N): the column rows, transposed
+        xa = tl.load(X + a_off, mask=a_mask, other=0.0)
+        xb = tl.load(X + b_off, mask=b_mask, other=0.0)
+        ya = tl.load(Y + a_off, mask=a_mask, other=0.0)
+        yb = tl.load(Y + b_off, mask=b_mask, other=0.0)
+        if not DOT_NATIVE:
+            xa = xa.to(ACC)
+            xb = xb.to(ACC)
+            ya = ya.to(ACC)
+            yb = yb.to(ACC)
+        dot_x = tl.dot(xa, xb, dot_x, input_precision="ieee", out_dtype=ACC)
+        dot_y = tl.dot(ya, yb, dot_y, input_precision="ieee", out_dtype=ACC)
+    return dot_x, dot_y
+
+
+@triton.jit
+def _log_similarity(c, COSINE: tl.constexpr, eta, temperature):
+    """``log s(c)``: ``log((1 + c)/2 + eta)`` (cosine) or ``(c - 1)/temperature`` (softmax)."""
+    if COSINE:
+        return tl.log((1.0 + c) * 0.5 + eta)
+    else:
+        return (c - 1.0) / temperature
+
+
+@triton.jit
+def _pair_mask(rows, cols, col_ok, INCLUDE_SELF: tl.constexpr):
+    """Which (i, j) pairs take part: real columns, minus the diagonal if excluded."""
+    valid = col_ok[None, :] & (rows[:, None] >= 0)
+    if not INCLUDE_SELF:
+        valid = valid & (rows[:, None] != cols[None, :])
+    return valid
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _similarity_kl_fwd_kernel(
+    X,
+    Y,
+    RINV_X,
+    RINV_Y,
+    KL,
+    LOG_ZX,
+    LOG_ZY,
+    N,
+    D,
+    TEMPERATURE: tl.constexpr,
+    ETA: tl.constexpr,
+    NEG_INIT: tl.constexpr,
+    COSINE: tl.constexpr,
+    INCLUDE_SELF: tl.constexpr,
+    DOT_NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Per-row KL, log Zx and log Zy for one (row block, group); see the module docstring.
+
+    ``X``, ``Y``: contiguous (G, N, D) features; ``RINV_*``: (G, N) reciprocal clamped
+    norms; outputs (G, N) in the accumulation dtype (that of ``KL``).
+    """
+    ACC: tl.constexpr = KL.dtype.element_ty
+    # Constants built directly in the accumulation dtype (a bare Python float would be
+    # rounded to float32 first, which float64 gradcheck would notice).
+    eta = tl.full([], ETA, ACC)
+    temperature = tl.full([], TEMPERATURE, ACC)
+    neg_inf = tl.full([], float("-inf"), ACC)
+
+    pid_m = tl.program_id(0)
+    group = tl.program_id(1).to(tl.int64)
+    base = group * N * D
+    stat_base = group * N
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    rinv_xi = tl.load(RINV_X + stat_base + rows, mask=row_ok, other=1.0)
+    rinv_yi = tl.load(RINV_Y + stat_base + rows, mask=row_ok, other=1.0)
+
+    max_x = tl.full((BLOCK_M,), NEG_INIT, ACC)  # running max of lx over the columns seen
+    sum_x = tl.zeros((BLOCK_M,), dtype=ACC)  # sum_j exp(lx_ij - max_x)
+    max_y = tl.full((BLOCK_M,), NEG_INIT, ACC)
+    sum_y = tl.zeros((BLOCK_M,), dtype=ACC)  # sum_j exp(ly_ij - max_y)
+    cross = tl.zeros((BLOCK_M,), dtype=ACC)  # sum_j exp(ly_ij - max_y) (ly_ij - lx_ij)
+
+    for col_start in range(0, N, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dot_x, dot_y = _raw_dot_tiles(
+            X, Y, base, rows, row_ok, cols, col_ok, D, ACC, DOT_NATIVE, BLOCK_M, BLOCK_N, BLOCK_K
+        )
+        rinv_xj = tl.load(RINV_X + stat_base + cols, mask=col_ok, other=1.0)
+        rinv_yj = tl.load(RINV_Y + stat_base + cols, mask=col_ok, other=1.0)
+        c = dot_x * rinv_xi[:, None] * rinv_xj[None, :]
+        d = dot_y * rinv_yi[:, None] * rinv_yj[None, :]
+        valid = _pair_mask(rows, cols, col_ok, INCLUDE_SELF)
+        lx_all = _log_similarity(c, COSINE, eta, temperature)
+        ly_all = _log_similarity(d, COSINE, eta, temperature)
+        lx = tl.where(valid, lx_all, neg_inf)
+        ly = tl.where(valid, ly_all, neg_inf)
+
+        new_max_x = tl.maximum(max_x, tl.max(lx, axis=1))
+        sum_x = sum_x * tl.exp(max_x - new_max_x) + tl.sum(tl.exp(lx - new_max_x[:, None]), axis=1)
+        max_x = new_max_x
+
+        new_max_y = tl.maximum(max_y, tl.max(ly, axis=1))
+        rescale_y = tl.exp(max_y - new_max_y)
+        weight_y = tl.exp(ly - new_max_y[:, None])  # 0 on excluded pairs
+        gap = tl.where(valid, ly_all - lx_all, 0.0)  # finite everywhere, 0 off the support
+        sum_y = sum_y * rescale_y + tl.sum(weight_y, axis=1)
+        cross = cross * rescale_y + tl.sum(weight_y * gap, axis=1)
+        max_y = new_max_y
+
+    log_zx = max_x + tl.log(sum_x)
+    log_zy = max_y + tl.log(sum_y)
+    # KL = cross / sum_y - log Zy + log Zx, with the two log Z differenced before their
+    # (possibly large, nearly equal) running maxima are added back: float32 error ~eps, not
+    # ~eps * |log Z|.
+    kl = cross / sum_y + (max_x - max_y) + tl.log(sum_x / sum_y)
+    tl.store(KL + stat_base + rows, kl, mask=row_ok)
+    tl.store(LOG_ZX + stat_base + rows, log_zx, mask=row_ok)
+    tl.store(LOG_ZY + stat_base + rows, log_zy, mask=row_ok)
+
+
+@triton.jit
+def _similarity_kl_bwd_kernel(
+    X,
+    Y,
+    RINV_X,
+    RINV_Y,
+    PROJECT_X,
+    LOG_ZX,
+    LOG_ZY,
+    GRAD,
+    DX,
+    N,
+    D,
+    TEMPERATURE: tl.constexpr,
+    ETA: tl.constexpr,
+    COSINE: tl.constexpr,
+    INCLUDE_SELF: tl.constexpr,
+    DOT_NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DOUT: tl.constexpr,
+):
+    """``dKL/dX`` for one (row block, group, chunk of D columns); see the module docstring.
+
+    ``PROJECT_X``: (G, N) 1 where ``|x_i| >= NORM_EPS`` (the normalisation's projection
+    applies), else 0. ``GRAD``: (G, N) incoming gradient. ``DX``: (G, N, D) output in the
+    accumulation dtype.
+    """
+    ACC: tl.constexpr = DX.dtype.element_ty
+    eta = tl.full([], ETA, ACC)
+    temperature = tl.full([], TEMPERATURE, ACC)
+    neg_inf = tl.full([], float("-inf"), ACC)
+
+    pid_m = tl.program_id(0)
+    group = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2)
+    base = group * N * D
+    stat_base = group * N
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    out_cols = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    out_ok = out_cols < D
+
+    rinv_xk = tl.load(RINV_X + stat_base + rows, mask=row_ok, other=1.0)
+    rinv_yk = tl.load(RINV_Y + stat_base + rows, mask=row_ok, other=1.0)
+    log_zx_k = tl.load(LOG_ZX + stat_base + rows, mask=row_ok, other=0.0)
+    log_zy_k = tl.load(LOG_ZY + stat_base + rows, mask=row_ok, other=0.0)
+    grad_k = tl.load(GRAD + stat_base + rows, mask=row_ok, other=0.0)
+
+    dxh = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=ACC)  # sum_j H_kj xh_j, this chunk of D
+    radial = tl.zeros((BLOCK_M,), dtype=ACC)  # xh_k . dxh_k = sum_j H_kj c_kj
+
+    for col_start in range(0, N, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dot_x, dot_y = _raw_dot_tiles(
+            X, Y, base, rows, row_ok, cols, col_ok, D, ACC, DOT_NATIVE, BLOCK_M, BLOCK_N, BLOCK_K
+        )
+        rinv_xj = tl.load(RINV_X + stat_base + cols, mask=col_ok, other=1.0)
+        rinv_yj = tl.load(RINV_Y + stat_base + cols, mask=col_ok, other=1.0)
+        log_zx_j = tl.load(LOG_ZX + stat_base + cols, mask=col_ok, other=0.0)
+        log_zy_j = tl.load(LOG_ZY + stat_base + cols, mask=col_ok, other=0.0)
+        grad_j = tl.load(GRAD + stat_base + cols, mask=col_ok, other=0.0)
+
+        c = dot_x * rinv_xk[:, None] * rinv_xj[None, :]
+        d = dot_y * rinv_yk[:, None] * rinv_yj[None, :]
+        valid = _pair_mask(rows, cols, col_ok, INCLUDE_SELF)
+        lx = tl.where(valid, _log_similarity(c, COSINE, eta, temperature), neg_inf)
+        ly = tl.where(valid, _log_similarity(d, COSINE, eta, temperature), neg_inf)
+
+        # Row k's own term (p(j | k)) and row j's term seen from the column side (p(k | j)).
+        own = grad_k[:, None] * (tl.exp(lx - log_zx_k[:, None]) - tl.exp(ly - log_zy_k[:, None]))
+        mirrored = grad_j[None, :] * (tl.exp(lx - log_zx_j[None, :]) - tl.exp(ly - log_zy_j[None, :]))
+        if COSINE:
+            dlog_dc = 0.5 / ((1.0 + c) * 0.5 + eta)
+        else:
+            dlog_dc = 1.0 / temperature
+        h = tl.where(valid, (own + mirrored) * dlog_dc, 0.0)
+        radial += tl.sum(h * c, axis=1)
+
+        xj_out = tl.load(
+            X + base + cols[:, None].to(tl.int64) * D + out_cols[None, :],
+            mask=col_ok[:, None] & out_ok[None, :],
+            other=0.0,
+        ).to(ACC)
+        dxh = tl.dot(h * rinv_xj[None, :], xj_out, dxh, input_precision="ieee", out_dtype=ACC)
+
+    xk = tl.load(
+        X + base + rows[:, None].to(tl.int64) * D + out_cols[None, :],
+        mask=row_ok[:, None] & out_ok[None, :],
+        other=0.0,
+    ).to(ACC)
+    project_k = tl.load(PROJECT_X + stat_base + rows, mask=row_ok, other=0.0)
+    # dx_k = rinv_k (dxh_k - xh_k (xh_k . dxh_k)) with xh_k = x_k rinv_k.
+    dx = rinv_xk[:, None] * (dxh - (project_k * radial * rinv_xk)[:, None] * xk)
+    tl.store(
+        DX + base + rows[:, None].to(tl.int64) * D + out_cols[None, :],
+        dx,
+        mask=row_ok[:, None] & out_ok[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch options (every ``tl.dot`` operand dimension is >= 16)."""
+
+    block_m: int  # rows owned by a program
+    block_n: int  # columns per streamed tile
+    block_k: int  # D chunk of the similarity products
+    block_dout: int  # D columns of the gradient owned by a backward program
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = None) -> BlockConfig:
+    """Block sizes from a simple heuristic on the feature size ``d``.
+
+    Under the interpreter small tiles keep the numpy work cheap (and still leave several
+    tiles per dimension in the tests). On a GPU (heuristic, not tuned on hardware): 64 x 64
+    row/column tiles, D chunks up to 64 for the similarity products and up to 128 for the
+    gradient (one chunk, hence no recomputation, for D <= 128); float64 uses 32 x 32 tiles
+    to stay within registers.
+    """
+    if interpreted is None:
+        interpreted = _interpreted()
+    d_pow2 = max(16, triton.next_power_of_2(d))
+    if interpreted:
+        return BlockConfig(block_m=16, block_n=16, block_k=min(d_pow2, 32), block_dout=min(d_pow2, 32))
+    if dtype == torch.float64:
+        return BlockConfig(block_m=32, block_n=32, block_k=min(d_pow2, 32), block_dout=min(d_pow2, 64))
+    block_dout = min(d_pow2, 128)
+    return BlockConfig(
+        block_m=64,
+        block_n=64 if block_dout <= 64 else 32,
+        block_k=min(d_pow2, 64),
+        block_dout=block_dout,
+        num_warps=4 if block_dout <= 64 else 8,
+        num_stages=2,
+    )
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dot_native(dtype: torch.dtype) -> bool:
+    """Whether similarity tiles are multiplied in the input dtype (exact products, float32
+    accumulation) rather than after an upcast."""
+    if dtype == torch.float16:
+        return True
+    if dtype == torch.bfloat16:
+        return not _interpreted()  # the interpreter's bfloat16 tl.dot is wrong
+    return True  # float32 and float64 are their own accumulation dtype
+
+
+def _reciprocal_norms(features: Tensor, acc_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``1 / max(|f_i|, NORM_EPS)`` and the norms themselves, shape (G, N), ``acc_dtype``."""
+    norms = torch.linalg.vector_norm(features, dim=-1, dtype=acc_dtype)
+    return norms.clamp_min(NORM_EPS).reciprocal(), norms
+
+
+class _SimilarityKLFunction(torch.autograd.Function):
+    """Autograd wrapper: fused forward kernel, fused backward kernel (gradient for x only)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool) -> Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        y = y.detach().contiguous()
+        groups, n, d = x.shape
+        acc_dtype = _accumulation_dtype(x.dtype)
+        config = choose_block_config(d, x.dtype)
+        dot_native = _dot_native(x.dtype)
+        with torch.no_grad():
+            rinv_x, norms_x = _reciprocal_norms(x, acc_dtype)
+            rinv_y, _ = _reciprocal_norms(y, acc_dtype)
+        kl = torch.empty((groups, n), dtype=acc_dtype, device=x.device)
+        log_zx = torch.empty_like(kl)
+        log_zy = torch.empty_like(kl)
+        grid = (triton.cdiv(n, config.block_m), groups)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _similarity_kl_fwd_kernel[grid](
+                x,
+                y,
+                rinv_x,
+                rinv_y,
+                kl,
+                log_zx,
+                log_zy,
+                n,
+                d,
+                TEMPERATURE=float(temperature),
+                ETA=COSINE_ETA,
+                NEG_INIT=_NEG_INIT,
+                COSINE=kernel == "cosine",
+                INCLUDE_SELF=bool(include_self),
+                DOT_NATIVE=dot_native,
+                BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k,
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+        # >= as autograd differentiates the reference's clamp_min (the tie passes through).
+        project_x = (norms_x >= NORM_EPS).to(acc_dtype)
+        ctx.save_for_backward(x, y, rinv_x, rinv_y, project_x, log_zx, log_zy)
+        ctx.kernel = kernel
+        ctx.temperature = float(temperature)
+        ctx.include_self = bool(include_self)
+        ctx.mark_non_differentiable(log_zx, log_zy)
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_kl: Tensor):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        x, y, rinv_x, rinv_y, project_x, log_zx, log_zy = ctx.saved_tensors
+        groups, n, d = x.shape
+        acc_dtype = rinv_x.dtype
+        config = choose_block_config(d, x.dtype)
+        grad = grad_kl.to(acc_dtype).contiguous()
+        dx = torch.empty((groups, n, d), dtype=acc_dtype, device=x.device)
+        grid = (triton.cdiv(n, config.block_m), groups, triton.cdiv(d, config.block_dout))
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _similarity_kl_bwd_kernel[grid](
+                x,
+                y,
+                rinv_x,
+                rinv_y,
+                project_x,
+                log_zx,
+                log_zy,
+                grad,
+                dx,
+                n,
+                d,
+                TEMPERATURE=ctx.temperature,
+                ETA=COSINE_ETA,
+                COSINE=ctx.kernel == "cosine",
+                INCLUDE_SELF=ctx.include_self,
+                DOT_NATIVE=_dot_native(x.dtype),
+                BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k,
+                BLOCK_DOUT=config.block_dout,
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+        return dx.to(x.dtype), None, None, None, None
+
+
+def similarity_kl_triton(
+    x: Tensor,
+    y: Tensor,
+    *,
+    kernel: str,
+    temperature: float,
+    include_self: bool,
+) -> Tensor:
+    """Per-row ``KL(p_clean(. | i) || p_restored(. | i))`` with the fused Triton kernels.
+
+    Args:
+        x: restored features, shape (G, N, D), float16, bfloat16, float32 or float64, on a
+            CUDA device (or on the CPU with ``TRITON_INTERPRET=1`` set before import).
+            Receives the gradient.
+        y: clean features, same shape, device and dtype family; treated as a constant.
+        kernel: ``"cosine"`` or ``"softmax"``.
+        temperature: temperature of the softmax kernel (unused by the cosine kernel; it is a
+            compile-time constant, so each new value compiles the kernels once).
+        include_self: whether ``j = i`` takes part in each row's distribution.
+
+    Returns:
+        Shape (G, N), float32 (float64 for float64 inputs); equal to
+        :func:`d2sm_loss.ops.reference.similarity_kl_reference` up to rounding.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if x.dim() != 3 or x.shape != y.shape:
+        raise ValueError(f"x and y must both have shape (G, N, D), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    if kernel == "cosine":
+        temperature = 1.0  # unused: keep one compiled variant for every temperature
+    return _SimilarityKLFunction.apply(x, y, kernel, float(temperature), bool(include_self))
