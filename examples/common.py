@@ -739,7 +739,9 @@ def save_curves(path: Path, title: str, runs: dict[str, dict]) -> None:
         k = max(1, len(l1) // 50)
         smooth = np.convolve(l1, np.ones(k) / k, mode="valid")
         ax1.plot(h["step"][k - 1 :], smooth, label=name)
-        ax2.plot(h["d2sm_step"], h["d2sm"], label=name, alpha=0.8)
+        d2sm = np.asarray(h["d2sm"])
+        kd = max(1, len(d2sm) // 50)  # the same smoothing where D2SM was measured at every step
+        ax2.plot(h["d2sm_step"][kd - 1 :], np.convolve(d2sm, np.ones(kd) / kd, mode="valid"), label=name)
     ax1.set(title=f"L1 (moving average of {k})", xlabel="step", yscale="log")
     ax2.set(title="D2SM term (measured in both runs)", xlabel="step", yscale="log")
     for ax in (ax1, ax2):

@@ -82,7 +82,7 @@ TASK = Task(
         "model": f"DnCNN depth {args.depth} width {args.width}",
     },
     quick=dict(steps=300, batch_size=16, crop=64, lr=1e-3, loss_weight=0.5, eval_size=256, depth=8, width=32),
-    full=dict(steps=1500, batch_size=16, crop=96, lr=1e-3, loss_weight=0.5, eval_size=384, depth=12, width=48),
+    full=dict(steps=1000, batch_size=16, crop=64, lr=1e-3, loss_weight=0.5, eval_size=384, depth=10, width=32),
     add_arguments=_add_arguments,
     configure=_configure,
 )
