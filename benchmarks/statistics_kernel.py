@@ -43,6 +43,7 @@ Usage::
     python benchmarks/statistics_kernel.py --quick            # CPU smoke run, < 1 minute
     python benchmarks/statistics_kernel.py                    # full sweep on CUDA; moderate on CPU
     python benchmarks/statistics_kernel.py --n 4096 --d 64 --g 1 --modes forward+backward
+    python benchmarks/statistics_kernel.py --plot-only         # redraw the PNGs from the CSV
 """
 
 from __future__ import annotations
@@ -218,9 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-memory-limit-gb", type=float, default=None,
                         help="allocation limit per CPU point (default 75%% of available memory)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from the CSV in --out")
     parser.add_argument("--note", default="", help="free text stored with every row of this run")
     args = parser.parse_args(argv)
 
+    if args.plot_only:
+        for path in draw_plots(args.out / CSV_NAME, args.out):
+            print(f"plot: {path}")
+        return 0
     if args.quick and args.device == "auto":
         args.device = "cpu"
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -318,7 +324,7 @@ def print_fit_summary(rows: list[dict[str, Any]]) -> None:
 
 
 def draw_plots(csv_path: Path, out_dir: Path) -> list[Path]:
-    """One PNG per (device, G, D, kernel): time and peak memory against N, one line per
+    """One PNG per (device, CPU threads, G, D, kernel): time and peak memory against N, one line per
     implementation, one row of panels per mode; the newest measurement of each point."""
     try:
         import matplotlib
@@ -328,13 +334,15 @@ def draw_plots(csv_path: Path, out_dir: Path) -> list[Path]:
     except ImportError:
         print("note: matplotlib is not installed, no plots drawn (pip install matplotlib)")
         return []
-    key = ("device", "implementation", "mode", "G", "N", "D", "kernel", "temperature", "include_self", "dtype")
+    key = ("device", "threads", "implementation", "mode", "G", "N", "D", "kernel", "temperature", "include_self",
+           "dtype")
     rows = [r for r in common.latest_rows(common.read_rows(csv_path), key) if r["implementation"] != "matmul_fp32"]
     groups: dict[tuple, list] = {}
     for row in rows:
-        groups.setdefault((row["device"], row["G"], row["D"], row["kernel"], row["include_self"]), []).append(row)
+        groups.setdefault((row["device"], row.get("threads", ""), row["G"], row["D"], row["kernel"],
+                           row["include_self"]), []).append(row)
     written = []
-    for (device, g, d, kernel, include_self), group in sorted(groups.items()):
+    for (device, threads, g, d, kernel, include_self), group in sorted(groups.items()):
         modes = [m for m in MODES if any(r["mode"] == m for r in group)]
         if len({r["N"] for r in group}) < 1:
             continue
@@ -369,9 +377,11 @@ def draw_plots(csv_path: Path, out_dir: Path) -> list[Path]:
                 if ax.lines:
                     ax.legend(fontsize=8)
         self_txt = "" if include_self in ("True", "true", "1") else ", include_self=False"
-        fig.suptitle(f"similarity_kl, {kernel} kernel, G={g}, D={d}, float32{self_txt}\n{device}", fontsize=10)
+        where = f"{device}, {threads} thread(s)" if device.startswith("CPU") else device
+        fig.suptitle(f"similarity_kl, {kernel} kernel, G={g}, D={d}, float32{self_txt}\n{where}", fontsize=10)
         fig.tight_layout()
-        path = Path(out_dir) / f"statistics_kernel_{common.slug(device)}_G{g}_D{d}_{kernel}.png"
+        suffix = f"_t{threads}" if device.startswith("CPU") and threads else ""
+        path = Path(out_dir) / f"statistics_kernel_{common.slug(device)}{suffix}_G{g}_D{d}_{kernel}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
