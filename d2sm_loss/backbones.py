@@ -17,7 +17,9 @@ see :func:`map_state_dict`), or are random (``pretrained=False``, with a warning
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 import warnings
 from collections import OrderedDict
@@ -115,6 +117,37 @@ def load_weights(model: nn.Module, weights: WeightsSource) -> None:
     """Load a checkpoint (path or state dict) into ``model`` by name or by position
     (see :func:`map_state_dict`)."""
     model.load_state_dict(map_state_dict(weights, model))
+
+
+class _TimmLoadReport(logging.Handler):
+    """Collects timm's report of a non-strict pretrained load (missing keys are only logged
+    at INFO level there) and keeps its expected 'unexpected keys' notice quiet."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.missing: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Missing keys ("):
+            self.missing.extend(message[len("Missing keys (") :].split(")", 1)[0].split(", "))
+
+
+@contextlib.contextmanager
+def _timm_load_report():
+    logger = logging.getLogger("timm.models._builder")
+    report, level = _TimmLoadReport(), logger.level
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not record.getMessage().startswith("Unexpected keys")  # type: ignore[method-assign]
+    logger.addHandler(report)
+    logger.addFilter(quiet)
+    logger.setLevel(logging.INFO)
+    try:
+        yield report
+    finally:
+        logger.removeHandler(report)
+        logger.removeFilter(quiet)
+        logger.setLevel(level)
 
 
 def _timm_model_or_error(timm: Any, name: str, **kwargs: Any) -> nn.Module:
@@ -260,17 +293,25 @@ class FeatureExtractor(nn.Module):
             names = [self._node_for(layer, nodes, name) for layer in names]
             self.reductions = self._probe_reductions(timm, blueprint, names)
         try:
-            if by_index:
-                model = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=resolved, **kwargs)
-                cfg = getattr(model, "pretrained_cfg", None)
-                self._select = None  # features_only returns exactly the chosen taps, in order
-            else:
-                from timm.models import create_feature_extractor
+            with _timm_load_report() as report:
+                if by_index:
+                    model = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=resolved, **kwargs)
+                    cfg = getattr(model, "pretrained_cfg", None)
+                    self._select = None  # features_only returns exactly the chosen taps, in order
+                else:
+                    from timm.models import create_feature_extractor
 
-                full = timm.create_model(name, pretrained=pretrained, **kwargs)
-                model = create_feature_extractor(full, return_nodes=names)
-                cfg = getattr(full, "pretrained_cfg", None)
-                self._select = names
+                    full = timm.create_model(name, pretrained=pretrained, **kwargs)
+                    model = create_feature_extractor(full, return_nodes=names)
+                    cfg = getattr(full, "pretrained_cfg", None)
+                    self._select = names
+            # timm drops the classifier when adapting a head; anything else left unset would
+            # silently keep random weights.
+            head = (getattr(blueprint, "pretrained_cfg", None) or {}).get("classifier") or ()
+            head = (head,) if isinstance(head, str) else tuple(head)
+            unset = [key for key in report.missing if not any(key.startswith(h + ".") for h in head)]
+            if unset:
+                raise ValueError(f"weights: loading into {name!r} left {len(unset)} tensors unset, e.g. {unset[:3]}")
         except (OSError, ConnectionError) as error:
             raise RuntimeError(self._download_hint(name, error)) from None
         except Exception as error:  # huggingface_hub's offline/HTTP errors are not OSErrors everywhere
