@@ -64,8 +64,8 @@ TASK = Task(
         "airlight_range": list(args.airlight_range),
         "model": "AOD-Net",
     },
-    quick=dict(steps=400, batch_size=16, crop=96, lr=2e-3, loss_weight=0.5, eval_size=256),
-    full=dict(steps=2000, batch_size=16, crop=128, lr=2e-3, loss_weight=0.5, eval_size=384),
+    quick=dict(steps=400, batch_size=16, crop=96, lr=2e-3, loss_weight=0.1, eval_size=256),
+    full=dict(steps=2000, batch_size=16, crop=128, lr=2e-3, loss_weight=0.1, eval_size=384),
     add_arguments=_add_arguments,
 )
 

@@ -81,8 +81,8 @@ TASK = Task(
         "sigma_train_255": list(args.sigma_range) if args.sigma_range else args.sigma,
         "model": f"DnCNN depth {args.depth} width {args.width}",
     },
-    quick=dict(steps=300, batch_size=16, crop=64, lr=1e-3, loss_weight=0.5, eval_size=256, depth=8, width=32),
-    full=dict(steps=1000, batch_size=16, crop=64, lr=1e-3, loss_weight=0.5, eval_size=384, depth=10, width=32),
+    quick=dict(steps=300, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=256, depth=8, width=32),
+    full=dict(steps=1000, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=384, depth=10, width=32),
     add_arguments=_add_arguments,
     configure=_configure,
 )

@@ -70,8 +70,8 @@ TASK = Task(
         "metrics": f"RGB, {args.scale} border pixels shaved",
         "model": f"ESPCN width {args.width}, RGB, plus bicubic upsampling of the input",
     },
-    quick=dict(steps=400, batch_size=16, crop=96, lr=1e-3, loss_weight=0.5, eval_size=256, width=64),
-    full=dict(steps=2000, batch_size=16, crop=96, lr=1e-3, loss_weight=0.5, eval_size=384, width=64),
+    quick=dict(steps=400, batch_size=16, crop=96, lr=1e-3, loss_weight=0.1, eval_size=256, width=64),
+    full=dict(steps=2000, batch_size=16, crop=96, lr=1e-3, loss_weight=0.1, eval_size=384, width=64),
     add_arguments=_add_arguments,
     configure=_configure,
 )
