@@ -42,19 +42,62 @@ def _triton_error() -> str | None:
     return None
 
 
+_SELF_CHECKS: dict[torch.device, bool] = {}
+
+
+def _triton_self_check(device: torch.device) -> bool:
+    """Once per device: do the Triton kernels compile and agree with the reference there?
+
+    ``implementation="auto"`` uses Triton only if this tiny forward + backward (both kernels)
+    matches the float64 reference; otherwise it warns once and uses the streaming PyTorch
+    path, so that a GPU or Triton build the kernels do not support degrades to a slower
+    exact path instead of failing. ``implementation="triton"`` skips this check.
+    """
+    if device not in _SELF_CHECKS:
+        import warnings
+
+        try:
+            from .ops.triton_kernels import similarity_kl_triton
+
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(2, 37, 19, generator=generator, dtype=torch.float64)
+            y = x + 0.5 * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+            upstream = torch.rand(2, 37, generator=generator, dtype=torch.float64)
+            for kernel in ("cosine", "softmax"):
+                ref_x = x.clone().requires_grad_()
+                want = similarity_kl_reference(ref_x, y, kernel=kernel, temperature=0.1, include_self=True)
+                (want * upstream).sum().backward()
+                got_x = x.float().to(device).requires_grad_()
+                got = similarity_kl_triton(got_x, y.float().to(device), kernel=kernel, temperature=0.1, include_self=True)
+                (got * upstream.float().to(device)).sum().backward()
+                torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-3, atol=1e-5)
+                torch.testing.assert_close(got_x.grad.double().cpu(), ref_x.grad, rtol=1e-3, atol=1e-5)
+            _SELF_CHECKS[device] = True
+        except Exception as error:  # compilation, launch or accuracy failure
+            warnings.warn(
+                f"d2sm_loss: the Triton kernels failed a self-check on {device} ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); implementation='auto' uses the "
+                "streaming PyTorch path instead. Please report this with your GPU and Triton versions.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            _SELF_CHECKS[device] = False
+    return _SELF_CHECKS[device]
+
+
 def resolve_implementation(implementation: str, device: torch.device) -> str:
     """The concrete implementation (``"triton"``, ``"torch"`` or ``"reference"``) that
     ``implementation`` selects for tensors on ``device``.
 
-    ``"auto"`` picks Triton for CUDA tensors when Triton is importable, else the
-    streaming PyTorch path. ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1``
+    ``"auto"`` picks Triton for CUDA tensors when Triton is importable and its kernels
+    pass a one-time self-check on that device, else the streaming PyTorch path. ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1``
     set in the environment before :mod:`d2sm_loss` is imported (the Triton interpreter
     then runs the kernels on CPU tensors).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
-        if device.type == "cuda" and _triton_error() is None:
+        if device.type == "cuda" and _triton_error() is None and _triton_self_check(device):
             return "triton"
         return "torch"
     if implementation == "triton":

@@ -150,3 +150,27 @@ def test_reference_is_what_the_ops_layer_exports():
     x, y = torch.randn(1, 5, 3), torch.randn(1, 5, 3)
     torch.testing.assert_close(similarity_kl(x, y, reduction="none", implementation="reference"),
                                similarity_kl_reference(x, y))
+
+
+def test_triton_self_check_passes_under_the_interpreter(monkeypatch):
+    import d2sm_loss.functional as functional
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU interpreter path")
+    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
+    assert functional._triton_self_check(torch.device("cpu")) is True
+
+
+def test_auto_falls_back_to_streaming_when_triton_self_check_fails(monkeypatch):
+    import d2sm_loss.functional as functional
+    from d2sm_loss.ops import triton_kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel does not compile here")
+
+    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
+    monkeypatch.setattr(triton_kernels, "similarity_kl_triton", broken)
+    with pytest.warns(RuntimeWarning, match="failed a self-check.*kernel does not compile here"):
+        assert functional._triton_self_check(torch.device("cpu")) is False
+    assert functional._triton_self_check(torch.device("cpu")) is False  # checked once, cached
