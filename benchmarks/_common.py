@@ -18,6 +18,8 @@ one call per repeat (see :func:`time_cpu`). CUDA: CUDA events around
 
 from __future__ import annotations
 
+import argparse
+
 import csv
 import datetime as _dt
 import math
@@ -51,6 +53,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def pick_device(requested: str, quick: bool, parser: argparse.ArgumentParser) -> torch.device:
+    """``--device auto|cpu|cuda``: auto is CUDA when available, except for ``--quick``
+    (a CPU smoke run)."""
+    if quick and requested == "auto":
+        requested = "cpu"
+    on_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+    if on_cuda and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    return torch.device("cuda" if on_cuda else "cpu")
 
 
 def device_name(device: torch.device) -> str:

@@ -100,6 +100,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from benchmarks import _common as common  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import common as examples_common  # noqa: E402
 from d2sm_loss import SemanticStatisticsLoss  # noqa: E402
 from d2sm_loss._compat import import_timm  # noqa: E402
 from d2sm_loss.functional import similarity_kl  # noqa: E402
@@ -130,20 +133,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # --- the restoration network ------------------------------------------------------------
 
 
-class DnCNN(nn.Module):
-    """DnCNN-style residual denoiser: conv+ReLU, (depth - 2) x (conv, BN, ReLU), conv;
-    the network predicts the noise, the output is the input minus it."""
-
-    def __init__(self, depth: int = 17, width: int = 64, channels: int = 3) -> None:
-        super().__init__()
-        body: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
-        for _ in range(depth - 2):
-            body += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-        body.append(nn.Conv2d(width, channels, 3, padding=1))
-        self.body = nn.Sequential(*body)
-
-    def forward(self, noisy: Tensor) -> Tensor:
-        return noisy - self.body(noisy)
+# The examples' DnCNN (examples/common.py): the network a user of this package trains.
+DnCNN = examples_common.DnCNN
 
 
 # --- the auxiliary losses ---------------------------------------------------------------
@@ -820,12 +811,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
 
-    if args.quick and args.device == "auto":
-        args.device = "cpu"
-    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if on_cuda and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    device = torch.device("cuda" if on_cuda else "cpu")
+    device = common.pick_device(args.device, args.quick, parser)
+    on_cuda = device.type == "cuda"
     if args.sizes is None:
         args.sizes = [(2, 64, 64)] if args.quick else [(8, 256, 256), (16, 128, 128)] if on_cuda else [(4, 96, 96)]
     args.depth = args.depth or (6 if args.quick else 17)

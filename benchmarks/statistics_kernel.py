@@ -227,12 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in draw_plots(args.out / CSV_NAME, args.out):
             print(f"plot: {path}")
         return 0
-    if args.quick and args.device == "auto":
-        args.device = "cpu"
-    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if on_cuda and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    device = torch.device("cuda" if on_cuda else "cpu")
+    device = common.pick_device(args.device, args.quick, parser)
+    on_cuda = device.type == "cuda"
     repeats = args.repeats or (3 if args.quick else 20 if on_cuda else 7)
     dtype = torch.float32
     include_self = not args.exclude_self
