@@ -114,6 +114,20 @@ def _fill_block_diagonal(tile: Tensor, start: int, value: float) -> None:
     tile.diagonal(offset=start, dim1=-2, dim2=-1).fill_(value)
 
 
+def _tile_pair(
+    xh: Tensor, yh: Tensor, xh_t: Tensor, yh_t: Tensor, start: int, stop: int,
+    kernel: str, temperature: float, include_self: bool, a: Tensor, b: Tensor,
+) -> None:
+    """Write the restored (``a``) and clean (``b``) kernel tiles of rows ``start:stop``:
+    ``s`` (cosine) or ``log s`` (softmax), the diagonal masked out unless ``include_self``."""
+    _kernel_tile(xh[:, start:stop], xh_t, kernel, temperature, out=a)
+    _kernel_tile(yh[:, start:stop], yh_t, kernel, temperature, out=b)
+    if not include_self:
+        masked = -float("inf") if kernel == "softmax" else 0.0
+        _fill_block_diagonal(a, start, masked)
+        _fill_block_diagonal(b, start, masked)
+
+
 def _log_normaliser(tile: Tensor, kernel: str, scratch: Tensor) -> Tensor:
     """Per-row ``log sum_j s`` of a tile holding ``s`` (cosine) or ``log s`` (softmax).
 
@@ -134,7 +148,6 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         yh, _ = _unit_rows(y.contiguous())
         xh_t, yh_t = xh.transpose(-1, -2), yh.transpose(-1, -2)
         groups, n, _ = x.shape
-        masked = -float("inf") if kernel == "softmax" else 0.0
         log_zx = x.new_empty(groups, n)
         log_zy = x.new_empty(groups, n)
         kl = x.new_empty(groups, n)
@@ -142,11 +155,7 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         for start in range(0, n, block_size):
             stop = min(n, start + block_size)
             a, b, scratch = buffers.get(stop - start)
-            _kernel_tile(xh[:, start:stop], xh_t, kernel, temperature, out=a)
-            _kernel_tile(yh[:, start:stop], yh_t, kernel, temperature, out=b)
-            if not include_self:
-                _fill_block_diagonal(a, start, masked)
-                _fill_block_diagonal(b, start, masked)
+            _tile_pair(xh, yh, xh_t, yh_t, start, stop, kernel, temperature, include_self, a, b)
             lzx = _log_normaliser(a, kernel, scratch)
             lzy = _log_normaliser(b, kernel, scratch)
             log_zx[:, start:stop] = lzx
@@ -190,17 +199,12 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         row_scale = grad_kl * (0.5 if kernel == "cosine" else 1.0 / temperature)
         inv_zx = torch.exp(-log_zx)
         inv_zy = torch.exp(-log_zy)
-        masked = -float("inf") if kernel == "softmax" else 0.0
         grad_unit = torch.zeros_like(xh)
         buffers = _TileBuffers(xh, xh.shape[0], min(block_size, n), n)
         for start in range(0, n, block_size):
             stop = min(n, start + block_size)
             a, b, gm = buffers.get(stop - start)
-            _kernel_tile(xh[:, start:stop], xh_t, kernel, temperature, out=a)
-            _kernel_tile(yh[:, start:stop], yh_t, kernel, temperature, out=b)
-            if not include_self:
-                _fill_block_diagonal(a, start, masked)
-                _fill_block_diagonal(b, start, masked)
+            _tile_pair(xh, yh, xh_t, yh_t, start, stop, kernel, temperature, include_self, a, b)
             if kernel == "cosine":
                 # Gm / (g_i / 2) = (px - py) / s_x, px = s_x / Zx, py = s_y / Zy.
                 b.mul_(inv_zy[:, start:stop].unsqueeze(-1))
