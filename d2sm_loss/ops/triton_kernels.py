@@ -36,18 +36,20 @@ FLOP count per group (one multiply-add = 2 FLOPs, elementwise work excluded):
     backward ``(4 n_chunks + 2) N^2 D`` with ``n_chunks = ceil(D / BLOCK_DOUT)``: each D
     chunk recomputes the two similarity tiles (``4 N^2 D``) and adds ``H Xh`` for its
     columns (``2 N^2 D`` over all chunks). With the GPU heuristic below ``n_chunks = 1`` for
-    ``D <= 128``, i.e. ``6 N^2 D``. Memory: O(N D) inputs and gradient, O(N) statistics.
+    ``D <= 128``, i.e. ``6 N^2 D``, and ``10 N^2 D`` at ``D = 256``. Memory: O(N D) inputs and gradient, O(N) statistics.
 
 Precision: features are loaded in their own dtype and every accumulation (dot products,
 log-sum-exp, KL sums) is float32, or float64 for float64 inputs (so ``gradcheck`` works).
-float32 (and float64) tile products use ``input_precision="ieee"``: TF32 would be several
-times faster on tensor cores but rounds the inputs to 10 mantissa bits, an error of about
-1e-3 on cosines, far above what the reference comparison tolerates (and
-``log((1 + c)/2 + eta)`` amplifies it near ``c = -1``). float16 similarity tiles are
+float32 (and float64) tile products use ``input_precision="ieee"`` by default: TF32 is
+several times faster on tensor cores but rounds the inputs to 10 mantissa bits, an error of
+about 1e-3 on cosines (which ``log((1 + c)/2 + eta)`` amplifies near ``c = -1``). The kernels
+follow PyTorch's own switch: with ``torch.set_float32_matmul_precision("high")`` (or
+``torch.backends.cuda.matmul.allow_tf32 = True``) float32 tiles use TF32, as the PyTorch
+paths' matrix products then do. float16 similarity tiles are
 multiplied in float16 with float32 accumulation (products of two float16 values are exact in
 float32, so this loses nothing against an upcast). bfloat16 likewise on a GPU; under the
 Triton interpreter bfloat16 is upcast to float32 first because the interpreter's bfloat16
-``tl.dot`` returns garbage. The gradient product ``H Xh`` is always float32 (``ieee``).
+``tl.dot`` returns garbage. The gradient product ``H Xh`` is float32, with the same precision rule.
 
 CPU use: set ``TRITON_INTERPRET=1`` *before* this module is imported; the kernels then run
 on CPU tensors through the (slow) Triton interpreter. No autotuning: block sizes come from a
@@ -92,6 +94,7 @@ def _raw_dot_tiles(
     D,
     ACC: tl.constexpr,
     DOT_NATIVE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -117,8 +120,8 @@ def _raw_dot_tiles(
             xb = xb.to(ACC)
             ya = ya.to(ACC)
             yb = yb.to(ACC)
-        dot_x = tl.dot(xa, xb, dot_x, input_precision="ieee", out_dtype=ACC)
-        dot_y = tl.dot(ya, yb, dot_y, input_precision="ieee", out_dtype=ACC)
+        dot_x = tl.dot(xa, xb, dot_x, input_precision=PRECISION, out_dtype=ACC)
+        dot_y = tl.dot(ya, yb, dot_y, input_precision=PRECISION, out_dtype=ACC)
     return dot_x, dot_y
 
 
@@ -162,6 +165,7 @@ def _similarity_kl_fwd_kernel(
     COSINE: tl.constexpr,
     INCLUDE_SELF: tl.constexpr,
     DOT_NATIVE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -198,7 +202,7 @@ def _similarity_kl_fwd_kernel(
         cols = col_start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         dot_x, dot_y = _raw_dot_tiles(
-            X, Y, base, rows, row_ok, cols, col_ok, D, ACC, DOT_NATIVE, BLOCK_M, BLOCK_N, BLOCK_K
+            X, Y, base, rows, row_ok, cols, col_ok, D, ACC, DOT_NATIVE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K
         )
         rinv_xj = tl.load(RINV_X + stat_base + cols, mask=col_ok, other=1.0)
         rinv_yj = tl.load(RINV_Y + stat_base + cols, mask=col_ok, other=1.0)
@@ -251,6 +255,7 @@ def _similarity_kl_bwd_kernel(
     COSINE: tl.constexpr,
     INCLUDE_SELF: tl.constexpr,
     DOT_NATIVE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -291,7 +296,7 @@ def _similarity_kl_bwd_kernel(
         cols = col_start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         dot_x, dot_y = _raw_dot_tiles(
-            X, Y, base, rows, row_ok, cols, col_ok, D, ACC, DOT_NATIVE, BLOCK_M, BLOCK_N, BLOCK_K
+            X, Y, base, rows, row_ok, cols, col_ok, D, ACC, DOT_NATIVE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K
         )
         rinv_xj = tl.load(RINV_X + stat_base + cols, mask=col_ok, other=1.0)
         rinv_yj = tl.load(RINV_Y + stat_base + cols, mask=col_ok, other=1.0)
@@ -320,7 +325,7 @@ def _similarity_kl_bwd_kernel(
             mask=col_ok[:, None] & out_ok[None, :],
             other=0.0,
         ).to(ACC)
-        dxh = tl.dot(h * rinv_xj[None, :], xj_out, dxh, input_precision="ieee", out_dtype=ACC)
+        dxh = tl.dot(h * rinv_xj[None, :], xj_out, dxh, input_precision=PRECISION, out_dtype=ACC)
 
     xk = tl.load(
         X + base + rows[:, None].to(tl.int64) * D + out_cols[None, :],
@@ -362,10 +367,12 @@ def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = N
     """Block sizes from a simple heuristic on the feature size ``d``.
 
     Under the interpreter small tiles keep the numpy work cheap (and still leave several
-    tiles per dimension in the tests). On a GPU (heuristic, not tuned on hardware): 64 x 64
-    row/column tiles, D chunks up to 64 for the similarity products and up to 128 for the
-    gradient (one chunk, hence no recomputation, for D <= 128); float64 uses 32 x 32 tiles
-    to stay within registers.
+    tiles per dimension in the tests). On a GPU: 64 x 64 row/column tiles, D chunks of 16
+    for the similarity products, up to 128 gradient columns per backward program (one
+    chunk, hence no recomputation, for D <= 128), 8 warps. Chosen so that the kernels
+    compile for sm_90 without register spills in the forward and with at most 136 bytes in
+    the backward (ptxas -v on an ahead-of-time compile; 64 x 64 x 64 tiles on 4 warps spilled
+    2.5 KB and 5.4 KB in float32); not yet timed on hardware. float64 uses 32 x 32 tiles.
     """
     if interpreted is None:
         interpreted = _interpreted()
@@ -374,15 +381,21 @@ def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = N
         return BlockConfig(block_m=16, block_n=16, block_k=min(d_pow2, 32), block_dout=min(d_pow2, 32))
     if dtype == torch.float64:
         return BlockConfig(block_m=32, block_n=32, block_k=min(d_pow2, 32), block_dout=min(d_pow2, 64))
-    block_dout = min(d_pow2, 128)
-    return BlockConfig(
-        block_m=64,
-        block_n=64 if block_dout <= 64 else 32,
-        block_k=min(d_pow2, 64),
-        block_dout=block_dout,
-        num_warps=4 if block_dout <= 64 else 8,
-        num_stages=2,
-    )
+    return BlockConfig(block_m=64, block_n=64, block_k=16, block_dout=min(d_pow2, 128), num_warps=8, num_stages=2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for the tile products.
+
+    ``"ieee"`` (exact float32 products) unless the inputs are float32 and PyTorch itself is
+    allowed to use TF32 for float32 matrix products
+    (``torch.get_float32_matmul_precision() != "highest"``, e.g. after
+    ``torch.backends.cuda.matmul.allow_tf32 = True``): then ``"tf32"``, the same trade the
+    plain PyTorch path makes under that setting. The interpreter always computes in IEEE.
+    """
+    if dtype == torch.float32 and not _interpreted() and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -440,6 +453,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 COSINE=kernel == "cosine",
                 INCLUDE_SELF=bool(include_self),
                 DOT_NATIVE=dot_native,
+                PRECISION=_dot_precision(x.dtype),
                 BLOCK_M=config.block_m,
                 BLOCK_N=config.block_n,
                 BLOCK_K=config.block_k,
@@ -485,6 +499,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 COSINE=ctx.kernel == "cosine",
                 INCLUDE_SELF=ctx.include_self,
                 DOT_NATIVE=_dot_native(x.dtype),
+                PRECISION=_dot_precision(x.dtype),
                 BLOCK_M=config.block_m,
                 BLOCK_N=config.block_n,
                 BLOCK_K=config.block_k,
