@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from the CSV in --out")
     parser.add_argument("--note", default="", help="free text stored with every row of this run")
+    parser.add_argument("--tf32", action="store_true",
+                        help="allow TF32 for float32 matrix products in every implementation "
+                             "(torch.set_float32_matmul_precision('high')); the default compares exact float32")
     args = parser.parse_args(argv)
 
     if args.plot_only:
@@ -248,13 +251,16 @@ def main(argv: list[str] | None = None) -> int:
             available = common.available_memory_bytes()
             memory_limit = int(0.75 * available) if available else None
 
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
+        args.note = ("tf32 " + args.note).strip()
     meta = common.metadata(device)
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"commit {meta['commit']} | threads {meta['threads']} | repeats {repeats}")
     rows: list[dict[str, Any]] = []
     if on_cuda:
         ceiling = common.cuda_matmul_tflops(8192)
-        print(f"float32 matmul ceiling (8192^2, TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}): "
+        print(f"float32 matmul ceiling (8192^2, float32 matmul precision {torch.get_float32_matmul_precision()!r}): "
               f"{ceiling:.1f} TFLOP/s")
         rows.append({**meta, "implementation": "matmul_fp32", "mode": "forward", "G": 1, "N": 8192, "D": 8192,
                      "dtype": "float32", "status": "ok", "tflops": ceiling, "repeats": 10,
