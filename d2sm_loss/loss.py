@@ -417,8 +417,9 @@ class SemanticStatisticsLoss(nn.Module):
                 queue.check_feature_size(x.shape[1], str(self.layers[index] if self.layers else index))
                 past_x, past_y = queue.rows()
                 if past_x.shape[0]:
-                    x_all = torch.cat([x.float(), past_x.to(x.device)])
-                    y_all = torch.cat([y.float(), past_y.to(y.device)])
+                    dtype = torch.promote_types(x.dtype, past_x.dtype)  # float16 features + float32 queue
+                    x_all = torch.cat([x.to(dtype), past_x.to(x.device, dtype)])
+                    y_all = torch.cat([y.to(dtype), past_y.to(y.device, dtype)])
                 else:
                     x_all, y_all = x, y
             else:
