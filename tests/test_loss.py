@@ -262,16 +262,22 @@ def test_constant_and_black_images_are_finite():
         assert torch.isfinite(loss) and torch.isfinite(restored.grad).all()
 
 
-def test_autocast_bfloat16_on_cpu():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cpu(dtype):
     criterion = make("resnet10t", layers=[2], granularity="location", **SHARP)
     restored, clean = images()
     full = criterion(restored, clean)
     assert full > 1e-4
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         low = criterion(restored, clean)
     low.backward()
     assert low.dtype == torch.float32 and torch.isfinite(restored.grad).all()
     assert abs(low.item() - full.item()) <= 0.1 * abs(full.item()) + 1e-6
+    queued = conv_loss(queue_size=5, pool_size=2, kernel="softmax")
+    with torch.autocast("cpu", dtype=dtype):
+        for seed in range(3):  # low-precision features meet the float32 queue
+            value = queued(*images(seed=seed))
+    assert value.dtype == torch.float32 and torch.isfinite(value) and queued.queues[0].restored.dtype == torch.float32
 
 
 def test_grayscale_and_input_range():
