@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import math
 import statistics
@@ -395,7 +396,7 @@ def sync(device: torch.device) -> None:
 def measure_memory(case: Case, device: torch.device) -> None:
     state = case.prepare()
     if device.type == "cuda":
-        case.peak_bytes = common.cuda_peak_bytes(lambda: case.run(state))
+        case.peak_bytes = common.cuda_peak_bytes(functools.partial(case.run, state))
         case.mem_method = "cuda-max-allocated above pre-call"
     else:
         gc.collect()

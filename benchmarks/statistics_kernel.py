@@ -49,7 +49,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
+import functools
 import sys
 from itertools import product
 from pathlib import Path
@@ -157,7 +157,7 @@ def measure_point_cuda(impl, mode, g, n, d, kernel, temperature, include_self, d
     try:
         run(prepare())  # compilation / autotuning outside the measurement
         state = prepare()
-        peak = common.cuda_peak_bytes(lambda: run(state))
+        peak = common.cuda_peak_bytes(functools.partial(run, state))
         del state
         times = common.time_cuda(prepare, run, repeats=repeats, warmup=2)
     except Exception as error:

@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["import_timm", "triton_available"]
+__all__ = ["import_timm"]
 
 # Schemas of torchvision's compiled operators, as its C++ extension declares them.
 _TORCHVISION_OP_SCHEMAS = (
@@ -110,11 +110,3 @@ def import_timm() -> ModuleType:
 
     return timm
 
-
-def triton_available() -> bool:
-    """Whether :mod:`triton` imports (it may still lack a driver; see ``ops``)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
