@@ -272,3 +272,34 @@ def test_functional_auto_on_cpu_is_streaming_and_half_inputs_accumulate_in_float
     assert xb.grad is not None and xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
     ref = similarity_kl(xb.detach(), y.bfloat16(), implementation="reference")
     torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_cosine_below_minus_one_from_rounding_stays_finite(monkeypatch):
+    """Antiparallel rows whose computed cosine falls below -1 (as TF32 or float16 products
+    can give) keep a finite loss and gradient: simulated by unit rows 1 % too long."""
+    from d2sm_loss.ops import streaming
+
+    original = streaming._unit_rows
+    monkeypatch.setattr(streaming, "_unit_rows", lambda f: (lambda u, n: (u * 1.01, n))(*original(f)))
+    base = torch.randn(1, 9, 5, generator=torch.Generator().manual_seed(3))
+    x = torch.cat([base, -base], dim=1).requires_grad_()
+    out = similarity_kl_streaming(x, x.detach() + 0.1, kernel="cosine", temperature=1.0, include_self=True)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+def test_reference_log_similarity_is_finite_below_minus_one():
+    from d2sm_loss.ops.reference import COSINE_ETA, log_similarity
+
+    cos = torch.tensor([-1.02, -1.0, 0.0, 1.0], requires_grad=True)
+    value = log_similarity(cos, "cosine", 1.0)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(cos.grad).all()
+    assert value[0].item() == pytest.approx(torch.log(torch.tensor(COSINE_ETA)).item())
+
+
+def test_gpu_tile_budget_applies_off_the_cpu():
+    from d2sm_loss.ops.streaming import TILE_ELEMENTS_GPU
+
+    assert TILE_ELEMENTS_GPU > TILE_ELEMENTS
+    assert default_block_size(8, 16384, TILE_ELEMENTS_GPU) == TILE_ELEMENTS_GPU // (8 * 16384)

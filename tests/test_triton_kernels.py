@@ -179,3 +179,36 @@ def test_public_api(reduction: str) -> None:
         assert value.shape == ref.shape
         torch.testing.assert_close(value, ref, rtol=0, atol=1e-10)
         torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-10)
+
+
+def test_mixed_dtypes_run_in_the_promoted_dtype() -> None:
+    """float16 restored features with large float32 clean ones: both go to float32 (a
+    downcast of the clean side to float16 would overflow its norms to inf)."""
+    x, y = _features(1, 33, 17, torch.float32, seed=11)
+    x16, y_big = x.half(), y * 1e5  # beyond float16 range (65504)
+    kwargs = dict(kernel="cosine", temperature=TEMPERATURE, include_self=True)
+    upstream = torch.ones(1, 33, device=DEVICE)
+    out, grad = _value_and_grad(similarity_kl_triton, x16, y_big, upstream, **kwargs)
+    ref, ref_grad = _value_and_grad(similarity_kl_reference, x16.float(), y_big, upstream, **kwargs)
+    assert grad.dtype == torch.float16
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.float(), ref_grad, rtol=1e-2, atol=1e-3 * ref_grad.abs().max().item())
+
+
+def test_cosine_below_minus_one_from_rounding_stays_finite(monkeypatch) -> None:
+    """Antiparallel rows whose computed cosine falls below -1 (as TF32 or float16 products
+    can give): the kernel holds the similarity at its bound instead of taking log of a
+    negative number. Simulated by inflating the reciprocal norms by 1 %."""
+    original = triton_kernels._reciprocal_norms
+
+    def inflated(features, acc_dtype):
+        rinv, norms = original(features, acc_dtype)
+        return rinv * 1.01, norms
+
+    monkeypatch.setattr(triton_kernels, "_reciprocal_norms", inflated)
+    base = torch.randn(1, 9, 5, generator=torch.Generator().manual_seed(3))
+    x = torch.cat([base, -base], dim=1).to(DEVICE).requires_grad_()
+    y = x.detach() + 0.1
+    out = similarity_kl_triton(x, y, kernel="cosine", temperature=1.0, include_self=True)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()

@@ -4,13 +4,18 @@ This is the readable definition (``../shared/METHOD.md`` in the project notes):
 
     xh_i = x_i / max(|x_i|, NORM_EPS)
     c_ij = xh_i . xh_j                 d_ij = yh_i . yh_j
-    log s(c) = log((1 + c) / 2 + COSINE_ETA)      kernel "cosine"
+    log s(c) = log(max((1 + c) / 2, 0) + COSINE_ETA)   kernel "cosine"
     log s(c) = (c - 1) / temperature              kernel "softmax"
     p_restored(j | i) = s(c_ij) / sum_j s(c_ij)   p_clean(j | i) likewise from d
     KL_i = KL(p_clean(. | i) || p_restored(. | i))
 
 with j over all rows, or over j != i when ``include_self`` is False. The clean side is a
-constant: its gradient is never computed. Memory is O(N^2) per group; the streaming and
+constant: its gradient is never computed. The ``max(., 0)`` only guards against rounding:
+a cosine of unit vectors is never below -1, but a computed one can be (by ~1e-7 in
+float32, ~1e-3 with TF32 or float16 products), and below ``-1 - 2 COSINE_ETA`` the
+logarithm would be NaN. The streaming and Triton paths hold the similarity at the same
+bound (giving such entries the derivative at the bound, where autograd of ``clamp`` here
+gives 0: the two differ only on entries that exact arithmetic cannot produce). Memory is O(N^2) per group; the streaming and
 Triton implementations compute the same numbers without the N x N matrices.
 """
 
@@ -33,7 +38,7 @@ KERNELS = ("cosine", "softmax")
 def log_similarity(cos: Tensor, kernel: str, temperature: float) -> Tensor:
     """``log s(c)`` for a tensor of cosine similarities ``cos``."""
     if kernel == "cosine":
-        return torch.log((1.0 + cos) * 0.5 + COSINE_ETA)
+        return torch.log(((1.0 + cos) * 0.5).clamp_min(0.0) + COSINE_ETA)
     if kernel == "softmax":
         return (cos - 1.0) / temperature
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

@@ -56,7 +56,7 @@ from torch.autograd.function import once_differentiable
 
 from .reference import COSINE_ETA, KERNELS, NORM_EPS
 
-__all__ = ["TILE_ELEMENTS", "similarity_kl_streaming", "default_block_size"]
+__all__ = ["TILE_ELEMENTS", "TILE_ELEMENTS_GPU", "similarity_kl_streaming", "default_block_size"]
 
 #: Target number of values in one (G, b, N) tile when ``block_size`` is None:
 #: 2**20 (4 MiB in float32). The forward and backward keep three such tiles, so the
@@ -67,6 +67,12 @@ __all__ = ["TILE_ELEMENTS", "similarity_kl_streaming", "default_block_size"]
 #: reference; b in 128..512 were the fastest of b in 32..1024 (tiles of a few MiB stay in
 #: the last-level cache while the elementwise passes run over them).
 TILE_ELEMENTS = 1 << 20
+
+#: The tile budget on a GPU: 2**24 values (64 MiB in float32, about 200 MiB for the three
+#: buffers). A GPU needs large tiles to amortise its kernel launches: with the CPU budget a
+#: (G=8, N=16384) problem would walk 8-row blocks, about 2000 blocks of a dozen launches each
+#: per pass. Chosen from that launch count, not yet tuned on hardware.
+TILE_ELEMENTS_GPU = 1 << 24
 
 
 def default_block_size(groups: int, rows: int, tile_elements: int = TILE_ELEMENTS) -> int:
@@ -83,7 +89,7 @@ def _unit_rows(features: Tensor) -> tuple[Tensor, Tensor]:
 def _kernel_tile(unit_block: Tensor, unit_t: Tensor, kernel: str, temperature: float, out: Tensor) -> Tensor:
     """The (G, b, N) tile of the kernel for a block of unit rows against all rows, in ``out``.
 
-    Cosine kernel: the similarity ``s = (1 + c) / 2 + COSINE_ETA`` itself. Softmax
+    Cosine kernel: the similarity ``s = max((1 + c) / 2, 0) + COSINE_ETA`` itself. Softmax
     kernel: its logarithm ``(c - 1) / temperature``. One fused matmul-and-scale.
     """
     if kernel == "cosine":
@@ -91,7 +97,10 @@ def _kernel_tile(unit_block: Tensor, unit_t: Tensor, kernel: str, temperature: f
     else:
         offset, scale = -1.0 / temperature, 1.0 / temperature
     base = unit_block.new_full((1, 1, 1), offset).expand(out.shape)
-    return torch.baddbmm(base, unit_block, unit_t, beta=1.0, alpha=scale, out=out)
+    torch.baddbmm(base, unit_block, unit_t, beta=1.0, alpha=scale, out=out)
+    if kernel == "cosine":
+        out.clamp_min_(COSINE_ETA)  # rounding can push a cosine below -1 (see .reference)
+    return out
 
 
 class _TileBuffers:
@@ -251,7 +260,8 @@ def similarity_kl_streaming(
 
     Args:
         block_size: rows per block. ``None`` picks ``b`` so that one (G, b, N) tile holds
-            about :data:`TILE_ELEMENTS` (2**20) values. Any positive integer works,
+            about :data:`TILE_ELEMENTS` (2**20) values on the CPU, :data:`TILE_ELEMENTS_GPU`
+            (2**24) on other devices. Any positive integer works,
             including ones that do not divide N; larger is not always faster.
 
     Memory: saved for backward ``2 G N D + 3 G N`` values; peak transient three
@@ -270,7 +280,7 @@ def similarity_kl_streaming(
         raise TypeError(f"x and y must both be float32 or both float64, got {x.dtype} and {y.dtype}")
     groups, n, _ = x.shape
     if block_size is None:
-        block_size = default_block_size(groups, n)
+        block_size = default_block_size(groups, n, TILE_ELEMENTS if x.device.type == "cpu" else TILE_ELEMENTS_GPU)
     elif int(block_size) < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     return _StreamingSimilarityKL.apply(x, y.detach(), kernel, float(temperature), bool(include_self), int(block_size))

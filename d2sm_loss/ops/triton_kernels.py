@@ -70,7 +70,7 @@ from torch.autograd.function import once_differentiable
 
 from .reference import COSINE_ETA, KERNELS, NORM_EPS
 
-__all__ = ["similarity_kl_triton", "BlockConfig", "choose_block_config"]
+__all__ = ["similarity_kl_triton", "BlockConfig", "choose_block_config", "tf32_allowed"]
 
 # A finite "minus infinity" to start the running maxima: exp(_NEG_INIT - m) is 0 for every
 # real m, and exp(_NEG_INIT - _NEG_INIT) is 1 instead of NaN.
@@ -127,9 +127,10 @@ def _raw_dot_tiles(
 
 @triton.jit
 def _log_similarity(c, COSINE: tl.constexpr, eta, temperature):
-    """``log s(c)``: ``log((1 + c)/2 + eta)`` (cosine) or ``(c - 1)/temperature`` (softmax)."""
+    """``log s(c)``: ``log(max((1 + c)/2, 0) + eta)`` (cosine; the max guards against a
+    rounded cosine below -1, see :mod:`.reference`) or ``(c - 1)/temperature`` (softmax)."""
     if COSINE:
-        return tl.log((1.0 + c) * 0.5 + eta)
+        return tl.log(tl.maximum((1.0 + c) * 0.5, 0.0) + eta)
     else:
         return (c - 1.0) / temperature
 
@@ -314,7 +315,7 @@ def _similarity_kl_bwd_kernel(
         own = grad_k[:, None] * (tl.exp(lx - log_zx_k[:, None]) - tl.exp(ly - log_zy_k[:, None]))
         mirrored = grad_j[None, :] * (tl.exp(lx - log_zx_j[None, :]) - tl.exp(ly - log_zy_j[None, :]))
         if COSINE:
-            dlog_dc = 0.5 / ((1.0 + c) * 0.5 + eta)
+            dlog_dc = 0.5 / (tl.maximum((1.0 + c) * 0.5, 0.0) + eta)
         else:
             dlog_dc = 1.0 / temperature
         h = tl.where(valid, (own + mirrored) * dlog_dc, 0.0)
@@ -384,16 +385,35 @@ def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = N
     return BlockConfig(block_m=64, block_n=64, block_k=16, block_dout=min(d_pow2, 128), num_warps=8, num_stages=2)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def tf32_allowed() -> bool:
+    """Whether PyTorch currently lets float32 CUDA matrix products use TF32.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (the API since torch 2.9, which
+    also reflects the legacy ``allow_tf32`` / ``set_float32_matmul_precision`` switches;
+    ``"none"`` inherits ``torch.backends.fp32_precision``), falling back to
+    ``torch.get_float32_matmul_precision()`` on older versions. The legacy getter raises
+    once the new API has been used, so it is not read first.
+    """
+    try:
+        precision = torch.backends.cuda.matmul.fp32_precision
+        if precision == "none":
+            precision = torch.backends.fp32_precision
+        return precision == "tf32"
+    except (AttributeError, RuntimeError):
+        return torch.get_float32_matmul_precision() != "highest"
+
+
+def _dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
     """``tl.dot``'s ``input_precision`` for the tile products.
 
-    ``"ieee"`` (exact float32 products) unless the inputs are float32 and PyTorch itself is
-    allowed to use TF32 for float32 matrix products
-    (``torch.get_float32_matmul_precision() != "highest"``, e.g. after
-    ``torch.backends.cuda.matmul.allow_tf32 = True``): then ``"tf32"``, the same trade the
-    plain PyTorch path makes under that setting. The interpreter always computes in IEEE.
+    ``"ieee"`` (exact float32 products) unless the inputs are float32 and TF32 is allowed:
+    ``allow_tf32=None`` follows PyTorch's own switch for float32 CUDA matrix products
+    (:func:`tf32_allowed`, e.g. after ``torch.backends.cuda.matmul.allow_tf32 = True``), the same trade the plain PyTorch
+    path makes under that setting. The interpreter always computes in IEEE.
     """
-    if dtype == torch.float32 and not _interpreted() and torch.get_float32_matmul_precision() != "highest":
+    if allow_tf32 is None:
+        allow_tf32 = tf32_allowed()
+    if dtype == torch.float32 and allow_tf32 and not _interpreted():
         return "tf32"
     return "ieee"
 
@@ -422,7 +442,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
     """Autograd wrapper: fused forward kernel, fused backward kernel (gradient for x only)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, precision: str) -> Tensor:  # type: ignore[override]
         x = x.contiguous()
         y = y.detach().contiguous()
         groups, n, d = x.shape
@@ -453,7 +473,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 COSINE=kernel == "cosine",
                 INCLUDE_SELF=bool(include_self),
                 DOT_NATIVE=dot_native,
-                PRECISION=_dot_precision(x.dtype),
+                PRECISION=precision,
                 BLOCK_M=config.block_m,
                 BLOCK_N=config.block_n,
                 BLOCK_K=config.block_k,
@@ -466,14 +486,14 @@ class _SimilarityKLFunction(torch.autograd.Function):
         ctx.kernel = kernel
         ctx.temperature = float(temperature)
         ctx.include_self = bool(include_self)
-        ctx.mark_non_differentiable(log_zx, log_zy)
+        ctx.precision = precision
         return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl: Tensor):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         x, y, rinv_x, rinv_y, project_x, log_zx, log_zy = ctx.saved_tensors
         groups, n, d = x.shape
         acc_dtype = rinv_x.dtype
@@ -499,7 +519,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 COSINE=ctx.kernel == "cosine",
                 INCLUDE_SELF=ctx.include_self,
                 DOT_NATIVE=_dot_native(x.dtype),
-                PRECISION=_dot_precision(x.dtype),
+                PRECISION=ctx.precision,
                 BLOCK_M=config.block_m,
                 BLOCK_N=config.block_n,
                 BLOCK_K=config.block_k,
@@ -507,7 +527,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
-        return dx.to(x.dtype), None, None, None, None
+        return dx.to(x.dtype), None, None, None, None, None
 
 
 def similarity_kl_triton(
@@ -517,6 +537,7 @@ def similarity_kl_triton(
     kernel: str,
     temperature: float,
     include_self: bool,
+    allow_tf32: bool | None = None,
 ) -> Tensor:
     """Per-row ``KL(p_clean(. | i) || p_restored(. | i))`` with the fused Triton kernels.
 
@@ -524,11 +545,15 @@ def similarity_kl_triton(
         x: restored features, shape (G, N, D), float16, bfloat16, float32 or float64, on a
             CUDA device (or on the CPU with ``TRITON_INTERPRET=1`` set before import).
             Receives the gradient.
-        y: clean features, same shape, device and dtype family; treated as a constant.
+        y: clean features, same shape and device; treated as a constant. ``x`` and ``y``
+            are both cast to their promoted dtype (float16 restored features with float32
+            clean ones run in float32).
         kernel: ``"cosine"`` or ``"softmax"``.
         temperature: temperature of the softmax kernel (unused by the cosine kernel; it is a
             compile-time constant, so each new value compiles the kernels once).
         include_self: whether ``j = i`` takes part in each row's distribution.
+        allow_tf32: float32 tile products in TF32 (``True``) or exact (``False``); None
+            follows PyTorch's setting (:func:`tf32_allowed`). Ignored for other dtypes.
 
     Returns:
         Shape (G, N), float32 (float64 for float64 inputs); equal to
@@ -538,8 +563,9 @@ def similarity_kl_triton(
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if x.dim() != 3 or x.shape != y.shape:
         raise ValueError(f"x and y must both have shape (G, N, D), got {tuple(x.shape)} and {tuple(y.shape)}")
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    x, y = x.to(dtype), y.to(dtype)
     if kernel == "cosine":
         temperature = 1.0  # unused: keep one compiled variant for every temperature
-    return _SimilarityKLFunction.apply(x, y, kernel, float(temperature), bool(include_self))
+    precision = _dot_precision(dtype, allow_tf32)
+    return _SimilarityKLFunction.apply(x, y, kernel, float(temperature), bool(include_self), precision)
