@@ -8,7 +8,9 @@ calls it. It validates its arguments once, chooses an implementation from
 from __future__ import annotations
 
 import logging
+import math
 import os
+import warnings
 from typing import Literal
 
 import torch
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from .ops.reference import KERNELS, similarity_kl_reference
 
-__all__ = ["similarity_kl", "resolve_implementation", "IMPLEMENTATIONS", "REDUCTIONS"]
+__all__ = ["similarity_kl", "resolve_implementation", "IMPLEMENTATIONS", "REDUCTIONS", "TRITON_AUTO_MAX_FEATURES"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,15 @@ Implementation = Literal["auto", "triton", "torch", "reference"]
 #: ``"torch"`` is the streaming PyTorch path, ``"reference"`` the plain O(N^2) one.
 IMPLEMENTATIONS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
+
+#: ``implementation="auto"`` uses the Triton kernels only for rows of at most this many
+#: features. Their backward keeps at most 128 gradient columns of a row block in registers
+#: and recomputes the similarity tiles for every further 128 (``(4 ceil(D / 128) + 2) N^2 D``
+#: FLOPs against ``8 N^2 D`` for the streaming path's matrix products), and at the image
+#: granularity of the paper (N of a few hundred rows of D = 100352 features) the N x N
+#: matrices are tiny anyway. Chosen from that FLOP count, not yet from a GPU measurement:
+#: ``benchmarks/statistics_kernel.py`` times both paths over D = 64..512.
+TRITON_AUTO_MAX_FEATURES = 512
 
 
 def _triton_interpreted() -> bool:
@@ -48,31 +59,37 @@ _SELF_CHECKS: dict[torch.device, bool] = {}
 def _triton_self_check(device: torch.device) -> bool:
     """Once per device: do the Triton kernels compile and agree with the reference there?
 
-    ``implementation="auto"`` uses Triton only if this tiny forward + backward (both kernels)
-    matches the float64 reference; otherwise it warns once and uses the streaming PyTorch
-    path, so that a GPU or Triton build the kernels do not support degrades to a slower
-    exact path instead of failing. ``implementation="triton"`` skips this check.
+    ``implementation="auto"`` uses Triton only if this tiny forward + backward (both kernels,
+    exact float32 products whatever the TF32 setting) matches the float64 reference;
+    otherwise it warns once and uses the streaming PyTorch path, so that a GPU or Triton
+    build the kernels do not support degrades to a slower exact path instead of failing.
+    It runs with gradients enabled even when the first call comes under ``torch.no_grad()``
+    or ``torch.inference_mode()`` (a validation pass). Running out of memory is not
+    cached as a failure. ``implementation="triton"`` skips this check.
     """
     if device not in _SELF_CHECKS:
-        import warnings
-
         try:
             from .ops.triton_kernels import similarity_kl_triton
 
-            generator = torch.Generator().manual_seed(0)
-            x = torch.randn(2, 37, 19, generator=generator, dtype=torch.float64)
-            y = x + 0.5 * torch.randn(x.shape, generator=generator, dtype=torch.float64)
-            upstream = torch.rand(2, 37, generator=generator, dtype=torch.float64)
-            for kernel in ("cosine", "softmax"):
-                ref_x = x.clone().requires_grad_()
-                want = similarity_kl_reference(ref_x, y, kernel=kernel, temperature=0.1, include_self=True)
-                (want * upstream).sum().backward()
-                got_x = x.float().to(device).requires_grad_()
-                got = similarity_kl_triton(got_x, y.float().to(device), kernel=kernel, temperature=0.1, include_self=True)
-                (got * upstream.float().to(device)).sum().backward()
-                torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-3, atol=1e-5)
-                torch.testing.assert_close(got_x.grad.double().cpu(), ref_x.grad, rtol=1e-3, atol=1e-5)
+            with torch.inference_mode(False), torch.enable_grad():
+                generator = torch.Generator().manual_seed(0)
+                x = torch.randn(2, 37, 19, generator=generator, dtype=torch.float64)
+                y = x + 0.5 * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+                upstream = torch.rand(2, 37, generator=generator, dtype=torch.float64)
+                for kernel in ("cosine", "softmax"):
+                    ref_x = x.clone().requires_grad_()
+                    want = similarity_kl_reference(ref_x, y, kernel=kernel, temperature=0.1, include_self=True)
+                    (want * upstream).sum().backward()
+                    got_x = x.float().to(device).requires_grad_()
+                    got = similarity_kl_triton(
+                        got_x, y.float().to(device), kernel=kernel, temperature=0.1, include_self=True, allow_tf32=False
+                    )
+                    (got * upstream.float().to(device)).sum().backward()
+                    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-3, atol=1e-5)
+                    torch.testing.assert_close(got_x.grad.double().cpu(), ref_x.grad, rtol=1e-3, atol=1e-5)
             _SELF_CHECKS[device] = True
+        except torch.cuda.OutOfMemoryError:
+            return False  # transient: use the streaming path for this call, check again next time
         except Exception as error:  # compilation, launch or accuracy failure
             warnings.warn(
                 f"d2sm_loss: the Triton kernels failed a self-check on {device} ({type(error).__name__}: "
@@ -85,19 +102,26 @@ def _triton_self_check(device: torch.device) -> bool:
     return _SELF_CHECKS[device]
 
 
-def resolve_implementation(implementation: str, device: torch.device) -> str:
+def resolve_implementation(implementation: str, device: torch.device, features: int | None = None) -> str:
     """The concrete implementation (``"triton"``, ``"torch"`` or ``"reference"``) that
-    ``implementation`` selects for tensors on ``device``.
+    ``implementation`` selects for rows of ``features`` values on ``device``.
 
-    ``"auto"`` picks Triton for CUDA tensors when Triton is importable and its kernels
-    pass a one-time self-check on that device, else the streaming PyTorch path. ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1``
-    set in the environment before :mod:`d2sm_loss` is imported (the Triton interpreter
-    then runs the kernels on CPU tensors).
+    ``"auto"`` picks Triton for CUDA tensors when Triton is importable, its kernels pass a
+    one-time self-check on that device and ``features`` is at most
+    :data:`TRITON_AUTO_MAX_FEATURES` (None: not known, no limit); else the streaming
+    PyTorch path. ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1`` set in the
+    environment before :mod:`d2sm_loss` is imported (the Triton interpreter then runs the
+    kernels on CPU tensors).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
-        if device.type == "cuda" and _triton_error() is None and _triton_self_check(device):
+        if (
+            device.type == "cuda"
+            and (features is None or features <= TRITON_AUTO_MAX_FEATURES)
+            and _triton_error() is None
+            and _triton_self_check(device)
+        ):
             return "triton"
         return "torch"
     if implementation == "triton":
@@ -140,9 +164,10 @@ def similarity_kl(
         include_self: whether ``j = i`` takes part in each row's distribution.
         reduction: ``"mean"`` over all rows of all groups, ``"sum"``, or ``"none"`` for
             the per-row values of shape ``(N,)`` or ``(G, N)``.
-        implementation: ``"auto"`` (Triton on CUDA when available, else the streaming
-            PyTorch path), ``"triton"``, ``"torch"`` (streaming, O(N * block) memory) or
-            ``"reference"`` (plain, O(N^2) memory).
+        implementation: ``"auto"`` (Triton on CUDA when available and D is at most
+            :data:`TRITON_AUTO_MAX_FEATURES`, else the streaming PyTorch path, see
+            :func:`resolve_implementation`), ``"triton"``, ``"torch"`` (streaming,
+            O(N * block) memory) or ``"reference"`` (plain, O(N^2) memory).
 
     Returns:
         A float32 tensor (float64 when the inputs are float64): a scalar, or the
@@ -168,8 +193,13 @@ def similarity_kl(
         )
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "softmax" and not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if kernel == "softmax" and not (
+        isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+        and temperature > 0 and math.isfinite(temperature)
+    ):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not isinstance(include_self, bool):
+        raise TypeError(f"include_self must be a bool, got {include_self!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     n, d = restored.shape[-2], restored.shape[-1]
@@ -179,7 +209,7 @@ def similarity_kl(
         raise ValueError(
             f"include_self=False needs at least 2 rows per group to compare, got N={n}"
         )
-    impl = resolve_implementation(implementation, restored.device)
+    impl = resolve_implementation(implementation, restored.device, d)
     logger.debug("similarity_kl: implementation=%s shape=%s", impl, tuple(restored.shape))
 
     squeeze = restored.dim() == 2

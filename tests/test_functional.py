@@ -129,6 +129,9 @@ def test_auto_picks_streaming_torch_on_cpu():
         ({}, ([[1.0]], torch.randn(1, 1)), TypeError, "must be tensors"),
         ({"kernel": "gauss"}, None, ValueError, "kernel must be one of"),
         ({"kernel": "softmax", "temperature": 0.0}, None, ValueError, "temperature"),
+        ({"kernel": "softmax", "temperature": float("inf")}, None, ValueError, "temperature"),
+        ({"kernel": "softmax", "temperature": True}, None, ValueError, "temperature"),
+        ({"include_self": 1}, None, TypeError, "include_self must be a bool"),
         ({"reduction": "avg"}, None, ValueError, "reduction must be one of"),
         ({"implementation": "cuda"}, None, ValueError, "implementation must be one of"),
         ({"include_self": False}, (torch.randn(1, 3), torch.randn(1, 3)), ValueError, "at least 2 rows"),
@@ -174,3 +177,54 @@ def test_auto_falls_back_to_streaming_when_triton_self_check_fails(monkeypatch):
     with pytest.warns(RuntimeWarning, match="failed a self-check.*kernel does not compile here"):
         assert functional._triton_self_check(torch.device("cpu")) is False
     assert functional._triton_self_check(torch.device("cpu")) is False  # checked once, cached
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_triton_self_check_runs_under_no_grad_and_inference_mode(monkeypatch, context):
+    """A first call from a validation pass must not turn Triton off for good."""
+    import d2sm_loss.functional as functional
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU interpreter path")
+    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
+    with context():
+        assert functional._triton_self_check(torch.device("cpu")) is True
+
+
+def test_self_check_out_of_memory_is_not_cached(monkeypatch):
+    import d2sm_loss.functional as functional
+    from d2sm_loss.ops import triton_kernels
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
+    monkeypatch.setattr(triton_kernels, "similarity_kl_triton", out_of_memory)
+    assert functional._triton_self_check(torch.device("cpu")) is False
+    assert torch.device("cpu") not in functional._SELF_CHECKS
+
+
+def test_auto_keeps_wide_rows_on_the_streaming_path(monkeypatch):
+    import d2sm_loss.functional as functional
+
+    monkeypatch.setattr(functional, "_triton_error", lambda: None)
+    monkeypatch.setattr(functional, "_triton_self_check", lambda device: True)
+    cuda = torch.device("cuda", 0)
+    limit = functional.TRITON_AUTO_MAX_FEATURES
+    assert functional.resolve_implementation("auto", cuda, limit) == "triton"
+    assert functional.resolve_implementation("auto", cuda, limit + 1) == "torch"
+    assert functional.resolve_implementation("auto", torch.device("cpu"), 16) == "torch"
+
+
+def test_tf32_setting_is_read_through_either_api():
+    from d2sm_loss.ops.triton_kernels import tf32_allowed
+
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # the new API: the legacy getter raises now
+        assert tf32_allowed() is True
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert tf32_allowed() is False
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
