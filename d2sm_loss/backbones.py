@@ -181,8 +181,11 @@ class FeatureExtractor(nn.Module):
         backbone_kwargs: extra keyword arguments for :func:`timm.create_model`.
 
     The extractor holds no trainable parameters and always runs in eval mode. Its
-    outputs are a list of tensors, one per layer, each ``(B, C, h, w)`` or, for token
-    outputs of a transformer block chosen by name, ``(B, L, C)``.
+    outputs are a list of tensors, one per layer, each ``(B, C, h, w)``: timm models that
+    emit channels-last maps (``output_fmt="NHWC"``, e.g. Swin) are permuted, and the
+    token sequence of a vision-transformer block chosen by name drops its class /
+    distillation / register tokens and is laid out on its patch grid. Only a user module
+    may return other shapes, e.g. ``(B, L, C)`` tokens, which are used as they are.
     """
 
     def __init__(
@@ -208,6 +211,8 @@ class FeatureExtractor(nn.Module):
                     raise TypeError(f"layers must hold ints (feature indices) or strs (module names), got {layer!r}")
         self.reductions: list[int | None] = []
         self.required_size: tuple[int, int] | None = None
+        self._channels_last = False  # timm's output_fmt "NHWC"
+        self._token_grid: tuple[int, int, int] | None = None  # (prefix tokens, patch h, patch w)
         if isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
             self.model, self.layers, self._select = backbone, layers, layers
@@ -248,6 +253,11 @@ class FeatureExtractor(nn.Module):
         with torch.device("meta"):  # shapes and layer names only, no allocation
             blueprint = _timm_model_or_error(timm, name, pretrained=False, **kwargs)
         taps = list(getattr(blueprint, "feature_info", []) or [])
+        self._channels_last = str(getattr(blueprint, "output_fmt", "NCHW")).upper().endswith("NHWC")
+        patch = getattr(getattr(blueprint, "patch_embed", None), "patch_size", None)
+        if patch is not None:
+            ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+            self._token_grid = (int(getattr(blueprint, "num_prefix_tokens", 0) or 0), int(ph), int(pw))
         if weights is not None:
             kwargs["pretrained_cfg_overlay"] = dict(state_dict=map_state_dict(weights, blueprint))
             pretrained = True
@@ -291,7 +301,7 @@ class FeatureExtractor(nn.Module):
 
             nodes = get_graph_node_names(blueprint)[1]
             names = [self._node_for(layer, nodes, name) for layer in names]
-            self.reductions = self._probe_reductions(timm, blueprint, names)
+            self.reductions = self._probe_reductions(blueprint, names)
         try:
             with _timm_load_report() as report:
                 if by_index:
@@ -334,8 +344,7 @@ class FeatureExtractor(nn.Module):
         close = difflib.get_close_matches(layer, nodes, n=5)
         raise ValueError(f"layers: {layer!r} is not a module or node of {model_name!r}; close matches: {close}")
 
-    @staticmethod
-    def _probe_reductions(timm: Any, blueprint: nn.Module, names: list[str]) -> list[int | None]:
+    def _probe_reductions(self, blueprint: nn.Module, names: list[str]) -> list[int | None]:
         """Downsampling factor of each named node, from one shape-only pass on the meta device."""
         from timm.models import create_feature_extractor
 
@@ -345,7 +354,20 @@ class FeatureExtractor(nn.Module):
                 outputs = create_feature_extractor(blueprint, return_nodes=names)(torch.empty(1, 3, size, size))
         except Exception:  # a model that cannot run on meta tensors: no size check
             return [None] * len(names)
-        return [max(1, size // out.shape[-1]) if out.dim() == 4 else None for out in outputs.values()]
+        maps = [self._to_nchw(out, (size, size)) for out in outputs.values()]
+        return [max(1, size // out.shape[-1]) if out.dim() == 4 else None for out in maps]
+
+    def _to_nchw(self, out: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """A timm output as a (B, C, h, w) map: channels-last maps permuted, transformer
+        tokens without their prefix tokens on the patch grid. Anything else unchanged."""
+        if out.dim() == 4 and self._channels_last:
+            return out.permute(0, 3, 1, 2)
+        if out.dim() == 3 and self._token_grid is not None:
+            prefix, ph, pw = self._token_grid
+            grid_h, grid_w = -(-image_size[0] // ph), -(-image_size[1] // pw)  # ceil: padded patches
+            if out.shape[1] - prefix == grid_h * grid_w:
+                return out[:, prefix:].transpose(1, 2).reshape(out.shape[0], out.shape[2], grid_h, grid_w)
+        return out
 
     @staticmethod
     def _download_hint(name: str, error: BaseException) -> str:
@@ -366,7 +388,10 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """Feature maps of ``images`` (B, 3, H, W) with values in [0, 1]."""
-        out = self.model((images - self.mean.to(images.dtype)) / self.std.to(images.dtype))
+        maps = self._select_outputs(self.model((images - self.mean.to(images.dtype)) / self.std.to(images.dtype)))
+        return [self._to_nchw(m, (images.shape[-2], images.shape[-1])) for m in maps]
+
+    def _select_outputs(self, out: Any) -> list[Tensor]:
         if isinstance(out, Tensor):
             out = [out]
         if self._select is None:

@@ -30,11 +30,14 @@ def distributed_world() -> tuple[int, int] | None:
 
 
 def gather_batch_sizes(size: int, device: torch.device) -> list[int]:
-    """Every rank's ``size`` (one small all-gather), so ranks may hold different batch sizes."""
+    """Every rank's ``size`` (one small all-gather), so ranks may hold different batch sizes.
+
+    The sizes are needed on the host to pad and split the rows, so this costs one device
+    synchronisation per call (once per loss call, not per layer)."""
     local = torch.tensor([size], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, local)
-    return [int(s.item()) for s in sizes]
+    return torch.cat(sizes).tolist()
 
 
 class _GatherRows(torch.autograd.Function):

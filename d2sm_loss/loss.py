@@ -71,7 +71,9 @@ class FeatureQueue(nn.Module):
     def push(self, restored: Tensor, clean: Tensor) -> None:
         """Write the newest rows, overwriting the oldest once full."""
         if self.feature_size is None:
-            self.restored = restored.new_zeros(self.size, restored.shape[1], dtype=torch.float32)
+            # float32 rows (float64 after loss.double()), whatever the features' dtype.
+            dtype = self.restored.dtype if self.restored.dtype == torch.float64 else torch.float32
+            self.restored = restored.new_zeros(self.size, restored.shape[1], dtype=dtype)
             self.clean = torch.zeros_like(self.restored)
         take = min(restored.shape[0], self.size)
         index = (self.position + torch.arange(take, device=self.restored.device)) % self.size
@@ -89,11 +91,15 @@ class FeatureQueue(nn.Module):
         self.position, self.count = int(state["position"]), int(state["count"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        # The buffers' shape depends on the feature size: take the saved one.
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, Mapping) and extra.get("size") != self.size:
+            raise ValueError(f"state_dict: the saved queue holds {extra.get('size')} rows, this loss's queue_size is {self.size}")
+        # The buffers' shape depends on the feature size: take the saved one (in this
+        # queue's dtype, which follows .double()).
         for name in ("restored", "clean"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                setattr(self, name, torch.zeros(saved.shape, dtype=saved.dtype, device=getattr(self, name).device))
+            saved, current = state_dict.get(prefix + name), getattr(self, name)
+            if saved is not None and saved.shape != current.shape:
+                setattr(self, name, torch.zeros(saved.shape, dtype=current.dtype, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -117,8 +123,11 @@ class SemanticStatisticsLoss(nn.Module):
             (a tensor, or a list or dict of them).
         layers: which feature maps: timm feature indices (``int``, negative from the end)
             or module / node names (``str``, e.g. ``"features.34"``, conv5_4 of VGG19
-            before its ReLU); None takes the deepest feature tap.
-        layer_weights: one weight per layer (default 1 each); the loss is the weighted sum.
+            before its ReLU); None takes the deepest feature tap. For your own module:
+            indices into its returned list or keys of its returned dict; None takes every
+            map it returns, which must then number ``len(layer_weights)`` (default one).
+        layer_weights: one non-negative weight per layer (default 1 each); the loss is the
+            weighted sum.
         pretrained: load timm's pretrained weights (needs network access once).
         weights: a local checkpoint to load instead (path or state dict): timm's format, or
             a torchvision-style file whose tensors match the timm model's by shape in order.
@@ -133,19 +142,21 @@ class SemanticStatisticsLoss(nn.Module):
         include_self: whether each sample's distribution includes itself.
         queue_size: image and patch granularity: how many rows of earlier batches (restored
             and clean, detached) join the current batch's rows. 0 disables the queue. The
-            queue is updated in training mode only and is saved in the state dict.
+            queue is updated only by calls in training mode with gradients enabled (not
+            under ``torch.no_grad()`` or ``torch.inference_mode()``, e.g. validation), and
+            is saved in the state dict.
         input_range: the range of the input images' values, e.g. ``(0, 1)`` or
             ``(0, 255)`` or ``(-1, 1)``; it is mapped to [0, 1], then normalised by
             ``mean``/``std``. Values outside give one warning (per loss object).
         reduction: ``"mean"`` over the rows of each layer's groups, or ``"sum"``.
         implementation: ``"auto"``, ``"triton"``, ``"torch"`` (streaming) or ``"reference"``;
             see :func:`~d2sm_loss.functional.similarity_kl`. :attr:`last_implementation`
-            says what ran.
+            says what ran (per layer, joined by commas, if the layers used different ones).
         patch_size, patch_stride: the crops of ``"patch"`` granularity (stride defaults to
             the size: no overlap). Image sides must be at least ``patch_size``.
         pool_size: adaptive-average-pool every feature map to this grid (int or (h, w))
             before the statistics; makes the vector size independent of the image size
-            and caps the number of locations.
+            and caps the number of locations. Needs (B, C, h, w) maps.
         mean, std: override the backbone's input normalisation (per RGB channel, applied to
             [0, 1] images); default: the model's pretrained config.
         check_inputs: raise a ``ValueError`` on NaN or inf inputs and warn on values outside
@@ -212,6 +223,12 @@ class SemanticStatisticsLoss(nn.Module):
             )
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        for label, flag in (
+            ("include_self", include_self), ("pretrained", pretrained), ("check_inputs", check_inputs),
+            ("distributed", distributed), ("ddp_gradient_scale", ddp_gradient_scale),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{label} must be a bool, got {flag!r}")
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
             raise ValueError(f"queue_size must be a non-negative int, got {queue_size!r}")
         if queue_size and granularity == "location":
@@ -232,13 +249,28 @@ class SemanticStatisticsLoss(nn.Module):
         self.__dict__["_extractor"] = FeatureExtractor(
             backbone, layers, pretrained=pretrained, weights=weights, mean=mean, std=std, backbone_kwargs=backbone_kwargs
         )
-        count = len(self._extractor.layers) if self._extractor.layers else 1
+        if layer_weights is not None:
+            if isinstance(layer_weights, (str, bytes)) or not isinstance(layer_weights, Sequence):
+                raise TypeError(f"layer_weights must be a sequence of numbers (one per layer), got {layer_weights!r}")
+            if not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                for w in layer_weights
+            ):
+                raise ValueError(f"layer_weights must be finite non-negative numbers, got {list(layer_weights)}")
+        if self._extractor.layers:
+            count = len(self._extractor.layers)
+        else:  # a user module with layers=None: every map it returns, one per weight
+            count = len(layer_weights) if layer_weights is not None else 1
         if layer_weights is None:
             layer_weights = [1.0] * count
-        layer_weights = [float(w) for w in layer_weights]
         if len(layer_weights) != count:
             raise ValueError(f"layer_weights must have one weight per layer ({count}), got {len(layer_weights)}")
-        self.layer_weights = layer_weights
+        self.layer_weights = [float(w) for w in layer_weights]
+        if granularity == "patch" and patch_size < self._extractor.min_size():
+            raise ValueError(
+                f"patch_size={patch_size} is too small for layers {self.layers} of {self._extractor.name!r}: "
+                f"each crop side must be at least {self._extractor.min_size()}"
+            )
         self.granularity = granularity
         self.kernel = kernel
         self.temperature = float(temperature)
@@ -337,11 +369,6 @@ class SemanticStatisticsLoss(nn.Module):
                 f"backbone {self._extractor.name!r} takes images of exactly {required[0]}x{required[1]}; set "
                 f"patch_size={required[0]} or pass backbone_kwargs={{'dynamic_img_size': True}}"
             )
-        if self.granularity == "image" and restored.shape[0] == 1 and not self.queue_size and distributed_world() is None:
-            raise ValueError(
-                "granularity='image' compares the images of a batch with each other: a batch of one with "
-                "queue_size=0 has nothing to compare. Use a larger batch, queue_size > 0, or 'location' granularity."
-            )
         if self.check_inputs:
             self._check_values(restored, clean)
 
@@ -387,9 +414,12 @@ class SemanticStatisticsLoss(nn.Module):
     def _samples(self, features: Tensor) -> Tensor:
         """Vectors (rows) of a feature map: (B, D) for image/patch, (B, L, C) for location."""
         if self.pool_size is not None:
-            if features.dim() == 4:
-                features = F.adaptive_avg_pool2d(features, self.pool_size)
-            # Token sequences (B, L, C) have no grid to pool.
+            if features.dim() != 4:
+                raise ValueError(
+                    f"pool_size needs (B, C, h, w) feature maps, but the backbone returned shape "
+                    f"{tuple(features.shape)}; set pool_size=None"
+                )
+            features = F.adaptive_avg_pool2d(features, self.pool_size)
         if self.granularity == "location":
             return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
         return features.flatten(1)
@@ -400,11 +430,23 @@ class SemanticStatisticsLoss(nn.Module):
         restored_maps = self._extractor(self._prepare(restored))
         with torch.no_grad():
             clean_maps = self._extractor(self._prepare(clean))
+        if len(restored_maps) != len(self.layer_weights):
+            raise ValueError(
+                f"the backbone returned {len(restored_maps)} feature maps but the loss has "
+                f"{len(self.layer_weights)} layer weight(s): choose maps with layers=[...] or pass one "
+                "layer weight per returned map"
+            )
 
         world = distributed_world() if self.distributed and self.granularity != "location" else None
+        # The queues take this call's rows only in training with gradients enabled: a
+        # validation or monitoring call (no_grad / inference_mode) leaves them untouched.
+        fills_queue = self.queues is not None and self.training and torch.is_grad_enabled()
         sizes = None
         total: Tensor | None = None
+        implementations: list[str] = []
+        pushes: list[tuple[FeatureQueue, Tensor, Tensor]] = []
         for index, (weight, x_map, y_map) in enumerate(zip(self.layer_weights, restored_maps, clean_maps)):
+            layer = str(self.layers[index] if self.layers else index)
             x, y = self._samples(x_map), self._samples(y_map)
             if world is not None:
                 if sizes is None:
@@ -412,33 +454,60 @@ class SemanticStatisticsLoss(nn.Module):
                 scale = world[1] if self.ddp_gradient_scale else 1.0
                 x = gather_rows(x, sizes, grad_scale=scale)
                 y = gather_rows(y, sizes)
+            x_all, y_all = x, y
             if self.queues is not None:
                 queue = self.queues[index]
-                queue.check_feature_size(x.shape[1], str(self.layers[index] if self.layers else index))
+                queue.check_feature_size(x.shape[1], layer)
                 past_x, past_y = queue.rows()
                 if past_x.shape[0]:
                     dtype = torch.promote_types(x.dtype, past_x.dtype)  # float16 features + float32 queue
                     x_all = torch.cat([x.to(dtype), past_x.to(x.device, dtype)])
                     y_all = torch.cat([y.to(dtype), past_y.to(y.device, dtype)])
-                else:
-                    x_all, y_all = x, y
+                if fills_queue:
+                    pushes.append((queue, x, y))
+            if x_all.shape[-2] < 2:
+                if not fills_queue:
+                    raise ValueError(self._nothing_to_compare(layer))
+                # A batch of one whose queue is still empty: nothing to compare yet, and the
+                # queue fills with this call's rows. Zero, attached to the graph.
+                value = x_all.sum() * 0.0
             else:
-                x_all, y_all = x, y
-            value = similarity_kl(
-                x_all,
-                y_all,
-                kernel=self.kernel,
-                temperature=self.temperature,
-                include_self=self.include_self,
-                reduction=self.reduction,
-                implementation=self.implementation,
-            )
-            if self.queues is not None and self.training:
-                self.queues[index].push(x, y)
+                value = similarity_kl(
+                    x_all,
+                    y_all,
+                    kernel=self.kernel,
+                    temperature=self.temperature,
+                    include_self=self.include_self,
+                    reduction=self.reduction,
+                    implementation=self.implementation,
+                )
+                implementations.append(resolve_implementation(self.implementation, x_all.device, x_all.shape[-1]))
             total = weight * value if total is None else total + weight * value
-        self.last_implementation = resolve_implementation(self.implementation, restored.device)
+        for queue, x, y in pushes:  # after every layer succeeded: all queues or none advance
+            queue.push(x, y)
+        if implementations:
+            self.last_implementation = ",".join(implementations) if len(set(implementations)) > 1 else implementations[0]
         assert total is not None
         return total
+
+    def _nothing_to_compare(self, layer: str) -> str:
+        if self.granularity == "location":
+            return (
+                f"granularity='location': the feature map of layer {layer!r} has a single location, so there "
+                "is nothing to compare. Use larger images, a shallower layer, or pool_size of at least 2."
+            )
+        what = "image" if self.granularity == "image" else "crop"
+        queue = (
+            "queue_size=0" if self.queues is None
+            else "the memory queue is empty and is only filled by training-mode calls with gradients enabled"
+        )
+        return (
+            f"granularity={self.granularity!r} compares the {what}s of a batch with each other, but this call "
+            f"has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, {queue}): "
+            "nothing to compare. Use a larger batch"
+            + (", queue_size > 0," if self.queues is None else "")
+            + " or 'location' granularity."
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -242,6 +242,98 @@ def test_feature_size_change_is_a_clear_error_and_reset_recovers():
     assert torch.isfinite(criterion(*images(size=64)))
 
 
+def test_queue_is_not_updated_without_gradients_and_training_continues_after_inference_mode():
+    criterion = conv_loss(queue_size=6, pool_size=2)
+    with torch.no_grad():
+        criterion(*images())
+    with torch.inference_mode():
+        criterion(*images(seed=1))
+    assert criterion.queues[0].count == 0  # validation-style calls leave the queue alone
+    restored, clean = images(seed=2)
+    criterion(restored, clean).backward()
+    assert criterion.queues[0].count == 3 and restored.grad.abs().sum() > 0
+
+
+def test_queues_advance_only_when_every_layer_succeeds():
+    criterion = make("resnet10t", layers=[1, 2], queue_size=4, pool_size=1)
+    criterion(*images())
+    assert [q.count for q in criterion.queues] == [3, 3]
+    criterion.queues[1].restored = criterion.queues[1].restored[:, :5]  # the second layer's check fails
+    criterion.queues[1].clean = criterion.queues[1].clean[:, :5]
+    with pytest.raises(ValueError, match="image or patch size changed"):
+        criterion(*images(seed=1))
+    assert [q.count for q in criterion.queues] == [3, 3]
+
+
+def test_batch_of_one_with_an_empty_queue_is_an_error_unless_it_fills_the_queue():
+    criterion = conv_loss(queue_size=4, pool_size=2)
+    with pytest.raises(ValueError, match="single image .*queue is empty"):
+        criterion.eval()(*images(batch=1))
+    with pytest.raises(ValueError, match="single image .*queue is empty"), torch.no_grad():
+        criterion.train()(*images(batch=1))
+    patches = make("resnet10t", granularity="patch", patch_size=32)
+    with pytest.raises(ValueError, match="single crop"):
+        patches(*images(batch=1, size=40))  # one 32 x 32 crop
+    location = make("resnet10t", granularity="location")
+    with pytest.raises(ValueError, match="single location"):
+        location(*images(size=32))  # the /32 tap of a 32 x 32 image is 1 x 1
+
+
+def test_user_module_returning_several_maps_uses_each_with_its_weight():
+    class TwoMaps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, stride=2)
+            self.b = nn.Conv2d(8, 16, 3, stride=2)
+
+        def forward(self, x):
+            a = torch.tanh(self.a(x))
+            return [a, torch.tanh(self.b(a))]
+
+    torch.manual_seed(0)
+    net = TwoMaps()
+    restored, clean = images()
+    first = SemanticStatisticsLoss(net, layers=[0], kernel="softmax")(restored, clean)
+    second = SemanticStatisticsLoss(net, layers=[1], kernel="softmax")(restored, clean)
+    both = SemanticStatisticsLoss(net, layer_weights=[0.5, 2.0], kernel="softmax")(restored, clean)
+    assert first > 1e-5 and second > 1e-5
+    torch.testing.assert_close(both, 0.5 * first + 2.0 * second)
+    with pytest.raises(ValueError, match="returned 2 feature maps but the loss has 1 layer weight"):
+        SemanticStatisticsLoss(net)(restored, clean)
+
+
+def test_vit_tokens_by_name_lie_on_the_patch_grid_without_class_token():
+    by_name = make("vit_tiny_patch16_224", layers=["blocks.5"], granularity="location")
+    by_index = make("vit_tiny_patch16_224", layers=[5], granularity="location")
+    x = torch.rand(2, 3, 224, 224)
+    named, indexed = by_name._extractor(x)[0], by_index._extractor(x)[0]
+    assert named.shape == (2, 192, 14, 14)  # 196 patch tokens, the class token dropped
+    torch.testing.assert_close(named, indexed)
+    pooled = make("vit_tiny_patch16_224", layers=["blocks.5"], pool_size=2)
+    assert pooled._samples(pooled._extractor(x)[0]).shape == (2, 192 * 4)
+
+
+@pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")
+def test_channels_last_timm_maps_are_permuted():
+    timm = import_timm()
+    extractor = make("swin_tiny_patch4_window7_224", layers=["layers.2"])._extractor
+    (features,) = extractor(torch.rand(1, 3, 224, 224))
+    assert features.shape == (1, 384, 14, 14) and extractor.reductions == [16]
+    info = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True).feature_info
+    (deepest,) = make("swin_tiny_patch4_window7_224")._extractor(torch.rand(1, 3, 224, 224))
+    assert deepest.shape == (1, info.channels()[-1], 7, 7)
+
+
+def test_queue_follows_double_and_a_failed_load_changes_nothing():
+    criterion = conv_loss(queue_size=4, pool_size=2).double()
+    criterion(*(t.double() for t in images()))
+    assert criterion.queues[0].restored.dtype == torch.float64
+    small = conv_loss(queue_size=2, pool_size=2)
+    with pytest.raises(ValueError, match="queue_size"):
+        small.load_state_dict(criterion.state_dict())
+    assert small.queues[0].feature_size is None and small.queues[0].count == 0
+
+
 def test_batch_of_one_with_queue_works_after_first_step():
     criterion = conv_loss(queue_size=4, pool_size=2, kernel="softmax")
     first = criterion(*images(batch=1, seed=0))
@@ -359,10 +451,28 @@ def test_patch_larger_than_image_and_vit_size():
         ({"layers": []}, "at least one layer"),
         ({"layers": [1], "layer_weights": [1.0, 2.0]}, "one weight per layer"),
         ({"mean": (0.5, 0.5)}, "mean must have 3 values"),
+        ({"layers": [1], "layer_weights": [-1.0]}, "non-negative"),
+        ({"layers": [1], "layer_weights": [float("nan")]}, "finite"),
+        ({"granularity": "patch", "patch_size": 16}, "patch_size=16 is too small"),  # resnet10t's deepest tap is /32
+        ({"temperature": float("inf")}, "temperature"),
     ],
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        make("resnet10t", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"layer_weights": 2.0}, "layer_weights must be a sequence"),
+        ({"include_self": 1}, "include_self must be a bool"),
+        ({"check_inputs": "yes"}, "check_inputs must be a bool"),
+        ({"distributed": None}, "distributed must be a bool"),
+    ],
+)
+def test_bad_option_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
         make("resnet10t", **kwargs)
 
 
