@@ -31,7 +31,7 @@ IMPLEMENTATIONS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 
 #: ``implementation="auto"`` uses the Triton kernels only for rows of at most this many
-#: features. Their backward keeps at most 128 gradient columns of a row block in registers
+#: features. Beyond it their backward keeps 128 gradient columns of a row block in registers
 #: and recomputes the similarity tiles for every further 128 (``(4 ceil(D / 128) + 2) N^2 D``
 #: FLOPs against ``8 N^2 D`` for the streaming path's matrix products), and at the image
 #: granularity of the paper (N of a few hundred rows of D = 100352 features) the N x N

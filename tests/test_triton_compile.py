@@ -36,15 +36,15 @@ SCRIPT = textwrap.dedent(
         dtype = getattr(torch, dtype)
         cfg = tk.choose_block_config(d, dtype, interpreted=False)
         const = dict(TEMPERATURE=0.1, ETA=COSINE_ETA, COSINE=cosine, INCLUDE_SELF=include_self,
-                     DOT_NATIVE=tk._dot_native(dtype), PRECISION=tk._dot_precision(dtype),
-                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+                     DOT_NATIVE=tk._dot_native(dtype), PRECISION=tk._dot_precision(dtype), BLOCK_K=cfg.block_k)
+        bwd_m, bwd_n = cfg.backward_tiles
         p = pointer[dtype]
         kernels = {
             "forward": (tk._similarity_kl_fwd_kernel, ["X", "Y"], ["RINV_X", "RINV_Y", "KL", "LOG_ZX", "LOG_ZY"],
-                        dict(const, NEG_INIT=tk._NEG_INIT)),
+                        dict(const, NEG_INIT=tk._NEG_INIT, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)),
             "backward": (tk._similarity_kl_bwd_kernel, ["X", "Y"],
                          ["RINV_X", "RINV_Y", "PROJECT_X", "LOG_ZX", "LOG_ZY", "GRAD", "DX"],
-                         dict(const, BLOCK_DOUT=cfg.block_dout)),
+                         dict(const, BLOCK_DOUT=cfg.block_dout, BLOCK_M=bwd_m, BLOCK_N=bwd_n)),
         }
         for name, (fn, inputs, stats, constexprs) in kernels.items():
             signature = {k: p for k in inputs}
@@ -65,11 +65,16 @@ SCRIPT = textwrap.dedent(
     """
 )
 
+# One case per backward tile configuration (D <= 128, <= 256, <= 512, chunked), over the
+# dtypes and kernel variants.
 CASES = [
     ("float32", 64, True, True),
     ("float32", 256, False, False),
     ("bfloat16", 64, False, True),
     ("float16", 200, True, False),
+    ("float32", 384, True, True),
+    ("float16", 512, True, False),
+    ("float32", 1000, False, True),
 ]
 
 
@@ -88,6 +93,8 @@ def test_kernels_compile_for_sm90_with_little_register_spilling():
         assert row["cubin"], row
         assert row["shared"] <= 227 * 1024, row  # Hopper's shared memory per block
         # Spills were 2.5 KB (forward) and 5.4 KB (backward) per thread with the first block
-        # sizes; the chosen ones spill nothing in the forward and little in the backward.
-        limit = 0 if row["kernel"] == "forward" else 256
+        # sizes, 24 KB for a 64 x 64-tile backward holding 256 gradient columns; the chosen
+        # ones spill nothing in the forward and at most 488 bytes in the backward (float16,
+        # 512 columns).
+        limit = 0 if row["kernel"] == "forward" else 512
         assert row["spill"] <= limit, row

@@ -212,3 +212,16 @@ def test_cosine_below_minus_one_from_rounding_stays_finite(monkeypatch) -> None:
     out = similarity_kl_triton(x, y, kernel="cosine", temperature=1.0, include_self=True)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("d", [100, 200, 300, 700])  # each backward tile configuration of a GPU
+@pytest.mark.parametrize("kernel,include_self", [("cosine", False), ("softmax", True)])
+def test_gpu_block_configurations(monkeypatch, d: int, kernel: str, include_self: bool) -> None:
+    """The tile sizes a GPU launch uses (64-row forward tiles, 32- or 64-row backward tiles
+    owning up to 512 gradient columns, or 128-column chunks beyond), run with float64
+    inputs so that any masking or chunking error shows at float64 precision. N = 70 is no
+    multiple of any tile."""
+    gpu_config = triton_kernels.choose_block_config(d, torch.float32, interpreted=False)
+    monkeypatch.setattr(triton_kernels, "choose_block_config", lambda *args, **kwargs: gpu_config)
+    x, y = _features(1, 70, d, torch.float64, seed=d)
+    _compare_float64(x, y, kernel, include_self)

@@ -36,7 +36,8 @@ FLOP count per group (one multiply-add = 2 FLOPs, elementwise work excluded):
     backward ``(4 n_chunks + 2) N^2 D`` with ``n_chunks = ceil(D / BLOCK_DOUT)``: each D
     chunk recomputes the two similarity tiles (``4 N^2 D``) and adds ``H Xh`` for its
     columns (``2 N^2 D`` over all chunks). With the GPU heuristic below ``n_chunks = 1`` for
-    ``D <= 128``, i.e. ``6 N^2 D``, and ``10 N^2 D`` at ``D = 256``. Memory: O(N D) inputs and gradient, O(N) statistics.
+    ``D <= 512``, i.e. ``6 N^2 D``, and ``ceil(D / 128)`` chunks above. Memory: O(N D)
+    inputs and gradient, O(N) statistics.
 
 Precision: features are loaded in their own dtype and every accumulation (dot products,
 log-sum-exp, KL sums) is float32, or float64 for float64 inputs (so ``gradcheck`` works).
@@ -356,24 +357,40 @@ def _interpreted() -> bool:
 class BlockConfig:
     """Tile sizes and launch options (every ``tl.dot`` operand dimension is >= 16)."""
 
-    block_m: int  # rows owned by a program
-    block_n: int  # columns per streamed tile
+    block_m: int  # rows owned by a forward program
+    block_n: int  # columns per streamed tile (forward)
     block_k: int  # D chunk of the similarity products
     block_dout: int  # D columns of the gradient owned by a backward program
+    bwd_block_m: int | None = None  # rows owned by a backward program (None: block_m)
+    bwd_block_n: int | None = None  # columns per streamed tile in the backward (None: block_n)
     num_warps: int = 4
     num_stages: int = 2
+
+    @property
+    def backward_tiles(self) -> tuple[int, int]:
+        return self.bwd_block_m or self.block_m, self.bwd_block_n or self.block_n
 
 
 def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = None) -> BlockConfig:
     """Block sizes from a simple heuristic on the feature size ``d``.
 
     Under the interpreter small tiles keep the numpy work cheap (and still leave several
-    tiles per dimension in the tests). On a GPU: 64 x 64 row/column tiles, D chunks of 16
-    for the similarity products, up to 128 gradient columns per backward program (one
-    chunk, hence no recomputation, for D <= 128), 8 warps. Chosen so that the kernels
-    compile for sm_90 without register spills in the forward and with at most 136 bytes in
-    the backward (ptxas -v on an ahead-of-time compile; 64 x 64 x 64 tiles on 4 warps spilled
-    2.5 KB and 5.4 KB in float32); not yet timed on hardware. float64 uses 32 x 32 tiles.
+    tiles per dimension in the tests). On a GPU, 8 warps, D chunks of 16 for the similarity
+    products, and:
+
+    - forward: 64 x 64 row/column tiles;
+    - backward: one program owns all gradient columns of its rows up to D = 512, so the
+      similarity tiles are computed once (``6 N^2 D`` FLOPs): 64 x 64 tiles and
+      ``next_pow2(D)`` columns for D <= 128, 32 x 64 tiles and 256 columns for D <= 256,
+      32 x 32 tiles and 512 columns for D <= 512. Wider rows use 64 x 64 tiles and chunks of
+      128 columns, each recomputing the tiles.
+
+    Chosen from ptxas's register report on ahead-of-time compiles for sm_90 (``ptxas -v``;
+    ``tests/test_triton_compile.py``): no spills in the forward; in the backward none for
+    float32 and bfloat16, at most 32 bytes (D <= 256) and 488 bytes (float16 at D <= 512)
+    per thread, where 64 x 64 tiles with 256 columns spilled 24 KB and the former
+    64 x 64 x 128-column choice, two chunks at D = 256, 232 bytes. Not yet timed on
+    hardware. float64 uses 32 x 32 tiles.
     """
     if interpreted is None:
         interpreted = _interpreted()
@@ -382,7 +399,17 @@ def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = N
         return BlockConfig(block_m=16, block_n=16, block_k=min(d_pow2, 32), block_dout=min(d_pow2, 32))
     if dtype == torch.float64:
         return BlockConfig(block_m=32, block_n=32, block_k=min(d_pow2, 32), block_dout=min(d_pow2, 64))
-    return BlockConfig(block_m=64, block_n=64, block_k=16, block_dout=min(d_pow2, 128), num_warps=8, num_stages=2)
+    if d_pow2 <= 128:
+        bwd_m, bwd_n, dout = 64, 64, d_pow2
+    elif d_pow2 <= 256:
+        bwd_m, bwd_n, dout = 32, 64, 256
+    elif d_pow2 <= 512:
+        bwd_m, bwd_n, dout = 32, 32, 512
+    else:
+        bwd_m, bwd_n, dout = 64, 64, 128
+    return BlockConfig(
+        block_m=64, block_n=64, block_k=16, block_dout=dout, bwd_block_m=bwd_m, bwd_block_n=bwd_n, num_warps=8
+    )
 
 
 def tf32_allowed() -> bool:
@@ -500,7 +527,8 @@ class _SimilarityKLFunction(torch.autograd.Function):
         config = choose_block_config(d, x.dtype)
         grad = grad_kl.to(acc_dtype).contiguous()
         dx = torch.empty((groups, n, d), dtype=acc_dtype, device=x.device)
-        grid = (triton.cdiv(n, config.block_m), groups, triton.cdiv(d, config.block_dout))
+        block_m, block_n = config.backward_tiles
+        grid = (triton.cdiv(n, block_m), groups, triton.cdiv(d, config.block_dout))
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _similarity_kl_bwd_kernel[grid](
                 x,
@@ -520,8 +548,8 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 INCLUDE_SELF=ctx.include_self,
                 DOT_NATIVE=_dot_native(x.dtype),
                 PRECISION=ctx.precision,
-                BLOCK_M=config.block_m,
-                BLOCK_N=config.block_n,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
                 BLOCK_K=config.block_k,
                 BLOCK_DOUT=config.block_dout,
                 num_warps=config.num_warps,
