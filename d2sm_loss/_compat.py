@@ -12,6 +12,9 @@ that the pure-Python parts of torchvision (models, transforms, feature extractio
 everything timm uses) import and run. The compiled operators themselves (``nms``,
 ``roi_align``, ...) stay unusable; calling one raises a clear error. On a normal
 install, where torchvision's extension loads, nothing is changed.
+
+:func:`tf32_allowed` reads PyTorch's TF32 switch for float32 matrix products through
+whichever of its two APIs the installed version has.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["import_timm"]
+__all__ = ["import_timm", "tf32_allowed"]
 
 # Schemas of torchvision's compiled operators, as its C++ extension declares them.
 _TORCHVISION_OP_SCHEMAS = (
@@ -110,3 +113,20 @@ def import_timm() -> ModuleType:
 
     return timm
 
+
+def tf32_allowed() -> bool:
+    """Whether PyTorch currently lets float32 CUDA matrix products use TF32.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (the API since torch 2.9, which
+    also reflects the legacy ``allow_tf32`` / ``set_float32_matmul_precision`` switches;
+    ``"none"`` inherits ``torch.backends.fp32_precision``), falling back to
+    ``torch.get_float32_matmul_precision()`` on older versions. The legacy getter raises
+    once the new API has been used, so it is not read first.
+    """
+    try:
+        precision = torch.backends.cuda.matmul.fp32_precision
+        if precision == "none":
+            precision = torch.backends.fp32_precision
+        return precision == "tf32"
+    except (AttributeError, RuntimeError):
+        return torch.get_float32_matmul_precision() != "highest"

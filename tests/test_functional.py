@@ -218,7 +218,7 @@ def test_auto_keeps_wide_rows_on_the_streaming_path(monkeypatch):
 
 
 def test_tf32_setting_is_read_through_either_api():
-    from d2sm_loss.ops.triton_kernels import tf32_allowed
+    from d2sm_loss._compat import tf32_allowed
 
     before = torch.backends.cuda.matmul.fp32_precision
     try:

@@ -123,17 +123,22 @@ def test_layers_by_index_and_by_name_and_weighted_sum():
     torch.testing.assert_close(weighted(restored, clean), 0.25 * a + 2.0 * b, rtol=1e-6, atol=0)
 
 
+class TwoMaps(nn.Module):
+    """A user backbone returning two feature maps, as a dict ("a", "b") or a list."""
+
+    def __init__(self, as_dict=True):
+        super().__init__()
+        self.as_dict = as_dict
+        self.a = nn.Conv2d(3, 8, 3, stride=2)
+        self.b = nn.Conv2d(8, 16, 3, stride=2)
+
+    def forward(self, x):
+        a = torch.tanh(self.a(x))
+        b = torch.tanh(self.b(a))
+        return {"a": a, "b": b} if self.as_dict else [a, b]
+
+
 def test_user_module_backbone():
-    class TwoMaps(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 3, stride=2)
-            self.b = nn.Conv2d(8, 16, 3, stride=2)
-
-        def forward(self, x):
-            a = torch.relu(self.a(x))
-            return {"a": a, "b": self.b(a)}
-
     net = TwoMaps()
     criterion = SemanticStatisticsLoss(net, layers=["b"], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     restored, clean = images()
@@ -280,18 +285,8 @@ def test_batch_of_one_with_an_empty_queue_is_an_error_unless_it_fills_the_queue(
 
 
 def test_user_module_returning_several_maps_uses_each_with_its_weight():
-    class TwoMaps(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 3, stride=2)
-            self.b = nn.Conv2d(8, 16, 3, stride=2)
-
-        def forward(self, x):
-            a = torch.tanh(self.a(x))
-            return [a, torch.tanh(self.b(a))]
-
     torch.manual_seed(0)
-    net = TwoMaps()
+    net = TwoMaps(as_dict=False)
     restored, clean = images()
     first = SemanticStatisticsLoss(net, layers=[0], kernel="softmax")(restored, clean)
     second = SemanticStatisticsLoss(net, layers=[1], kernel="softmax")(restored, clean)

@@ -69,9 +69,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._compat import tf32_allowed
 from .reference import COSINE_ETA, KERNELS, NORM_EPS
 
-__all__ = ["similarity_kl_triton", "BlockConfig", "choose_block_config", "tf32_allowed"]
+__all__ = ["similarity_kl_triton", "BlockConfig", "choose_block_config"]
 
 # A finite "minus infinity" to start the running maxima: exp(_NEG_INIT - m) is 0 for every
 # real m, and exp(_NEG_INIT - _NEG_INIT) is 1 instead of NaN.
@@ -412,30 +413,12 @@ def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = N
     )
 
 
-def tf32_allowed() -> bool:
-    """Whether PyTorch currently lets float32 CUDA matrix products use TF32.
-
-    Reads ``torch.backends.cuda.matmul.fp32_precision`` (the API since torch 2.9, which
-    also reflects the legacy ``allow_tf32`` / ``set_float32_matmul_precision`` switches;
-    ``"none"`` inherits ``torch.backends.fp32_precision``), falling back to
-    ``torch.get_float32_matmul_precision()`` on older versions. The legacy getter raises
-    once the new API has been used, so it is not read first.
-    """
-    try:
-        precision = torch.backends.cuda.matmul.fp32_precision
-        if precision == "none":
-            precision = torch.backends.fp32_precision
-        return precision == "tf32"
-    except (AttributeError, RuntimeError):
-        return torch.get_float32_matmul_precision() != "highest"
-
-
 def _dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
     """``tl.dot``'s ``input_precision`` for the tile products.
 
     ``"ieee"`` (exact float32 products) unless the inputs are float32 and TF32 is allowed:
     ``allow_tf32=None`` follows PyTorch's own switch for float32 CUDA matrix products
-    (:func:`tf32_allowed`, e.g. after ``torch.backends.cuda.matmul.allow_tf32 = True``), the same trade the plain PyTorch
+    (:func:`d2sm_loss._compat.tf32_allowed`, e.g. after ``torch.backends.cuda.matmul.allow_tf32 = True``), the same trade the plain PyTorch
     path makes under that setting. The interpreter always computes in IEEE.
     """
     if allow_tf32 is None:
@@ -581,7 +564,7 @@ def similarity_kl_triton(
             compile-time constant, so each new value compiles the kernels once).
         include_self: whether ``j = i`` takes part in each row's distribution.
         allow_tf32: float32 tile products in TF32 (``True``) or exact (``False``); None
-            follows PyTorch's setting (:func:`tf32_allowed`). Ignored for other dtypes.
+            follows PyTorch's setting (:func:`d2sm_loss._compat.tf32_allowed`). Ignored for other dtypes.
 
     Returns:
         Shape (G, N), float32 (float64 for float64 inputs); equal to
