@@ -1,8 +1,12 @@
 """Helpers shared by the benchmarks in this folder.
 
-- :func:`metadata`: what every CSV row records about the run (device, versions, commit, date).
+- :func:`metadata`: what every CSV row records about the run (device, versions, commit, date;
+  the commit from ``$D2SM_COMMIT`` / ``--commit`` when the copy has no ``.git``).
 - :func:`append_rows` / :func:`read_rows` / :func:`latest_rows`: the results CSVs, which
-  grow by one block of rows per run and are never rewritten except to add a column.
+  grow row by row (a killed run keeps what it measured) and are never rewritten except
+  to add a column; :func:`merge_csv` (``python benchmarks/_common.py merge TARGET SOURCE...``)
+  appends the rows of CSVs returned from another machine.
+- :func:`error_status`: ``"error: <Type>: <first line>"`` for a failed point.
 - :func:`time_cpu` / :func:`time_cuda`: per-repeat wall times with fresh inputs each repeat.
 - :class:`RssPeak` and :func:`run_in_child`: honest peak-memory figures on the CPU (a
   forked child per point, the kernel's resident-set high-water mark reset right before
@@ -72,8 +76,18 @@ def device_name(device: torch.device) -> str:
     return f"CPU {cpu_model()} ({os.cpu_count()} logical cores)"
 
 
+#: Environment variable that overrides :func:`git_commit` (a copy of the repository
+#: without ``.git``, e.g. on a GPU machine: ``D2SM_COMMIT=$(git rev-parse --short HEAD)``
+#: where the copy was made). The scripts' ``--commit`` option sets it.
+COMMIT_ENV = "D2SM_COMMIT"
+
+
 def git_commit() -> str:
-    """``git rev-parse --short HEAD``, with ``+dirty`` when tracked files differ from it."""
+    """The commit the rows belong to: ``$D2SM_COMMIT`` when set, else ``git rev-parse
+    --short HEAD`` with ``+dirty`` when tracked files differ from it, else ``unknown``."""
+    override = os.environ.get(COMMIT_ENV, "").strip()
+    if override:
+        return override
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
@@ -93,6 +107,23 @@ def triton_version() -> str:
         return triton.__version__
     except Exception:  # not installed, or broken
         return "none"
+
+
+def add_commit_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--commit", default=None,
+                        help=f"commit recorded in every row (default: ${COMMIT_ENV}, else git rev-parse in this "
+                             "checkout, else 'unknown'); for a copy without .git")
+
+
+def apply_commit_argument(commit: str | None) -> None:
+    if commit:
+        os.environ[COMMIT_ENV] = commit
+
+
+def error_status(error: BaseException) -> str:
+    """``"error: <Type>: <first line of the message>"`` (a CSV status)."""
+    text = str(error).strip().splitlines()
+    return f"error: {type(error).__name__}: {text[0] if text else ''}".rstrip(": ").rstrip()
 
 
 def metadata(device: torch.device) -> dict[str, Any]:
@@ -124,32 +155,47 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def append_rows(path: Path, rows: Sequence[dict[str, Any]], fieldnames: Sequence[str]) -> None:
-    """Append ``rows`` to the CSV at ``path`` (header written when the file is new).
+    """Append ``rows`` to the CSV at ``path`` (header written when the file is new or empty).
 
-    If the file exists with other columns, it is rewritten once with the union of the
-    columns (old rows keep their values, new columns are empty for them).
+    If the file exists, rows are written in its own column order. Only when
+    ``fieldnames`` holds columns the file lacks is it rewritten once, atomically (a
+    temporary file renamed over it), with the union of the columns (old rows keep their
+    values, new columns are empty for them); later appends then find every column and
+    just append. Cheap enough to call once per row, so a killed run keeps what it measured.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old_rows = read_rows(path)
     old_fields: list[str] = []
     if path.exists() and path.stat().st_size > 0:
         with open(path, newline="") as f:
             old_fields = next(csv.reader(f), [])
-    fields = list(fieldnames)
-    if old_fields and old_fields != fields:
-        merged = old_fields + [name for name in fields if name not in old_fields]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=merged, extrasaction="ignore")
+    fields = old_fields or list(fieldnames)
+    missing = [name for name in fieldnames if name not in old_fields]
+    if old_fields and missing:
+        old_rows = read_rows(path)
+        fields = old_fields + missing
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(old_rows)
-        fields = merged
+        os.replace(tmp, path)
     new_file = not old_fields
-    with open(path, "a", newline="") as f:
+    with open(path, "w" if new_file else "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
+        f.flush()
+
+
+def merge_csv(source: Path, target: Path) -> int:
+    """Append every row of the CSV ``source`` (e.g. one returned from a GPU machine) to
+    ``target`` with :func:`append_rows` (columns united); the number of rows moved."""
+    rows = read_rows(source)
+    if rows:
+        append_rows(target, rows, list(rows[0]))
+    return len(rows)
 
 
 def latest_rows(rows: Iterable[dict[str, str]], key: Sequence[str]) -> list[dict[str, str]]:
@@ -372,7 +418,7 @@ def run_in_child(fn: Callable[[], dict[str, Any]], memory_limit_bytes: int | Non
             try:
                 result = fn()
             except Exception as error:  # reported to the parent
-                result = {"status": "OOM" if is_oom(error) else f"error: {type(error).__name__}: {error}"}
+                result = {"status": "OOM" if is_oom(error) else error_status(error)}
                 if not is_oom(error):
                     traceback.print_exc()
             payload = pickle.dumps(result)
@@ -395,3 +441,11 @@ def run_in_child(fn: Callable[[], dict[str, Any]], memory_limit_bytes: int | Non
     if not payload:
         return {"status": f"error: child exited with code {os.WEXITSTATUS(status)}"}
     return pickle.loads(payload)
+
+
+if __name__ == "__main__":
+    # python benchmarks/_common.py merge TARGET.csv SOURCE.csv [SOURCE.csv ...]
+    if len(sys.argv) < 4 or sys.argv[1] != "merge":
+        sys.exit("usage: python benchmarks/_common.py merge TARGET.csv SOURCE.csv [SOURCE.csv ...]")
+    for source in sys.argv[3:]:
+        print(f"{source}: {merge_csv(Path(source), Path(sys.argv[2]))} rows appended to {sys.argv[2]}")

@@ -12,7 +12,9 @@ key   config          loss
                       the ReLU (``features.34``, the paper preset's layer), BasicSR-style
                       (ImageNet mean/std input normalisation, clean features without grad)
 (c)   ``paper``       L1 + ``SemanticStatisticsLoss.paper(pretrained=False)`` (image
-                      granularity, conv5_4, queue of 224 rows, kept full: steady state)
+                      granularity, conv5_4, queue of 224 rows, kept full: steady state;
+                      ``implementation="auto"``, which picks the streaming path for its
+                      rows of D = 512 * (S/16)^2 features)
 (d)   ``loc-torch``   L1 + the loss at location granularity (VGG19 relu3_4,
                       ``features.17``, stride 4: N = H/4 * W/4 rows of D = 256 per image)
                       with ``implementation="torch"`` (streaming)
@@ -67,9 +69,20 @@ comparison is printed too). The default invocation on a CUDA machine (batch 8 at
 256x256, where relu3_4 gives N = 4096, and batch 16 at 128x128) measures all of them; a
 summary line per target gives the figure and PASS/FAIL (marked "indicative" on a CPU).
 
+Column ``implementation``: the ``similarity_kl`` path a D2SM row ran (``triton``, ``torch``
+or ``reference``): ``criterion.last_implementation`` after the step or the whole loss, and
+for the ``statistics`` part what the criterion's setting resolves to for those rows. (d)
+must read ``torch`` and (e) ``triton``; anything else turns the case into an error row.
+
+Errors. Running out of memory marks a case ``OOM``; any other error marks it
+``error: <Type>: <first line>`` (traceback on stderr); either way the case leaves the
+rotation and the run goes on.
+
 Every run appends its rows to ``<out>/loss_overhead.csv`` (device, torch/triton/timm
-versions, commit, date, configuration, figures) and redraws one PNG per (device, batch,
-image size) from the newest rows of the CSV.
+versions, commit, date, configuration, figures; after each image size, so a run cut
+short keeps the sizes it finished) and redraws one PNG per (device, batch, image size)
+from the newest rows of the CSV. ``--commit`` (or ``$D2SM_COMMIT``) sets the commit
+column for a copy of the repository without ``.git``.
 
 Usage::
 
@@ -88,6 +101,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -106,7 +120,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import common as examples_common  # noqa: E402
 from d2sm_loss import SemanticStatisticsLoss  # noqa: E402
 from d2sm_loss._compat import import_timm  # noqa: E402
-from d2sm_loss.functional import similarity_kl  # noqa: E402
+from d2sm_loss.functional import resolve_implementation, similarity_kl  # noqa: E402
 
 CSV_NAME = "loss_overhead.csv"
 CONFIGS = {
@@ -121,13 +135,15 @@ SHORT = {"l1": "a", "vgg": "b", "paper": "c", "loc-torch": "d", "loc-triton": "e
          "dense-kl": "dense"}
 FIELDS = [
     "date", "commit", "device", "torch", "triton", "timm", "python", "threads", "run_id",
-    "config", "label", "part", "batch", "height", "width", "G", "N", "D",
+    "config", "label", "part", "batch", "height", "width", "G", "N", "D", "implementation",
     "net", "location_layer", "dtype", "repeats", "warmup", "status",
     "time_median_ms", "time_iqr_ms", "time_min_ms", "time_max_ms", "peak_mem_mb", "mem_method",
     "ratio_time_vs_a", "ratio_time_vs_b", "paired_ratio_vs_a", "paired_ratio_vs_b",
     "ratio_mem_vs_a", "ratio_mem_vs_b", "share_pct", "note",
 ]
 AUX_WEIGHT = 0.1
+#: Configurations whose loss is built with a fixed implementation (recorded per row in ``implementation``).
+FORCED_IMPLEMENTATION = {"loc-torch": "torch", "loc-triton": "triton"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -178,6 +194,10 @@ class Aux:
 
     def reset(self) -> None:
         """Called when the image size changes."""
+
+    def used_implementation(self, part: str) -> str:
+        """The similarity_kl implementation that ``part`` ran ("" when it runs none)."""
+        return ""
 
 
 class Perceptual(Aux):
@@ -235,22 +255,44 @@ class D2SM(Aux):
 
     def statistic(self, x, y):
         c = self.criterion
+        self.statistic_implementation = resolve_implementation(c.implementation, x.device, x.shape[-1])
         return similarity_kl(x, y, kernel=c.kernel, temperature=c.temperature, include_self=c.include_self,
                              reduction=c.reduction, implementation=c.implementation)
 
+    def used_implementation(self, part: str) -> str:
+        """``criterion.last_implementation`` for the step and the whole loss; for the
+        ``statistics`` part (which calls :func:`similarity_kl` directly) the implementation
+        the criterion's setting resolves to for those rows."""
+        if part == "statistics":
+            return getattr(self, "statistic_implementation", "")
+        if part == "backbone":
+            return ""
+        return self.criterion.last_implementation or ""
+
     def fill_queue(self, batch: int, height: int, width: int, device: torch.device) -> None:
-        """Allocate the queue with one forward and fill it with random rows: the steady
-        state of training (the queue is full after 224 / batch steps)."""
+        """Allocate the queue with one call and fill it with random rows: the steady
+        state of training (the queue is full after 224 / batch steps).
+
+        The call runs in training mode with gradients enabled (the loss updates its queue
+        only then; the inputs need not require grad, so no graph is kept), and the queue
+        must be full afterwards."""
         if self.criterion.queues is None:
             return
         self.criterion.reset_queue()
-        with torch.no_grad():
+        with torch.enable_grad():
             self.criterion(torch.rand(batch, 3, height, width, device=device),
                            torch.rand(batch, 3, height, width, device=device))
-            queue = self.criterion.queues[0]
+        queue = self.criterion.queues[0]
+        if queue.count == 0:
+            raise RuntimeError("fill_queue: the loss's call did not push its rows into the memory queue "
+                               f"(training={self.criterion.training}, grad enabled={torch.is_grad_enabled()})")
+        with torch.no_grad():
             while queue.count < queue.size:
                 rows = torch.randn(queue.size, queue.feature_size, device=device)
                 queue.push(rows, torch.randn_like(rows))
+        for index, q in enumerate(self.criterion.queues):
+            if q.count != q.size:
+                raise RuntimeError(f"fill_queue: queue {index} holds {q.count} of {q.size} rows")
 
     def reset(self):
         self.criterion.reset_queue()
@@ -290,6 +332,9 @@ class Contextual(D2SM):
     """The contextual loss on the location features of a location-granularity D2SM loss's
     backbone (shared, so both see the same layer)."""
 
+    def used_implementation(self, part: str) -> str:
+        return ""
+
     def __call__(self, restored, clean):
         x, y = self.backbone(restored, clean)
         return self.statistic(*self.rows(x, y))
@@ -299,6 +344,9 @@ class Contextual(D2SM):
 
 
 class DenseKL(D2SM):
+    def used_implementation(self, part: str) -> str:
+        return ""
+
     def statistic(self, x, y):
         return dense_similarity_kl(x, y)
 
@@ -317,6 +365,8 @@ class Case:
     peak_bytes: float = math.nan
     mem_method: str = ""
     status: str = "ok"
+    implementation_of: Callable[[], str] | None = None  # which similarity_kl path the case ran
+    implementation: str = ""
 
 
 def make_step_case(config: str, aux: Aux | None, net: nn.Module, batch: int, height: int, width: int,
@@ -337,7 +387,8 @@ def make_step_case(config: str, aux: Aux | None, net: nn.Module, batch: int, hei
         loss.backward()
         optimizer.step()
 
-    return Case(config, "step", prepare, run)
+    implementation_of = functools.partial(aux.used_implementation, "step") if aux is not None else None
+    return Case(config, "step", prepare, run, implementation_of=implementation_of)
 
 
 def make_loss_cases(config: str, aux: Aux, batch: int, height: int, width: int, device: torch.device,
@@ -378,9 +429,13 @@ def make_loss_cases(config: str, aux: Aux, batch: int, height: int, width: int, 
     def run_statistics(state):
         aux.statistic(*state).backward()
 
-    cases = [Case(config, "statistics", prepare_statistics, run_statistics, dict(shape))]
+    def used(part):
+        return functools.partial(aux.used_implementation, part)
+
+    cases = [Case(config, "statistics", prepare_statistics, run_statistics, dict(shape),
+                  implementation_of=used("statistics"))]
     if with_loss:
-        cases = [Case(config, "loss", images, run_loss, dict(shape)),
+        cases = [Case(config, "loss", images, run_loss, dict(shape), implementation_of=used("loss")),
                  Case(config, "backbone", prepare_backbone, run_backbone, dict(shape))] + cases
     return cases
 
@@ -442,15 +497,25 @@ def timed_call(case: Case, device: torch.device) -> float:
 
 
 def guarded(case: Case, fn: Callable[[], None]) -> None:
+    """Run ``fn``; an error marks this case (status ``OOM``, or ``error: <Type>: <first
+    line>`` with the traceback on stderr), which leaves the rotation; the run goes on."""
     try:
         fn()
-    except Exception as error:  # running out of memory marks this case, not the run; other errors propagate
-        if not common.is_oom(error):
-            raise
-        case.status = "OOM"
+        if case.implementation_of is not None:
+            case.implementation = case.implementation_of()
+    except Exception as error:
+        if common.is_oom(error):
+            case.status = "OOM"
+        else:
+            print(f"error in ({SHORT.get(case.config, '?')}) {case.config} {case.part}:", file=sys.stderr)
+            traceback.print_exc()
+            case.status = common.error_status(error)
         case.times.clear()
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # a broken CUDA context: later cases report their own errors
+                pass
 
 
 # --- one image size -------------------------------------------------------------------------
@@ -534,6 +599,13 @@ def run_size(batch: int, height: int, width: int, configs: list[str], auxes: dic
             time_interleaved(group, args.repeats, max(0, args.warmup - 1), device)
     if "paper" in auxes:
         auxes["paper"].reset()
+    for case in step_cases + loss_cases:
+        forced = FORCED_IMPLEMENTATION.get(case.config)
+        if forced and case.status == "ok" and case.implementation and case.implementation != forced:
+            print(f"warning: ({SHORT[case.config]}) {case.config} {case.part} ran {case.implementation!r}, "
+                  f"not {forced!r}", file=sys.stderr)
+            case.status = f"error: ran {case.implementation}, not {forced}"
+            case.times.clear()
     return step_cases + loss_cases
 
 
@@ -561,10 +633,11 @@ def rows_for_size(cases: list[Case], batch: int, height: int, width: int, base: 
         if case.part == "step":
             case.shape = dict(shapes.get(case.config, {}))
         label = CONFIGS.get(case.config, "D2SM statistic, dense N x N (no step)")
+        skip = case.status.startswith("skipped")
         row = {**base, "config": case.config, "label": label,
                "part": case.part, "batch": batch, "height": height, "width": width,
-               "status": case.status if case.status == "ok" or case.status.startswith("OOM") else "skipped",
-               "note": " ".join(filter(None, [case.status if case.status.startswith("skipped") else "", args.note])),
+               "status": "skipped" if skip else case.status, "implementation": case.implementation,
+               "note": " ".join(filter(None, [case.status if skip else "", args.note])),
                **case.shape}
         if case.times:
             row.update(common.summarize(case.times))
@@ -587,7 +660,7 @@ def rows_for_size(cases: list[Case], batch: int, height: int, width: int, base: 
 def print_size(rows: list[dict], batch: int, height: int, width: int) -> None:
     print(f"\n== batch {batch} at {height}x{width} ==")
     print(f"{'config':<46} {'part':<10} {'median ms':>10} {'IQR ms':>8} {'peak MiB':>9} {'x(a)':>6} {'x(b)':>6} "
-          f"{'pair x(b)':>9} {'mem x(a)':>8} {'mem x(b)':>8} {'share%':>7}")
+          f"{'pair x(b)':>9} {'mem x(a)':>8} {'mem x(b)':>8} {'share%':>7} impl")
 
     def fmt(value, spec):
         return format(value, spec) if isinstance(value, (int, float)) and value != "" else "-"
@@ -600,7 +673,7 @@ def print_size(rows: list[dict], batch: int, height: int, width: int) -> None:
               f"{row['peak_mem_mb']:>9.1f} {fmt(row.get('ratio_time_vs_a', ''), '6.2f'):>6} "
               f"{fmt(row.get('ratio_time_vs_b', ''), '6.2f'):>6} {fmt(row.get('paired_ratio_vs_b', ''), '9.3f'):>9} "
               f"{fmt(row.get('ratio_mem_vs_a', ''), '8.2f'):>8} {fmt(row.get('ratio_mem_vs_b', ''), '8.2f'):>8} "
-              f"{fmt(row.get('share_pct', ''), '7.1f'):>7}")
+              f"{fmt(row.get('share_pct', ''), '7.1f'):>7} {row.get('implementation') or '-'}")
 
 
 # --- targets -----------------------------------------------------------------------------------
@@ -622,12 +695,17 @@ def evaluate_targets(rows: list[dict], on_cuda: bool) -> list[str]:
     for batch, height, width in sizes:
         where = f"batch {batch} at {height}x{width}"
         stats = find("paper", "statistics", batch, height)
-        if stats is not None:
-            share = stats["share_pct"]
+        share = stats.get("share_pct") if stats is not None else None
+        if isinstance(share, (int, float)) and math.isfinite(share):
             lines.append(f"target 1 (statistics <= 5% of the loss's time, image granularity), {where}: "
                          f"{share:.2f}% -> {'PASS' if share <= 5 else 'FAIL'}{tag}")
+        elif stats is not None:
+            loss = next((r for r in rows if (r["config"], r["part"], r["batch"], r["height"])
+                         == ("paper", "loss", batch, height)), None)
+            why = f"the whole loss: {loss['status']}" if loss is not None else "the whole loss was not measured"
+            lines.append(f"target 1, {where}: not measured (no share: {why})")
         else:
-            lines.append(f"target 1, {where}: not measured (paper config not run)")
+            lines.append(f"target 1, {where}: not measured (paper config not run or its statistics failed)")
         paper, vgg = find("paper", "step", batch, height), find("vgg", "step", batch, height)
         if paper is not None and vgg is not None:
             ratio = paper["time_median_ms"] / vgg["time_median_ms"]
@@ -807,8 +885,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed calls per case (default CUDA 5, CPU 2, quick 1)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from the CSV in --out")
     parser.add_argument("--note", default="", help="free text stored with every row of this run")
+    common.add_commit_argument(parser)
     args = parser.parse_args(argv)
+    common.apply_commit_argument(args.commit)
+    if args.plot_only:
+        for path in draw_plots(args.out / CSV_NAME, args.out):
+            print(f"plot: {path}")
+        return 0
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
 
@@ -836,16 +921,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: config {config}: {reason}")
 
     rows: list[dict[str, Any]] = []
+    csv_path = args.out / CSV_NAME
     for batch, height, width in args.sizes:
         base = {**meta, "net": net_name, "location_layer": args.location_layer, "dtype": "float32",
                 "repeats": args.repeats, "warmup": args.warmup}
         cases = run_size(batch, height, width, configs, auxes, skipped, args, device)
         size_rows = rows_for_size(cases, batch, height, width, base, args)
         print_size(size_rows, batch, height, width)
+        common.append_rows(csv_path, size_rows, FIELDS)  # per size: a run cut short keeps what it measured
         rows += size_rows
 
-    csv_path = args.out / CSV_NAME
-    common.append_rows(csv_path, rows, FIELDS)
     print(f"\nappended {len(rows)} rows to {csv_path}")
     print("\nissue-5 targets:")
     for line in evaluate_targets(rows, on_cuda):

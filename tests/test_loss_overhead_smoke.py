@@ -48,9 +48,41 @@ def test_loss_overhead_quick(tmp_path):
     paper_stats = next(r for r in ok if r["config"] == "paper" and r["part"] == "statistics")
     assert int(paper_stats["N"]) == 2 + 224  # batch plus the full queue
 
+    # Which similarity_kl path each D2SM configuration ran (criterion.last_implementation):
+    # (c) under "auto" on the CPU and (d) forced are the streaming path; the others run none.
+    for config in ("paper", "loc-torch"):
+        for row in ok:
+            if row["config"] == config and row["part"] in ("step", "loss", "statistics"):
+                assert row["implementation"] == "torch", (config, row["part"], row["implementation"])
+    for row in ok:
+        if row["config"] in ("l1", "vgg", "contextual", "dense-kl"):
+            assert row["implementation"] == "", row
+
     # Triton has no CPU driver: recorded as skipped, with the reason.
     triton = [row for row in rows if row["config"] == "loc-triton"]
     assert triton and all(row["status"] == "skipped" and "CUDA" in row["note"] for row in triton)
 
     assert "target 1" in proc.stdout and "target 2" in proc.stdout and "target 3" in proc.stdout
     assert list(tmp_path.glob("loss_overhead_*.png"))
+
+
+def _loss_overhead():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks import loss_overhead
+
+    return loss_overhead
+
+
+def test_targets_when_the_paper_loss_did_not_run():
+    """The statistics part ran but the whole loss did not (e.g. out of memory): no share,
+    target 1 says why instead of raising."""
+    lo = _loss_overhead()
+    where = {"batch": 8, "height": 256, "width": 256}
+    rows = [
+        {**where, "config": "paper", "part": "statistics", "status": "ok", "share_pct": "", "time_median_ms": 1.0},
+        {**where, "config": "paper", "part": "loss", "status": "OOM", "share_pct": ""},
+    ]
+    lines = lo.evaluate_targets(rows, on_cuda=True)
+    assert any(line.startswith("target 1") and "not measured" in line and "OOM" in line for line in lines), lines
+    assert any(line.startswith("target 2") and "not measured" in line for line in lines), lines
