@@ -109,7 +109,11 @@ def triton_version() -> str:
         return "none"
 
 
-def add_commit_argument(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both benchmark scripts share: plotting, a note and the commit for the rows."""
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from the CSV in --out")
+    parser.add_argument("--note", default="", help="free text stored with every row of this run")
     parser.add_argument("--commit", default=None,
                         help=f"commit recorded in every row (default: ${COMMIT_ENV}, else git rev-parse in this "
                              "checkout, else 'unknown'); for a copy without .git")

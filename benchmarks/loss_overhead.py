@@ -884,10 +884,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed calls per case (default CUDA 30, CPU 7, quick 3)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed calls per case (default CUDA 5, CPU 2, quick 1)")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from the CSV in --out")
-    parser.add_argument("--note", default="", help="free text stored with every row of this run")
-    common.add_commit_argument(parser)
+    common.add_run_arguments(parser)
     args = parser.parse_args(argv)
     common.apply_commit_argument(args.commit)
     if args.plot_only:

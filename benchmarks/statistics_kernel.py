@@ -322,10 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed calls per point (default 3 quick, 7 CPU, 20 CUDA; D=100352: at most 5 / 3)")
     parser.add_argument("--cpu-memory-limit-gb", type=float, default=None,
                         help="allocation limit per CPU point (default 75%% of available memory)")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from the CSV in --out")
-    parser.add_argument("--note", default="", help="free text stored with every row of this run")
-    common.add_commit_argument(parser)
+    common.add_run_arguments(parser)
     parser.add_argument("--tf32", action="store_true",
                         help="allow TF32 for float32 matrix products in every implementation "
                              "(torch.set_float32_matmul_precision('high')); the default compares exact float32")

@@ -220,38 +220,37 @@ def test_new_tf32_api_does_not_break_triton() -> None:
 def test_float32_g8_n16384_within_2gb() -> None:
     """Issue 3: forward + backward at G = 8, N = 16384, D = 256, float32, within 2 GB
     (2e9 bytes) above the inputs."""
-    from d2sm_loss.ops.triton_kernels import similarity_kl_triton
 
     x, y = _features(8, 16384, 256, seed=3)
     x.requires_grad_(True)
-    similarity_kl_triton(x, y, kernel="cosine", temperature=0.1, include_self=True).mean().backward()  # compile
-    x.grad = None
-    torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    similarity_kl_triton(x, y, kernel="cosine", temperature=0.1, include_self=True).mean().backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - baseline
+    extra = _extra_memory_of_forward_backward(x, y, kernel="cosine", temperature=0.1, include_self=True)
     assert torch.isfinite(x.grad).all()
     assert extra <= 2e9, extra
 
 
-def test_peak_memory_grows_linearly() -> None:
+def _extra_memory_of_forward_backward(x: torch.Tensor, y: torch.Tensor, **kwargs) -> int:
+    """Peak CUDA memory above what is allocated before the call, of one Triton forward +
+    backward (after a first, compiling, call). Leaves the gradient in ``x.grad``."""
     from d2sm_loss.ops.triton_kernels import similarity_kl_triton
+
+    similarity_kl_triton(x, y, **kwargs).sum().backward()  # compile
+    x.grad = None
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    similarity_kl_triton(x, y, **kwargs).sum().backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
+
+
+def test_peak_memory_grows_linearly() -> None:
 
     d = 256
     extra: dict[int, int] = {}
     for n in (2048, 4096, 8192, 16384):
         x, y = _features(1, n, d, seed=n)
         x, y = x.half().requires_grad_(True), y.half()
-        similarity_kl_triton(x, y, kernel="softmax", temperature=0.1, include_self=False).sum().backward()  # compile
-        x.grad = None
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        similarity_kl_triton(x, y, kernel="softmax", temperature=0.1, include_self=False).sum().backward()
-        torch.cuda.synchronize()
-        extra[n] = torch.cuda.max_memory_allocated() - baseline
+        extra[n] = _extra_memory_of_forward_backward(x, y, kernel="softmax", temperature=0.1, include_self=False)
         del x, y
     # Linear: x8 from 2048 to 16384 rows (quadratic would be x64); slack for allocator rounding.
     assert extra[16384] <= 12 * extra[2048], extra
