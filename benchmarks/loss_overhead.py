@@ -637,7 +637,7 @@ def rows_for_size(cases: list[Case], batch: int, height: int, width: int, base: 
         row = {**base, "config": case.config, "label": label,
                "part": case.part, "batch": batch, "height": height, "width": width,
                "status": "skipped" if skip else case.status, "implementation": case.implementation,
-               "note": " ".join(filter(None, [case.status if skip else "", args.note])),
+               "note": " ".join(filter(None, [case.status.removeprefix("skipped: ") if skip else "", args.note])),
                **case.shape}
         if case.times:
             row.update(common.summarize(case.times))
