@@ -7,9 +7,18 @@
 
 from . import functional
 from .backbones import FeatureExtractor, load_weights
+from .environment import collect_environment
 from .functional import similarity_kl
 from .loss import SemanticStatisticsLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["SemanticStatisticsLoss", "FeatureExtractor", "functional", "load_weights", "similarity_kl", "__version__"]
+__all__ = [
+    "SemanticStatisticsLoss",
+    "FeatureExtractor",
+    "collect_environment",
+    "functional",
+    "load_weights",
+    "similarity_kl",
+    "__version__",
+]
