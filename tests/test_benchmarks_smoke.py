@@ -61,15 +61,12 @@ _FAILING_DRIVER = """
 import sys
 sys.path.insert(0, {repo!r})
 from benchmarks import statistics_kernel as sk
-original = sk.kl_case
-def kl_case(impl, *args, **kwargs):
-    case = original(impl, *args, **kwargs)
-    if impl == "torch" and args[2] > 100:  # the full-size point, not the small warm-up call
-        def run(state):
-            raise ValueError("injected failure\\nsecond line")
-        case.run = run
-    return case
-sk.kl_case = kl_case
+original = sk.measure_point_cpu
+def measure_point(impl, *args):
+    if impl == "torch":
+        raise ValueError("injected failure\\nsecond line")
+    return original(impl, *args)
+sk.measure_point_cpu = measure_point
 sys.exit(sk.main(sys.argv[1:]))
 """
 
