@@ -52,6 +52,12 @@ float32, so this loses nothing against an upcast). bfloat16 likewise on a GPU; u
 Triton interpreter bfloat16 is upcast to float32 first because the interpreter's bfloat16
 ``tl.dot`` returns garbage. The gradient product ``H Xh`` is float32, with the same precision rule.
 
+Second derivatives: when the backward runs with gradient recording on
+(``torch.autograd.grad(..., create_graph=True)``) it does not launch the backward kernel but
+returns the reference's gradient, computed differentiably from the saved input ``x``
+(:func:`d2sm_loss.ops.reference.similarity_kl_vjp`, float32 or float64): derivatives of
+every order then equal the reference's, at the reference's O(G N^2) memory and cost.
+
 CPU use: set ``TRITON_INTERPRET=1`` *before* this module is imported; the kernels then run
 on CPU tensors through the (slow) Triton interpreter. No autotuning: block sizes come from a
 heuristic on D (the interpreter rejects autotune with several configurations anyway).
@@ -67,10 +73,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._compat import tf32_allowed
-from .reference import COSINE_ETA, KERNELS, NORM_EPS
+from .reference import COSINE_ETA, KERNELS, NORM_EPS, similarity_kl_vjp
 
 __all__ = ["similarity_kl_triton", "BlockConfig", "choose_block_config"]
 
@@ -449,10 +454,16 @@ def _reciprocal_norms(features: Tensor, acc_dtype: torch.dtype) -> tuple[Tensor,
 
 
 class _SimilarityKLFunction(torch.autograd.Function):
-    """Autograd wrapper: fused forward kernel, fused backward kernel (gradient for x only)."""
+    """Autograd wrapper: fused forward kernel, fused backward kernel (gradient for x only).
+
+    With gradient recording on in the backward (``create_graph=True``) the gradient comes
+    from :func:`d2sm_loss.ops.reference.similarity_kl_vjp` instead, differentiable in the
+    saved input ``x`` and the incoming gradient.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, precision: str) -> Tensor:  # type: ignore[override]
+        x_in = x  # saved as given: a second-order backward continues the caller's graph from it
         x = x.contiguous()
         y = y.detach().contiguous()
         groups, n, d = x.shape
@@ -492,7 +503,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
             )
         # >= as autograd differentiates the reference's clamp_min (the tie passes through).
         project_x = (norms_x >= NORM_EPS).to(acc_dtype)
-        ctx.save_for_backward(x, y, rinv_x, rinv_y, project_x, log_zx, log_zy)
+        ctx.save_for_backward(x_in, y, rinv_x, rinv_y, project_x, log_zx, log_zy)
         ctx.kernel = kernel
         ctx.temperature = float(temperature)
         ctx.include_self = bool(include_self)
@@ -500,11 +511,16 @@ class _SimilarityKLFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_kl: Tensor):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         x, y, rinv_x, rinv_y, project_x, log_zx, log_zy = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
+            grad_x = similarity_kl_vjp(
+                x, y, grad_kl, kernel=ctx.kernel, temperature=ctx.temperature, include_self=ctx.include_self
+            )
+            return grad_x, None, None, None, None, None
+        x = x.contiguous()
         groups, n, d = x.shape
         acc_dtype = rinv_x.dtype
         config = choose_block_config(d, x.dtype)
