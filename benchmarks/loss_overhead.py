@@ -111,7 +111,6 @@ def case_row(case: measure.Case, base: dict[str, Any], warmup: int) -> dict[str,
     per_call = info.pop("graphs_per_call", None)
     skipped = case.status.startswith("skipped")
     row = {**base, **info, "status": "skipped" if skipped else case.status,
-           "label": lc.CONFIGS.get(info.get("config", ""), ""),
            "note": " ".join(filter(None, [case.status.removeprefix("skipped: ") if skipped else "", base["note"]]))}
     if per_call is not None:
         row["graphs"], row["recompiles"] = sum(per_call), sum(per_call[warmup + 1:])
@@ -179,18 +178,18 @@ def part_cases(configs: list[str], losses: dict, skipped: dict, size: tuple[int,
 def measure_group(cases: list[measure.Case], args: argparse.Namespace, device: torch.device, base: dict[str, Any],
                   csv: results.ResultsCSV) -> None:
     """Measure ``cases`` side by side, then write one row each with its ratios."""
-    warmup = max(args.warmup, 3) if args.mode == "compile" else args.warmup
     live = [case for case in cases if case.ok]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: denoiser outputs slightly outside [0, 1]
-        measure.measure(live, args.repeats, warmup, device)
+        measure.measure(live, args.repeats, args.warmup, device)
     for case in cases:
         check_forced(case)
     by_key = {(c.info["config"], c.info["part"], c.info["variant"]): c for c in cases}
     loss_time = {c.info["config"]: statistics.median(c.times) for c in cases if c.info["part"] == "loss" and c.times}
     for case in cases:
         config, part, variant = case.info["config"], case.info["part"], case.info["variant"]
-        row = case_row(case, base, warmup)
+        row = case_row(case, base, args.warmup)
+        row["label"] = args.labels.get(config, "")
         if case.ok and case.times:
             median = statistics.median(case.times)
             if args.mode == "overhead" and part == "step":
@@ -256,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args.width = args.width or (32 if args.quick else 64)
     args.repeats = args.repeats or (3 if args.quick else 30 if on_cuda else 7)
     args.warmup = max(1, args.warmup if args.warmup is not None else (1 if args.quick else 5 if on_cuda else 2))
+    if args.mode == "compile":  # compilation, then a recompilation once the optimizer has state
+        args.warmup = max(args.warmup, 3)
     configs = args.configs or (list(lc.CONFIGS)[:-1] if args.mode == "overhead" else ["l1", "paper"])
     torch.backends.cudnn.benchmark = on_cuda
     net = f"DnCNN {args.depth}x{args.width} + Adam"
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     losses, skipped = lc.build_losses(configs, device, args.backbone, args.weights, args.location_layer,
                                       check_inputs=args.mode != "compile")
     location_layer = str(losses["loc-torch"].layers[0]) if "loc-torch" in losses else ""
+    args.labels = dict(lc.CONFIGS)
+    if "paper" in losses and (args.backbone, args.weights) != ("vgg19", None):
+        args.labels["paper"] = f"(c) L1 + D2SM image ({args.backbone} {losses['paper'].layers[0]}, queue 224)"
     csv = results.ResultsCSV(args.out / CSV_NAME, FIELDS, KEY)
     for size in sizes:
         print(f"\n== batch {size[0]} at {size[1]}x{size[2]} ==")

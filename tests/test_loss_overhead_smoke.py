@@ -84,30 +84,29 @@ def test_loss_overhead_quick(tmp_path):
     assert list(tmp_path.glob("loss_overhead_*_b2_64x64.png"))
 
 
-_FAILING_DRIVER = """
-import sys
-sys.path.insert(0, {repo!r})
-from benchmarks import loss_cases as lc, loss_overhead as lo
-original = lc.loss_case
-def loss_case(config, *args):
-    case = original(config, *args)
-    if config == "vgg":
-        def run(state):
-            raise ValueError("injected failure\\nsecond line")
-        case.run = run
-    return case
-lc.loss_case = loss_case
-sys.exit(lo.main(sys.argv[1:]))
-"""
+def test_a_failing_case_is_an_error_row(tmp_path, monkeypatch):
+    """The failing case is a row with the first line of its error, the others are
+    measured; rows carry the commit given by --commit (a copy without .git)."""
+    original = lo.lc.loss_case
 
+    def fail(state):
+        raise ValueError("injected failure\nsecond line")
 
-def test_a_failing_case_is_an_error_row(tmp_path):
-    _run("-c", _FAILING_DRIVER.format(repo=str(REPO)), "--device", "cpu", "--configs", "l1", "vgg",
-         "--sizes", "2x32", "--depth", "3", "--width", "8", "--repeats", "1", "--warmup", "1",
-         "--commit", "feedbee", "--out", str(tmp_path))
-    status = {(r["config"], r["part"]): r["status"] for r in _rows(tmp_path)}
+    def loss_case(config, *args):
+        case = original(config, *args)
+        if config == "vgg":
+            case.run = fail
+        return case
+
+    monkeypatch.setattr(lo.lc, "loss_case", loss_case)
+    monkeypatch.setenv("D2SM_COMMIT", "")  # restored after the test: --commit sets it
+    assert lo.main(["--device", "cpu", "--configs", "l1", "vgg", "--sizes", "2x32", "--depth", "3", "--width", "8",
+                    "--repeats", "1", "--warmup", "1", "--commit", "feedbee", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    status = {(r["config"], r["part"]): r["status"] for r in rows}
     assert status == {("l1", "step"): "ok", ("vgg", "step"): "ok", ("vgg", "loss"): "error: ValueError: injected failure",
                       ("vgg", "backbone"): "ok", ("vgg", "statistics"): "ok"}
+    assert {r["commit"] for r in rows} == {"feedbee"}
 
 
 def test_compile_mode(tmp_path):
