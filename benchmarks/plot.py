@@ -6,6 +6,8 @@
 - ``loss_overhead_<device>_b<batch>_<h>x<w>.png``: the newest overhead run of that size:
   step time and memory per configuration, ratios to (a) and (b), and the loss alone
   split into backbone passes, statistics and the rest.
+- ``loss_<mode>_<device>_b<batch>_<h>x<w>.png`` (``compile``, ``autocast``): the newest
+  run's step time per configuration and variant, with its paired ratio to the reference.
 
     python benchmarks/plot.py                       # benchmarks/results/ into itself
     python benchmarks/plot.py --results <folder> --out <folder>
@@ -162,6 +164,37 @@ def plot_loss_overhead(csv_path: Path, out_dir: Path) -> list[Path]:
     return written
 
 
+def plot_variants(csv_path: Path, out_dir: Path) -> list[Path]:
+    """One PNG per (device, mode, batch, image size, network) of the compile / autocast runs."""
+    plt = pyplot()
+    rows = [r for r in results.read_rows(csv_path) if r.get("mode") in ("compile", "autocast")]
+    written = []
+    for (device, mode, batch, height, width, net), group in sorted(
+            groups(rows, "device", "mode", "batch", "height", "width", "net").items()):
+        ok = [r for r in results.newest_run(group) if r["status"] == "ok"]
+        if plt is None or not ok:
+            continue
+        fig, ax = plt.subplots(figsize=(2 + 1.3 * len(ok), 4.5))
+        ax.bar(range(len(ok)), [as_float(r["time_median_ms"]) for r in ok],
+               yerr=[as_float(r["time_iqr_ms"]) / 2 for r in ok], capsize=4,
+               color=[f"C{list(CONFIGS).index(r['config'])}" for r in ok])
+        for i, r in enumerate(ok):
+            ax.annotate(f"{as_float(r['paired_ratio_vs_ref']):.2f}x", (i, 0.03 * as_float(r["time_median_ms"])),
+                        ha="center", va="bottom", fontsize=9, color="white", weight="bold")
+        ax.set_xticks(range(len(ok)))
+        ax.set_xticklabels([f"({SHORT[r['config']]}) {r['variant']}" for r in ok], fontsize=7, rotation=25, ha="right")
+        ax.set(ylabel="step time, median (ms); bars: IQR", title=f"{mode}: median of per-round ratios to {ok[0]['ratio_vs']} in each bar")
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.suptitle(f"{net}, batch {batch} at {height}x{width}, D2SM backbone {ok[0]['backbone']}\n{device}, "
+                     f"{ok[0]['threads']} thread(s) | torch {ok[0]['torch']} | commit {ok[0]['commit']}", fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / f"loss_{mode}_{results.slug(device)}_b{batch}_{height}x{width}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Redraw the benchmarks' PNG plots from their CSVs.")
     parser.add_argument("--results", type=Path, default=results.DEFAULT_RESULTS, help="folder holding the CSVs")
@@ -170,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
     for path in plot_statistics(args.results / "statistics_kernel.csv", out) + \
-            plot_loss_overhead(args.results / "loss_overhead.csv", out):
+            plot_loss_overhead(args.results / "loss_overhead.csv", out) + \
+            plot_variants(args.results / "loss_overhead.csv", out):
         print(f"plot: {path}")
     return 0
 

@@ -141,6 +141,8 @@ def test_autocast_mode(tmp_path):
         assert float(row["ratio_time_vs_ref"]) > 0 and float(row["ratio_mem_vs_ref"]) > 0
     out = _run("benchmarks/judge.py", "--results", str(tmp_path)).stdout
     assert "paper bf16+backbone-bf16" in out and "x fp32 (paired" in out
+    _run("benchmarks/plot.py", "--results", str(tmp_path))
+    assert list(tmp_path.glob("loss_autocast_*_b2_32x32.png"))
 
 
 def test_targets_when_the_paper_loss_did_not_run():
