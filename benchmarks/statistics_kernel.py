@@ -168,10 +168,9 @@ def triton_executed_n2d(mode: str, d: int) -> float | None:
     """FLOPs the Triton kernels execute per group at float32, in units of N^2 D."""
     try:
         from d2sm_loss.ops.triton_kernels import choose_block_config
-
-        block_dout = choose_block_config(d, torch.float32, interpreted=False).block_dout
-    except Exception:  # Triton not importable
+    except ImportError:  # Triton not installed
         return None
+    block_dout = choose_block_config(d, torch.float32, interpreted=False).backward.block_dout
     backward = 4 * math.ceil(d / block_dout) + 2
     return {"forward": 4, "backward": backward, "forward+backward": 4 + backward}[mode]
 
