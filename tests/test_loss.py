@@ -551,3 +551,28 @@ def test_paper_preset_configuration():
     assert criterion.queues[0].count == 2
     override = SemanticStatisticsLoss.paper(pretrained=False, queue_size=16, kernel="softmax")
     assert override.queue_size == 16 and override.kernel == "softmax"
+
+
+def test_rows_and_statistic_are_the_forward_and_leave_the_queue_alone():
+    criterion = conv_loss(queue_size=5, kernel="softmax")
+    for seed in range(3):  # an empty, a partly filled and a wrapped queue
+        restored, clean = images(seed=seed)
+        before = {k: v.clone() for k, v in criterion.state_dict().items() if isinstance(v, torch.Tensor)}
+        rows = criterion.rows(restored, clean)
+        seam = criterion.statistic(rows)
+        after = criterion.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # rows() does not push
+        (layer,) = rows
+        assert layer.batch_rows == 3 and layer.restored.shape[0] == 3 + criterion.queues[0].count
+        torch.testing.assert_close(layer.restored[:3], criterion.feature_maps(restored)[0].flatten(1))
+        torch.testing.assert_close(seam, criterion(restored, clean))
+
+
+def test_location_rows_are_one_group_per_image():
+    criterion = conv_loss(granularity="location")
+    restored, clean = images(size=45)
+    (layer,) = criterion.rows(restored, clean)
+    maps = criterion.feature_maps(restored)[0]
+    assert layer.restored.shape == (3, maps.shape[2] * maps.shape[3], maps.shape[1])
+    torch.testing.assert_close(layer.restored, maps.flatten(2).transpose(1, 2))
+    assert layer.clean.grad_fn is None and layer.restored.grad_fn is not None
