@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2sm_loss import SemanticStatisticsLoss
-from d2sm_loss._compat import import_timm
 from d2sm_loss.loss import LayerRows
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -76,7 +75,8 @@ def contextual_loss(x: Tensor, y: Tensor, bandwidth: float = 0.5, eps: float = 1
 def vgg19_features(last: int, device: torch.device) -> nn.Sequential:
     """timm's VGG19 ``features`` up to and including module ``last``, random He-initialised
     weights, frozen (built on the meta device: the classifier is never allocated)."""
-    timm = import_timm()
+    import timm
+
     with torch.device("meta"):
         full = timm.create_model("vgg19", pretrained=False)
     features = full.features[: last + 1].to_empty(device=device)
