@@ -1,4 +1,5 @@
-"""similarity_kl: values against a plain float64 loop, gradients, reductions, errors."""
+"""similarity_kl: every implementation against a float64 oracle (one parametrised agreement
+test, tolerances per dtype in ``helpers.TOLERANCES``), gradcheck, reductions, dispatch, errors."""
 
 import functools
 import itertools
@@ -27,13 +28,15 @@ class Problem(NamedTuple):
 
 F64, F32 = torch.float64, torch.float32
 PROBLEMS = [
-    # Small odd shapes; N = 2 leaves one column without the diagonal.
-    *(Problem(shape, F64, "none", 0.3) for shape in ((1, 2, 3), (1, 7, 5), (3, 9, 17), (2, 13, 4))),
-    # N and D on both sides of the interpreter's 16-row and 32-column tiles, one or three groups.
+    # Small odd shapes.
+    *(Problem(shape, F64, "none", 0.3) for shape in ((1, 7, 5), (3, 9, 17), (2, 13, 4))),
+    # N and D on both sides of the interpreter's 16-row and 32-column tiles, one or three
+    # groups; N = 1 has only the diagonal, N = 2 without it one column.
     *(Problem((g, n, d), F64, "none", 0.1) for n, d, g in itertools.product((1, 2, 33, 70), (3, 17, 65), (1, 3))
       if (n, d, g) != (70, 65, 3)),
     # Every reduction, for (G, N, D) and (N, D) inputs.
     *(Problem(shape, F64, reduction, 0.2) for shape in ((3, 10, 20), (10, 20)) for reduction in REDUCTIONS),
+    # float32, small enough for the interpreter.
     *(Problem(shape, F32, reduction, 0.1) for shape, reduction in (((2, 21, 40), "none"), ((33, 17), "sum"))),
     # float32 and every reduction at larger shapes: too slow for the interpreter.
     *(Problem(shape, dtype, reduction, 0.1, interpreter=False)
@@ -50,10 +53,12 @@ def _agreement_cases():
     ):
         if problem.shape[-2] < 2 and not include_self:
             continue  # nothing to compare (an error: test_bad_arguments)
-        name = "x".join(map(str, problem.shape))
-        dtype = str(problem.dtype).removeprefix("torch.")
+        kernel_id = f"softmax{problem.temperature}" if kernel == "softmax" else kernel
+        shape_id = "x".join(map(str, problem.shape))
+        dtype_id = str(problem.dtype).removeprefix("torch.")
+        self_id = "self" if include_self else "noself"
         yield pytest.param(implementation, problem, kernel, include_self,
-                           id=f"{implementation}-{kernel}-{'self' if include_self else 'noself'}-{name}-{dtype}-{problem.reduction}")
+                           id=f"{implementation}-{kernel_id}-{self_id}-{shape_id}-{dtype_id}-{problem.reduction}")
 
 
 @functools.lru_cache(maxsize=None)
