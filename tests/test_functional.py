@@ -1,6 +1,7 @@
 """similarity_kl: every implementation against a float64 oracle (one parametrised agreement
 test, tolerances per dtype in ``helpers.TOLERANCES``), gradcheck, reductions, dispatch, errors."""
 
+import contextlib
 import functools
 import itertools
 import zlib
@@ -209,51 +210,37 @@ def test_reference_is_what_the_ops_layer_exports():
                                similarity_kl_reference(x, y))
 
 
-def test_triton_self_check_passes_under_the_interpreter(monkeypatch):
-    import d2sm_loss.functional as functional
-
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU interpreter path")
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
-    assert functional._triton_self_check(torch.device("cpu")) is True
-
-
-def test_auto_falls_back_to_streaming_when_triton_self_check_fails(monkeypatch):
-    import d2sm_loss.functional as functional
+def test_auto_falls_back_to_streaming_when_triton_self_check_fails(fresh_self_checks, monkeypatch):
     from d2sm_loss.ops import triton_kernels
 
     def broken(*args, **kwargs):
         raise RuntimeError("kernel does not compile here")
 
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
+    functional = fresh_self_checks
     monkeypatch.setattr(triton_kernels, "similarity_kl_triton", broken)
     with pytest.warns(RuntimeWarning, match="failed a self-check.*kernel does not compile here"):
         assert functional._triton_self_check(torch.device("cpu")) is False
     assert functional._triton_self_check(torch.device("cpu")) is False  # checked once, cached
 
 
-@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-def test_triton_self_check_runs_under_no_grad_and_inference_mode(monkeypatch, context):
-    """A first call from a validation pass must not turn Triton off for good."""
-    import d2sm_loss.functional as functional
-
+@pytest.mark.parametrize("context", [contextlib.nullcontext, torch.no_grad, torch.inference_mode])
+def test_triton_self_check_passes_under_the_interpreter(fresh_self_checks, context):
+    """Also when the first call comes from a validation pass: a self-check that failed there
+    would turn Triton off for good."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("checks the CPU interpreter path")
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
     with context():
-        assert functional._triton_self_check(torch.device("cpu")) is True
+        assert fresh_self_checks._triton_self_check(torch.device("cpu")) is True
 
 
-def test_self_check_out_of_memory_is_not_cached(monkeypatch):
-    import d2sm_loss.functional as functional
+def test_self_check_out_of_memory_is_not_cached(fresh_self_checks, monkeypatch):
     from d2sm_loss.ops import triton_kernels
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
+    functional = fresh_self_checks
     monkeypatch.setattr(triton_kernels, "similarity_kl_triton", out_of_memory)
     assert functional._triton_self_check(torch.device("cpu")) is False
     assert torch.device("cpu") not in functional._SELF_CHECKS

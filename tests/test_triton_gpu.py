@@ -122,15 +122,6 @@ def test_large_d_against_float64(kernel: str, include_self: bool) -> None:
 # --- implementation="auto" and its self-check ---------------------------------------------
 
 
-@pytest.fixture
-def fresh_self_checks(monkeypatch):
-    """An empty self-check cache, as in a fresh process (restored afterwards)."""
-    from d2sm_loss import functional
-
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
-    return functional
-
-
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
 def test_auto_first_call_without_grad_still_picks_triton(fresh_self_checks, context) -> None:
     """The first ``auto`` call of a process may come from a validation pass: the
