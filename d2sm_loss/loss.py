@@ -366,6 +366,11 @@ class SemanticStatisticsLoss(nn.Module):
         return self._extractor.model
 
     @property
+    def weights_source(self) -> str | None:
+        """Where the backbone's weights came from (a file, a cache, a download), if known."""
+        return getattr(self._extractor, "weights_source", None)
+
+    @property
     def layers(self) -> list[LayerSpec]:
         """The chosen layers, as module names of the backbone."""
         return list(self._extractor.layers or [])

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl
-from d2sm_loss._compat import import_timm
+import timm
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
 
@@ -310,7 +310,6 @@ def test_vit_tokens_by_name_lie_on_the_patch_grid_without_class_token():
 
 @pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")
 def test_channels_last_timm_maps_are_permuted():
-    timm = import_timm()
     extractor = make("swin_tiny_patch4_window7_224", layers=["layers.2"])._extractor
     (features,) = extractor(torch.rand(1, 3, 224, 224))
     assert features.shape == (1, 384, 14, 14) and extractor.reductions == [16]
@@ -499,7 +498,6 @@ def test_pretrained_without_network_says_how_to_pass_a_file():
 
 
 def test_torchvision_checkpoint_loads_into_timm_by_position(tmp_path):
-    import_timm()
     import torchvision
 
     torch.manual_seed(0)
@@ -515,7 +513,6 @@ def test_torchvision_checkpoint_loads_into_timm_by_position(tmp_path):
 
 
 def test_mismatched_checkpoint_names_the_first_mismatch(tmp_path):
-    timm = import_timm()
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), path)
     with pytest.raises(ValueError, match=r"entry 0 of the checkpoint, 'conv1.0.weight' with shape \(24, 3, 3, 3\)"):
@@ -523,7 +520,6 @@ def test_mismatched_checkpoint_names_the_first_mismatch(tmp_path):
 
 
 def test_timm_format_checkpoint_loads_by_name(tmp_path):
-    timm = import_timm()
     torch.manual_seed(1)
     full = timm.create_model("resnet10t").eval()
     path = tmp_path / "resnet10t.pth"
