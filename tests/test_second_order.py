@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+from helpers import features
 
 from d2sm_loss.ops import streaming
 from d2sm_loss.ops.reference import similarity_kl_reference, similarity_kl_vjp
@@ -51,10 +52,8 @@ IMPLEMENTATIONS = [
 
 def _features(groups: int, n: int, d: int, seed: int, dtype: torch.dtype = torch.float64):
     """Restored features ``x`` (a leaf requiring grad) and correlated clean features ``y``."""
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randn(groups, n, d, generator=gen, dtype=torch.float64)
-    x = y + 0.7 * torch.randn(groups, n, d, generator=gen, dtype=torch.float64)
-    return x.to(DEVICE, dtype).requires_grad_(True), y.to(DEVICE, dtype)
+    x, y = features(groups, n, d, dtype, seed=seed, device=DEVICE)
+    return x.requires_grad_(True), y
 
 
 def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
