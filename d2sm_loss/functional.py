@@ -189,8 +189,10 @@ def similarity_kl(
     include_self = check_bool("include_self", include_self)
     check_choice("reduction", reduction, REDUCTIONS)
     n, d = restored.shape[-2], restored.shape[-1]
-    if n == 0 or d == 0:
-        raise ValueError(f"restored must have at least one row and one feature, got shape {tuple(restored.shape)}")
+    if restored.numel() == 0:  # also G = 0 groups, whose mean would be NaN
+        raise ValueError(
+            f"restored must have at least one group, one row and one feature, got shape {tuple(restored.shape)}"
+        )
     if not include_self and n < 2:
         raise ValueError(
             f"include_self=False needs at least 2 rows per group to compare, got N={n}"

@@ -122,6 +122,13 @@ def test_empty_batch_is_an_error():
         criterion(torch.rand(0, 3, 32, 32), torch.rand(0, 3, 32, 32))
 
 
+@pytest.mark.parametrize("shape", [(0, 5, 3), (2, 0, 3), (5, 0), (0, 3)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_functional_empty_input_is_an_error_not_a_nan(shape, reduction):
+    with pytest.raises(ValueError, match="restored must have at least one group, one row and one feature"):
+        similarity_kl(torch.randn(shape), torch.randn(shape), reduction=reduction)
+
+
 def test_features_that_overflow_inside_the_backbone_are_an_error_not_a_nan_loss():
     criterion = SemanticStatisticsLoss(conv(scale=float("inf")))  # finite images, infinite features
     restored, clean = images()
