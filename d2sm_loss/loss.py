@@ -95,6 +95,8 @@ class FeatureQueue(nn.Module):
         """Write the newest rows, overwriting the oldest once full."""
         # float32 rows (float64 after loss.double()), whatever the features' dtype.
         dtype = torch.float64 if self.restored.dtype == torch.float64 else torch.float32
+        if self.restored.dtype != dtype:  # loss.half() or .bfloat16() cast the stored rows too
+            self.restored, self.clean = self.restored.to(dtype), self.clean.to(dtype)
         restored = restored.detach()[-self.size :].to(dtype)
         clean = clean.detach()[-self.size :].to(dtype)
         count = self.count

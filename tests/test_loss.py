@@ -328,6 +328,20 @@ def test_queue_follows_double_and_a_failed_load_changes_nothing():
     assert small.queues[0].feature_size is None and small.queues[0].count == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_full_queue_keeps_float32_rows_after_a_low_precision_cast(dtype):
+    criterion = conv_loss(queue_size=4, pool_size=2)
+    for seed in range(2):  # 6 rows: full, the position has wrapped
+        criterion(*images(seed=seed))
+    criterion.to(dtype)  # a low-precision backbone; the queue's buffers are cast with it
+    restored, clean = images(seed=2)
+    value = criterion(restored.to(dtype), clean.to(dtype))
+    queue = criterion.queues[0]
+    assert torch.isfinite(value) and queue.count == 4
+    assert queue.restored.dtype == queue.clean.dtype == torch.float32
+    assert int(queue.position) == (2 + 3) % 4  # 3 rows written from position 2
+
+
 def test_batch_of_one_with_queue_works_after_first_step():
     criterion = conv_loss(queue_size=4, pool_size=2, kernel="softmax")
     first = criterion(*images(batch=1, seed=0))
