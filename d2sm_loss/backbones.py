@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _hub
+from .checks import check_bool, check_numbers
 
 __all__ = [
     "FeatureExtractor",
@@ -393,8 +394,11 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         if not isinstance(backbone, (str, nn.Module)):
             raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
-        if not isinstance(pretrained, bool):
-            raise TypeError(f"pretrained must be a bool, got {pretrained!r}")
+        pretrained = check_bool("pretrained", pretrained)
+        if mean is not None:
+            mean = check_numbers("mean", mean, length=3)
+        if std is not None:
+            std = check_numbers("std", std, length=3, positive=True)
         layers = _checked_layers(layers)
         weights = _checked_weights(weights)
         self.reductions: list[int | None] = []
@@ -413,13 +417,12 @@ class FeatureExtractor(nn.Module):
             self.name = backbone
             default_cfg = self._build_timm(backbone, layers, pretrained, weights, dict(backbone_kwargs or {}))
 
-        mean = tuple(mean) if mean is not None else tuple(default_cfg.get("mean", (0.0, 0.0, 0.0)))
-        std = tuple(std) if std is not None else tuple(default_cfg.get("std", (1.0, 1.0, 1.0)))
-        for label, value in (("mean", mean), ("std", std)):
-            if len(value) != 3:
-                raise ValueError(f"{label} must have 3 values (one per RGB channel), got {value}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {std}")
+        if mean is None:
+            mean = check_numbers("mean (the model's pretrained config)", default_cfg.get("mean", (0.0, 0.0, 0.0)), length=3)
+        if std is None:
+            std = check_numbers(
+                "std (the model's pretrained config)", default_cfg.get("std", (1.0, 1.0, 1.0)), length=3, positive=True
+            )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         for module in self.model.modules():  # transformers with a fixed input size

@@ -345,3 +345,17 @@ def test_a_broken_torchvision_is_reported_not_patched():
                          capture_output=True, text=True, timeout=120)
     assert "ERROR operator torchvision::nms does not exist" in out.stdout, out.stderr
     assert "NOT DECLARED" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"mean": (0.5, float("nan"), 0.5)}, ValueError, r"mean\[1\] must be a finite number"),
+        ({"std": (1.0, 0.0, 1.0)}, ValueError, r"std\[1\] must be positive"),
+        ({"std": (1.0, 1.0)}, ValueError, "std must have 3 values"),
+        ({"pretrained": "yes"}, TypeError, "pretrained must be a bool"),
+    ],
+)
+def test_feature_extractor_checks_its_options_as_the_loss_does(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FeatureExtractor(nn.Conv2d(3, 4, 3), **kwargs)
