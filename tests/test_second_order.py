@@ -191,3 +191,19 @@ def test_vjp_helper_needs_x_to_require_grad() -> None:
     x, y = _features(1, 4, 3, seed=18)
     with pytest.raises(ValueError, match="x must require grad"):
         similarity_kl_vjp(x.detach(), y, torch.ones(1, 4), kernel="cosine", temperature=0.1, include_self=True)
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+def test_streaming_gradient_is_float32_when_backward_runs_inside_autocast(create_graph: bool) -> None:
+    """The forward leaves autocast regions; so must both backward paths (the fused one and the
+    reference's differentiable one), or a bfloat16 region would round the similarities."""
+    x64, y64 = features(2, 37, 19, seed=19)  # on the CPU, where the autocast region below is
+    x, y = x64.float().requires_grad_(), y64.float()
+    upstream = torch.rand(2, 37, generator=torch.Generator().manual_seed(20))
+    want_x = x64.clone().requires_grad_()
+    (want,) = torch.autograd.grad((similarity_kl_reference(want_x, y64) * upstream.double()).sum(), want_x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = (similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True) * upstream).sum()
+        (got,) = torch.autograd.grad(value, x, create_graph=create_graph)
+    assert got.dtype == torch.float32
+    _assert_close_scaled(got.double(), want, 1e-5, "gradient under autocast")

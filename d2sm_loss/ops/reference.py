@@ -122,7 +122,8 @@ def similarity_kl_vjp(
     from (the implementation's own input, saved for backward), ``y`` a constant.
 
     The statistic is evaluated with :func:`similarity_kl_reference` in float32 (float64
-    for float64 ``x``), whatever the dtype of ``x``; the result has the dtype of ``x``.
+    for float64 ``x``), whatever the dtype of ``x`` and any enclosing :func:`torch.autocast`
+    region; the result has the dtype of ``x``.
     Cost: the reference's forward and backward, O(G N^2 D) FLOPs and O(G N^2) memory,
     and the graph built here holds several (G, N, N) matrices until the second backward
     has run.
@@ -130,7 +131,9 @@ def similarity_kl_vjp(
     if not x.requires_grad:
         raise ValueError("x must require grad: the first derivative is taken with respect to it")
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    with torch.enable_grad():
+    # Outside any autocast region, as the forward passes run: a backward called inside one
+    # would otherwise recompute the similarities in bfloat16 / float16.
+    with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         kl = similarity_kl_reference(
             x.to(acc_dtype), y.detach().to(acc_dtype), kernel=kernel, temperature=temperature, include_self=include_self
         )

@@ -211,6 +211,14 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
             grad_x = similarity_kl_vjp(x, y, grad_kl, kernel=kernel, temperature=temperature, include_self=include_self)
             return grad_x, None, None, None, None, None
+        # In the inputs' dtype, as the forward, even when backward is called inside autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _StreamingSimilarityKL._gradient(x, y, x_norm, log_zx, log_zy, grad_kl, ctx.options)
+
+    @staticmethod
+    def _gradient(x: Tensor, y: Tensor, x_norm: Tensor, log_zx: Tensor, log_zy: Tensor, grad_kl: Tensor, options):
+        """The streamed first derivative ``dKL / dx`` (see the module docstring)."""
+        kernel, temperature, include_self, block_size = options
         xh = x.contiguous() / x_norm.clamp_min(NORM_EPS).unsqueeze(-1)  # as in the forward
         yh, _ = _unit_rows(y.contiguous())
         xh_t, yh_t = xh.transpose(-1, -2), yh.transpose(-1, -2)
