@@ -334,6 +334,8 @@ class SemanticStatisticsLoss(nn.Module):
             std = check_numbers("std", std, length=3, positive=True)
         if layer_weights is not None:
             layer_weights = check_numbers("layer_weights", layer_weights, non_negative=True)
+            if not layer_weights:
+                raise ValueError("layer_weights must hold one weight per layer, got an empty sequence")
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
             raise TypeError(f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}")
 
