@@ -260,7 +260,9 @@ class SemanticStatisticsLoss(nn.Module):
     Compiling: a training step that calls the loss compiles with
     ``torch.compile(step, fullgraph=True)`` when ``check_inputs=False`` (one graph, no
     recompilation from step to step, also with a queue once it is full); with
-    ``check_inputs=True`` the check's synchronisation is one graph break.
+    ``check_inputs=True`` the check's synchronisation is one graph break. The warnings about
+    swapped arguments and maps with few locations come from eager calls only: while
+    ``torch.compile`` traces, they are skipped (a warning would break the graph).
 
     Example::
 
@@ -515,7 +517,8 @@ class SemanticStatisticsLoss(nn.Module):
                 f"the images are on {restored.device} but the loss's backbone is on {self._extractor.device()}: "
                 "move the loss with criterion.to(device)"
             )
-        if clean.requires_grad and not restored.requires_grad and not self._warned_order:
+        swapped = clean.requires_grad and not restored.requires_grad
+        if swapped and not self._warned_order and not torch.compiler.is_compiling():
             self._warned_order = True
             warnings.warn(
                 "SemanticStatisticsLoss: `clean` requires grad but `restored` does not. The restored images "
@@ -593,7 +596,8 @@ class SemanticStatisticsLoss(nn.Module):
         """Rows of one layer's maps: (B, D) for image/patch, (B, L, C) for location."""
         x, y = self._samples(x_map), self._samples(y_map)
         few = 2 <= x.shape[-2] < MIN_LOCATIONS  # a single location is an error in statistic()
-        if self.granularity == "location" and few and layer not in self._warned_locations:
+        warn = few and layer not in self._warned_locations and not torch.compiler.is_compiling()
+        if self.granularity == "location" and warn:
             self._warned_locations.add(layer)
             warnings.warn(
                 f"SemanticStatisticsLoss: at granularity='location', layer {layer!r} has only {x.shape[-2]} "

@@ -119,3 +119,17 @@ def test_input_check_is_the_one_graph_break():
     assert explanation.graph_break_count >= 1
     assert len(places) == 1
     assert next(iter(places))[0] == "_check_values"
+
+
+def test_the_shape_warnings_do_not_break_a_fullgraph_compile():
+    """Few locations (a 3 x 3 map) and swapped arguments warn in eager calls; a compiled
+    step must still be one graph, with the eager value."""
+    restored, clean = batches(1, size=16)[0]
+    eager = make_loss(granularity="location")
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend="eager")
+    with pytest.warns(UserWarning, match="only 9 locations"):
+        want = eager(restored.clone().requires_grad_(), clean)
+    got = compiled(restored.clone().requires_grad_(), clean)
+    torch.testing.assert_close(got, want)
+    swapped = torch.compile(make_loss(), fullgraph=True, backend="eager")
+    torch.testing.assert_close(swapped(restored, clean.clone().requires_grad_()), make_loss()(restored, clean))
