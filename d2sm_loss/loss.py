@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,21 @@ MIN_LOCATIONS = 16
 
 #: The released code's input shift (EDSR's DIV2K mean); it divides by no std.
 PAPER_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_MODULE_CALL_FILE = os.path.abspath(nn.Module.__call__.__code__.co_filename)
+
+
+def _warn(message: str) -> None:
+    """A ``UserWarning`` attributed to the user's line: the first caller outside this
+    package and outside ``nn.Module``'s call machinery."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or os.path.abspath(frame.f_code.co_filename) == _MODULE_CALL_FILE
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 class FeatureQueue(nn.Module):
@@ -520,12 +537,10 @@ class SemanticStatisticsLoss(nn.Module):
         swapped = clean.requires_grad and not restored.requires_grad
         if swapped and not self._warned_order and not torch.compiler.is_compiling():
             self._warned_order = True
-            warnings.warn(
+            _warn(
                 "SemanticStatisticsLoss: `clean` requires grad but `restored` does not. The restored images "
                 "come first, criterion(restored, clean); with the arguments swapped the loss sends no gradient "
                 "to the network. (Warned once.)",
-                UserWarning,
-                stacklevel=4,
             )
         height, width = restored.shape[-2:]
         need = self.patch_size if self.granularity == "patch" else self._extractor.min_size()
@@ -571,11 +586,9 @@ class SemanticStatisticsLoss(nn.Module):
         if (range_restored or range_clean) and not self._warned_range:
             self._warned_range = True
             which = " and ".join(n for n, b in (("restored", range_restored), ("clean", range_clean)) if b)
-            warnings.warn(
+            _warn(
                 f"SemanticStatisticsLoss: {which} has values outside input_range={self.input_range}; the "
                 "backbone sees them as they are. Set input_range to your images' range. (Warned once.)",
-                UserWarning,
-                stacklevel=4,
             )
 
     def _prepare(self, images: Tensor) -> Tensor:
@@ -599,13 +612,11 @@ class SemanticStatisticsLoss(nn.Module):
         warn = few and layer not in self._warned_locations and not torch.compiler.is_compiling()
         if self.granularity == "location" and warn:
             self._warned_locations.add(layer)
-            warnings.warn(
+            _warn(
                 f"SemanticStatisticsLoss: at granularity='location', layer {layer!r} has only {x.shape[-2]} "
                 f"locations on {image_size[0]}x{image_size[1]} images (fewer than {MIN_LOCATIONS}): the statistic "
                 "compares very few samples, so its value and gradient are tiny. Use larger images, a shallower "
                 "layer, or granularity='image' with queue_size > 0. (Warned once per layer.)",
-                UserWarning,
-                stacklevel=4,
             )
         return LayerRows(layer, weight, x, y, x.shape[0])
 

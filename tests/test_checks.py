@@ -146,6 +146,7 @@ def test_swapped_arguments_warn_once():
         criterion(restored, clean)
         criterion(restored, clean)
     assert sum("come first" in str(w.message) for w in record) == 1
+    assert record[0].filename == __file__  # the user's line, not torch's Module.__call__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SemanticStatisticsLoss(conv())(*images())  # the right order: no warning
@@ -153,8 +154,9 @@ def test_swapped_arguments_warn_once():
 
 def test_location_granularity_with_few_locations_warns():
     criterion = SemanticStatisticsLoss(conv(), granularity="location")
-    with pytest.warns(UserWarning, match=r"only 9 locations on 16x16 images .*Use larger images, a shallower layer"):
+    with pytest.warns(UserWarning, match=r"only 9 locations on 16x16 images .*Use larger images, a shallower layer") as record:
         criterion(*images(size=16))  # a 3 x 3 map
+    assert record[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SemanticStatisticsLoss(conv(), granularity="location")(*images(size=32))  # 7 x 7 = 49 locations

@@ -398,6 +398,7 @@ def test_out_of_range_values_warn_once():
         criterion(restored * 3, clean)
         criterion(restored * 3, clean)
     assert sum("outside input_range" in str(w.message) for w in record) == 1
+    assert [w.filename for w in record if "outside input_range" in str(w.message)] == [__file__]
 
 
 def test_non_finite_inputs_raise_unless_checks_are_off():
