@@ -90,12 +90,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbone-weights", default=None, help="checkpoint path or package:NAME")
     parser.add_argument("--random-backbone", action="store_true", help="random backbone and judge: smoke tests only")
     parser.add_argument("--evaluator-weights", default=None)
+    parser.add_argument("--shard", default="0/1",
+                        help="'i/n': run only the runs whose index is i modulo n, for n processes sharing one CSV")
     args = parser.parse_args(argv)
     for key, value in SCALES[args.scale].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.out is None:
         args.out = RESULTS / f"study_denoising{'' if args.scale == 'cpu' else '_' + args.scale}.csv"
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    if not 0 <= shard < shards:
+        parser.error(f"--shard: expected i/n with 0 <= i < n, got {args.shard!r}")
+    args.shard = (shard, shards)
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.depths = [d for d in args.depths.split(",") if d]
     args.granularities = [g for g in args.granularities.split(",") if g]
@@ -242,41 +248,41 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for depth, granularity, target, weight in grid:
         print(f"  {config_name(depth, granularity, target):28s} weight {weight:.3g}", flush=True)
 
-    for seed in seeds:
-        for depth, granularity, target, weight in [(None, None, None, 0.0)] + grid:
-            name = "l1" if depth is None else config_name(depth, granularity, target)
-            if (name, str(seed)) in done:
-                continue
-            t0 = time.perf_counter()
-            if depth is None:
-                criterion = criterion_for(args, "deepest", "image").to(device)  # only measured in the L1 run
-            else:
-                torch.manual_seed(seed)
-                criterion = criterion_for(args, depth, granularity).to(device)
-            model = initial_model(args, seed).to(device)
-            data = batches(train_set, noise, args.batch_size, args.crop, seed=seed)
-            config = {"config": name, "seed": seed, "loss": "l1" if depth is None else "l1+d2sm", "depth": depth or "",
-                      "layer": "" if depth is None else criterion.layers[0], "granularity": granularity or "",
-                      "queue_size": criterion.queue_size if depth is not None else "", "target_ratio": target or "",
-                      "weight": weight}
-            try:
-                model, run = train(model, criterion, data, weight, steps=args.steps, lr=args.lr, device=device,
-                                   log_every=max(1, args.steps), label=name, progress=False)
-            except FloatingPointError as error:  # recorded, and the study goes on
-                append_rows(args.out, [{**common, **config, "metric": "diverged", "value": 1}])
-                print(f"seed {seed} {name}: {error}", flush=True)
-                continue
-            with torch.no_grad():
-                restored = torch.cat([model(chunk.to(device)).cpu() for chunk in noisy.split(16)])
-            metrics = score(restored, clean, clean_log_probs, evaluator)
-            tail = run["history"]["l1"][-max(1, args.steps // 10):]
-            metrics.update(final_l1=sum(tail) / len(tail), train_seconds=run["train_seconds"])
-            if depth is not None:
-                metrics["grad_ratio_init"] = weight * at_weight_one[depth, granularity][seed]
-            append_rows(args.out, [{**common, **config, "metric": m, "value": v} for m, v in metrics.items()])
-            print(f"seed {seed} {name:28s} psnr {metrics['psnr']:.3f} kl {metrics['kl']:.4f} "
-                  f"top1 {metrics['top1_agreement']:.3f}  {time.perf_counter() - t0:.0f}s "
-                  f"(total {time.perf_counter() - started:.0f}s)", flush=True)
+    runs = [(seed, *job) for seed in seeds for job in [(None, None, None, 0.0)] + grid]
+    for index, (seed, depth, granularity, target, weight) in enumerate(runs):
+        name = "l1" if depth is None else config_name(depth, granularity, target)
+        if (name, str(seed)) in done or index % args.shard[1] != args.shard[0]:
+            continue
+        t0 = time.perf_counter()
+        if depth is None:
+            criterion = criterion_for(args, "deepest", "image").to(device)  # only measured in the L1 run
+        else:
+            torch.manual_seed(seed)
+            criterion = criterion_for(args, depth, granularity).to(device)
+        model = initial_model(args, seed).to(device)
+        data = batches(train_set, noise, args.batch_size, args.crop, seed=seed)
+        config = {"config": name, "seed": seed, "loss": "l1" if depth is None else "l1+d2sm", "depth": depth or "",
+                  "layer": "" if depth is None else criterion.layers[0], "granularity": granularity or "",
+                  "queue_size": criterion.queue_size if depth is not None else "", "target_ratio": target or "",
+                  "weight": weight}
+        try:
+            model, run = train(model, criterion, data, weight, steps=args.steps, lr=args.lr, device=device,
+                               log_every=max(1, args.steps), label=name, progress=False)
+        except FloatingPointError as error:  # recorded, and the study goes on
+            append_rows(args.out, [{**common, **config, "metric": "diverged", "value": 1}])
+            print(f"seed {seed} {name}: {error}", flush=True)
+            continue
+        with torch.no_grad():
+            restored = torch.cat([model(chunk.to(device)).cpu() for chunk in noisy.split(16)])
+        metrics = score(restored, clean, clean_log_probs, evaluator)
+        tail = run["history"]["l1"][-max(1, args.steps // 10):]
+        metrics.update(final_l1=sum(tail) / len(tail), train_seconds=run["train_seconds"])
+        if depth is not None:
+            metrics["grad_ratio_init"] = weight * at_weight_one[depth, granularity][seed]
+        append_rows(args.out, [{**common, **config, "metric": m, "value": v} for m, v in metrics.items()])
+        print(f"seed {seed} {name:28s} psnr {metrics['psnr']:.3f} kl {metrics['kl']:.4f} "
+              f"top1 {metrics['top1_agreement']:.3f}  {time.perf_counter() - t0:.0f}s "
+              f"(total {time.perf_counter() - started:.0f}s)", flush=True)
     print(f"done in {time.perf_counter() - started:.0f}s: {args.out}")
     return args.out
 
