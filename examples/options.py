@@ -23,7 +23,9 @@ def float_pair(text: str) -> tuple[float, float]:
 def example_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     """Options of every example: run, training, the loss, data. Training defaults are None
     here and filled by :func:`parse_args` from the example's ``--quick`` or full defaults."""
-    parser = argparse.ArgumentParser(prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = parser.add_argument_group("run")
     g.add_argument("--quick", action="store_true", help="small configuration: < 10 minutes on 2 CPU cores")
     g.add_argument("--out", default=None, help=f"output folder (default runs/{name}[-quick])")
@@ -41,7 +43,8 @@ def example_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     g.add_argument("--backbone-weights", default=None, help="local checkpoint (or package:NAME) for the backbone")
     g.add_argument("--random-backbone", action="store_true",
                    help="random backbone and evaluator weights: smoke tests only, stamped on every output")
-    g.add_argument("--layers", type=layer_list, default=None, help="comma-separated feature levels (default: the loss's)")
+    g.add_argument("--layers", type=layer_list, default=None,
+                   help="comma-separated feature levels (default: the loss's)")
     g.add_argument("--granularity", default="image", choices=("image", "patch", "location"))
     g.add_argument("--kernel", default="cosine", choices=("cosine", "softmax"))
     g.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax kernel")

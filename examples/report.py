@@ -109,7 +109,8 @@ def write_report(
     clean = {sample.name: sample.clean for sample, _ in prepared}
     for row in evaluation["per_image"]:
         outputs = images[row["name"]]
-        panels = [(f"{degraded_label}\n{row['degraded']['psnr']:.2f} dB / {row['degraded']['ssim']:.3f}", outputs["degraded"])]
+        caption = f"{degraded_label}\n{row['degraded']['psnr']:.2f} dB / {row['degraded']['ssim']:.3f}"
+        panels = [(caption, outputs["degraded"])]
         for name in runs:
             panels.append((f"{name}\n{row[name]['psnr']:.2f} dB / {row[name]['ssim']:.3f}, {row[name]['top1'][:18]}",
                            outputs[name]))

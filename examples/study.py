@@ -70,7 +70,8 @@ SCALES = {
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=tuple(SCALES), default="cpu", help="defaults for the options below")
-    parser.add_argument("--out", type=Path, default=None, help="CSV (default examples/results/study_denoising[_gpu].csv)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV (default examples/results/study_denoising[_gpu].csv)")
     parser.add_argument("--device")
     parser.add_argument("--seeds", type=int, help="seeds 0 .. N-1")
     parser.add_argument("--steps", type=int)
@@ -90,6 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbone-weights", default=None, help="checkpoint path or package:NAME")
     parser.add_argument("--random-backbone", action="store_true", help="random backbone and judge: smoke tests only")
     parser.add_argument("--evaluator-weights", default=None)
+    parser.add_argument("--ratio-trace", action="store_true",
+                        help="instead of the study: the gradient ratio at weight 1 along an L1 training of seed 0")
     parser.add_argument("--shard", default="0/1",
                         help="'i/n': run only the runs whose index is i modulo n, for n processes sharing one CSV")
     args = parser.parse_args(argv)
@@ -157,12 +160,42 @@ def calibrate(args, train_set, noise, seeds, device) -> dict[tuple[str, str], di
             for seed in seeds:
                 model = initial_model(args, seed).to(device).train()
                 degraded, clean = next(batches(train_set, noise, args.batch_size, args.crop, seed=seed))
-                ratios[depth, granularity][seed] = gradient_ratio(model, criterion, degraded.to(device), clean.to(device))
+                ratio = gradient_ratio(model, criterion, degraded.to(device), clean.to(device))
+                ratios[depth, granularity][seed] = ratio
                 criterion.reset_queue()  # each seed's ratio on an empty queue
     return ratios
 
 
-def test_crops(args) -> tuple[Tensor, Tensor]:
+def ratio_trace(args, train_set, noise, device) -> list[list[float]]:
+    """Print ``||dD2SM/dx|| / ||dL1/dx||`` at weight 1 for each (depth, granularity) on the
+    seed-0 network after 0, steps/30, steps/10, steps/3 and ``--steps`` L1 training steps (on
+    the batch of that step), to show how far the ratio at initialisation is from the ratio
+    later in training. Returns the printed rows (step, ratios...)."""
+    checkpoints = sorted({0, args.steps // 30, args.steps // 10, args.steps // 3, args.steps})
+    rows = []
+    criteria = {(d, g): criterion_for(args, d, g).to(device) for d in args.depths for g in args.granularities}
+    model = initial_model(args, 0).to(device)
+    data = batches(train_set, noise, args.batch_size, args.crop, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    print("steps  " + "  ".join(f"{d}/{g}" for d, g in criteria), flush=True)
+    for step in range(args.steps + 1):
+        degraded, clean = (t.to(device) for t in next(data))
+        if step in checkpoints:
+            ratios = []
+            for criterion in criteria.values():
+                criterion.reset_queue()  # an empty queue, as at initialisation
+                ratios.append(gradient_ratio(model, criterion, degraded, clean))
+            print(f"{step:5d}  " + "  ".join(f"{r:10.3g}" for r in ratios), flush=True)
+            rows.append([step, *ratios])
+        if step == args.steps:
+            return rows
+        loss = F.l1_loss(model(degraded), clean)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def make_test_crops(args) -> tuple[Tensor, Tensor]:
     """Clean and noisy test crops: ``--test-per-image`` random crops of every test photograph,
     noise drawn once from a fixed seed (identical for every run)."""
     _, test_set = load_images()
@@ -212,7 +245,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> Path | None:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -222,8 +255,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     seeds = list(range(args.seeds))
     train_set, _ = load_images()
     noise = lambda clean, rng: add_gaussian_noise(clean, args.sigma / 255, rng)  # noqa: E731
+    if args.ratio_trace:
+        ratio_trace(args, train_set, noise, device)
+        return None
     evaluator = Evaluator(device, random=args.random_backbone, weights=args.evaluator_weights)
-    clean, noisy = test_crops(args)
+    clean, noisy = make_test_crops(args)
     clean_log_probs = torch.cat([evaluator.log_probs(chunk) for chunk in clean.split(32)])
     common = {
         "study": "denoising", "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
@@ -261,10 +297,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
             criterion = criterion_for(args, depth, granularity).to(device)
         model = initial_model(args, seed).to(device)
         data = batches(train_set, noise, args.batch_size, args.crop, seed=seed)
-        config = {"config": name, "seed": seed, "loss": "l1" if depth is None else "l1+d2sm", "depth": depth or "",
-                  "layer": "" if depth is None else criterion.layers[0], "granularity": granularity or "",
-                  "queue_size": criterion.queue_size if depth is not None else "", "target_ratio": target or "",
-                  "weight": weight}
+        config = {"config": name, "seed": seed, "loss": "l1", "depth": "", "layer": "", "granularity": "",
+                  "queue_size": "", "target_ratio": "", "weight": weight}
+        if depth is not None:
+            config.update(loss="l1+d2sm", depth=depth, layer=criterion.layers[0], granularity=granularity,
+                          queue_size=criterion.queue_size, target_ratio=target)
         try:
             model, run = train(model, criterion, data, weight, steps=args.steps, lr=args.lr, device=device,
                                log_every=max(1, args.steps), label=name, progress=False)

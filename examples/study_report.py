@@ -78,12 +78,15 @@ def configs(rows: Sequence[Mapping]) -> list[dict]:
     found: dict[str, dict] = {}
     for r in rows:
         if r["loss"] == "l1+d2sm" and r["config"] not in found:
-            found[r["config"]] = {"config": r["config"], "depth": r["depth"], "layer": r["layer"],
-                                  "granularity": r["granularity"], "target_ratio": r["target_ratio"], "weight": r["weight"]}
+            found[r["config"]] = {key: r[key] for key in
+                                  ("config", "depth", "layer", "granularity", "target_ratio", "weight")}
     for c in found.values():
         ratios = values_by_seed(rows, c["config"], "grad_ratio_init")
         c["ratio"] = sum(ratios.values()) / len(ratios) if ratios else math.nan
-    return list(found.values())
+        c["target_ratio"] = f"{float(c['target_ratio']):g}"
+    depth_order = {"middle": 0, "deepest": 1}  # the grid's order, whichever run finished first
+    return sorted(found.values(), key=lambda c: (depth_order.get(c["depth"], 2), c["depth"], c["granularity"],
+                                                 float(c["target_ratio"])))
 
 
 def interval(values: Sequence[float], fmt: str) -> str:
@@ -101,8 +104,9 @@ def table(rows: Sequence[Mapping]) -> str:
         diffs = {m: paired_differences(rows, c["config"], m) for m, _, _ in METRICS}
         n = min(len(d) for d in diffs.values())
         cells = [interval(list(diffs[m].values()), fmt) for m, _, fmt in METRICS]
-        lines.append(f"| {c['depth']} / {c['granularity']} / r {c['target_ratio']} | {c['layer']} | {float(c['weight']):.3g} "
-                     f"| {c['ratio']:.3g} | {n} | " + " | ".join(cells) + " |")
+        name = f"{c['depth']} / {c['granularity']} / r {c['target_ratio']}"
+        lines.append(f"| {name} | {c['layer']} | {float(c['weight']):.3g} | {c['ratio']:.3g} | {n} | "
+                     + " | ".join(cells) + " |")
     base = []
     for m, label, _ in METRICS:
         mean, low, high = mean_ci(list(values_by_seed(rows, "l1", m).values()))
@@ -151,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     rows = read_rows(args.csv)
     first = next(r for r in rows if r["loss"] == "l1")
     title = (f"denoising study: {first['model']}, {first['steps']} steps x {first['batch_size']} x {first['crop']}px, "
-             f"{first['test_crops']} test crops; {first['device']}, commit {first['commit']}")
+             f"{first['test_crops']} test crops; {first['device']}, "
+             f"commit {', '.join(sorted({r['commit'] for r in rows}))}")
     if first["backbone_weights"].startswith("RANDOM"):
         title += "  [RANDOM BACKBONE - smoke test only]"
     text = f"{title}\n\n{table(rows)}"

@@ -107,3 +107,12 @@ def test_study_smoke_run_pairs_runs_and_resumes(tmp_path):
     text = study_report.main([str(out)])
     assert "RANDOM" in text and "deepest / image / r 0.3" in text
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_ratio_trace_runs(capsys):
+    study.main(["--ratio-trace", "--random-backbone", "--steps", "3", "--batch-size", "2", "--crop", "48",
+                "--depth", "3", "--width", "4", "--depths", "middle", "--granularities", "image,location"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["steps", "middle/image", "middle/location"]
+    assert [int(line.split()[0]) for line in lines[1:]] == [0, 1, 3]
+    assert all(float(v) > 0 and math.isfinite(float(v)) for line in lines[1:] for v in line.split()[1:])
