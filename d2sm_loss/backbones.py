@@ -10,9 +10,27 @@ Layers are chosen
   its ReLU): the model is traced with :func:`timm.models.create_feature_extractor`, and
   nothing after the deepest chosen node is run.
 
-Weights come from timm (``pretrained=True``), from a local checkpoint (``weights=PATH``,
-timm's own format or a torchvision-style file whose tensors match by shape in order,
-see :func:`map_state_dict`), or are random (``pretrained=False``, with a warning).
+Weights come from a checkpoint (``weights=PATH``, ``weights="package:NAME"`` for the file an
+installed distribution ships, or a state dict; timm's own format or a torchvision-style file
+whose tensors match by shape in order, see :func:`map_state_dict`), from timm's pretrained
+weights (``pretrained=True``), or are random (``pretrained=False``, with a warning).
+
+``pretrained=True`` reads no network when the weights are already on the machine. In order:
+
+1. the backbone's own weights in torch hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``,
+   by default ``~/.cache/torch/hub/checkpoints``), under the file name of the URL in timm's
+   pretrained configuration or of the torchvision file they were converted from (e.g.
+   ``vgg19-dcbb9e9d.pth`` for ``vgg19``);
+2. the same weights in the Hugging Face cache (``$HF_HUB_CACHE``), where timm's downloads
+   from the hub are kept;
+3. for a name without a pretrained tag (``"resnet50"``, not ``"resnet50.a1_in1k"``),
+   torchvision's ImageNet weights of the same architecture in torch hub's folder (e.g.
+   ``resnet50-0676ba61.pth``, ``mobilenet_v2-b0353104.pth``), with a warning that names them;
+4. a download. One request with a 5 s timeout checks first that the hub answers, so a
+   machine without network gets the error (which says how to pass weights) within seconds
+   rather than after the hub client's retries; ``HF_HUB_OFFLINE=1`` skips the request.
+
+:attr:`FeatureExtractor.weights_source` says which was used.
 """
 
 from __future__ import annotations
@@ -21,17 +39,19 @@ import contextlib
 import difflib
 import importlib.metadata
 import logging
+import operator
 import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._compat import import_timm
+from . import _hub
 
 __all__ = [
     "FeatureExtractor",
@@ -47,7 +67,7 @@ LayerSpec = Union[int, str]
 WeightsSource = Union[str, os.PathLike, Mapping[str, Tensor]]
 
 _NESTED_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module", "params")
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 #: ``weights="package:NAME"`` loads the checkpoint file that the installed Python
 #: distribution ``NAME`` ships (see :func:`packaged_weights`).
@@ -68,7 +88,7 @@ def packaged_weights(distribution: str) -> Path:
 
     Raises:
         FileNotFoundError: the distribution is not installed, or ships no checkpoint file
-            (``.pth``, ``.pt``, ``.bin``, ``.ckpt``) or several.
+            (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ``.safetensors``) or several.
     """
     try:
         dist = importlib.metadata.distribution(distribution)
@@ -90,7 +110,8 @@ def read_checkpoint(weights: WeightsSource) -> "OrderedDict[str, Tensor]":
     """Read a checkpoint file (or take a state dict) and return its tensors in order.
 
     ``weights`` is a path, ``"package:NAME"`` (the file an installed distribution ships,
-    see :func:`packaged_weights`) or a state dict.
+    see :func:`packaged_weights`) or a state dict. Files are read with
+    ``torch.load(weights_only=True)``, or as safetensors when their name ends in ``.safetensors``.
     Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and the ``module.``
     prefix that DataParallel/DDP adds are removed.
     """
@@ -102,7 +123,12 @@ def read_checkpoint(weights: WeightsSource) -> "OrderedDict[str, Tensor]":
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"weights: no checkpoint file at {str(path)!r}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     while isinstance(state, Mapping) and not any(isinstance(v, Tensor) for v in state.values()):
         inner = next((state[k] for k in _NESTED_KEYS if k in state and isinstance(state[k], Mapping)), None)
         if inner is None:
@@ -214,6 +240,111 @@ def _describe_taps(feature_info: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def _tap_index(layer: int, taps: Sequence[Mapping[str, Any]], model_name: str) -> int:
+    """Feature index ``layer`` (negative counts from the end) as a position in ``taps``."""
+    index = layer + len(taps) if layer < 0 else layer
+    if not 0 <= index < len(taps):
+        raise ValueError(
+            f"layers: feature index {layer} is out of range for {model_name!r}, which has "
+            f"{len(taps)} taps: {_describe_taps(taps)}"
+        )
+    return index
+
+
+def _checked_layer(layer: Any) -> LayerSpec:
+    """One layer spec as an int or a str; integer scalars (numpy, 0-d tensors) become ints."""
+    if isinstance(layer, str):
+        return layer
+    if not isinstance(layer, bool) and hasattr(layer, "__index__"):
+        try:
+            return operator.index(layer)
+        except TypeError:
+            pass
+    raise TypeError(f"layers must hold ints (feature indices) or strs (module names), got {layer!r}")
+
+
+def _checked_layers(layers: Sequence[LayerSpec] | LayerSpec | None) -> list[LayerSpec] | None:
+    """``layers`` as a list of ints and strs (None stays None); no layer given twice."""
+    if layers is None:
+        return None
+    if isinstance(layers, str) or not isinstance(layers, Sequence):
+        if isinstance(layers, (str, int)) or hasattr(layers, "__index__"):
+            return [_checked_layer(layers)]
+        raise TypeError(f"layers must be an int, a str or a sequence of them, got {type(layers).__name__} {layers!r}")
+    checked = [_checked_layer(layer) for layer in layers]
+    if not checked:
+        raise ValueError("layers must name at least one layer, got an empty sequence")
+    _reject_duplicate_layers(checked, checked, "the backbone")
+    return checked
+
+
+def _reject_duplicate_layers(specs: Sequence[LayerSpec], targets: Sequence[Any], model_name: str) -> None:
+    """Raise if two of ``specs`` choose the same layer (``targets[i]`` is what ``specs[i]`` resolves to)."""
+    first: dict[Any, LayerSpec] = {}
+    for spec, target in zip(specs, targets):
+        if target not in first:
+            first[target] = spec
+            continue
+        earlier = first[target]
+        if type(earlier) is type(spec) and earlier == spec:
+            raise ValueError(f"layers: {spec!r} is given twice; choose each layer once")
+        raise ValueError(
+            f"layers: {earlier!r} and {spec!r} are the same layer of {model_name} ({target!r}); choose each layer once"
+        )
+
+
+def _checked_weights(weights: Any) -> WeightsSource | None:
+    """``weights`` as a checkpoint path that exists or a non-empty state dict; None stays None.
+
+    ``"package:NAME"`` becomes the file that distribution ships. Reads no file.
+    """
+    if weights is None:
+        return None
+    if isinstance(weights, Mapping):
+        if not weights:
+            raise ValueError("weights: the state dict is empty")
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        if isinstance(weights, str) and weights.startswith(PACKAGE_PREFIX):
+            path = packaged_weights(weights[len(PACKAGE_PREFIX) :])
+        else:
+            path = Path(weights).expanduser()
+        if not path.is_file():
+            what = "a folder, not a checkpoint file" if path.is_dir() else "no such file"
+            raise FileNotFoundError(f"weights: {str(path)!r} is {what}; pass the checkpoint file itself")
+        return path
+    hint = " (for timm's pretrained weights pass pretrained=True)" if isinstance(weights, bool) else ""
+    raise TypeError(
+        f"weights must be a checkpoint path, 'package:NAME' or a state dict, got {type(weights).__name__} "
+        f"{weights!r}{hint}"
+    )
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    """The chosen layers of a timm model: feature taps (``indices``, built with
+    ``features_only``) or graph nodes (``indices`` None, traced), with their names and
+    downsampling factors."""
+
+    indices: list[int] | None
+    names: list[str]
+    reductions: list[int | None]
+
+
+@dataclass(frozen=True)
+class _WeightSource:
+    """What ``timm.create_model`` is given: the model name (its pretrained tag may differ from
+    the requested one when a stand-in was found offline), whether to load, the pretrained
+    configuration overlay (a local file or a state dict) and a description for users."""
+
+    model_name: str
+    pretrained: bool
+    overlay: Mapping[str, Any]
+    description: str
+    download: bool = False
+    searched: str = ""
+
+
 class FeatureExtractor(nn.Module):
     """A frozen backbone that returns the feature maps of chosen layers.
 
@@ -223,12 +354,22 @@ class FeatureExtractor(nn.Module):
         layers: feature indices (``int``, timm's ``features_only`` taps; negative
             counts from the end) or module/graph-node names (``str``), or None for the
             deepest tap. For a user module: indices into its returned list, or keys of
-            its returned dict (None: every returned map).
+            its returned dict (None: every returned map). Each layer may be chosen once:
+            two specs that resolve to the same tap or node (``-1`` and the last index, a
+            container and its last node) raise a ``ValueError``.
         pretrained: load timm's pretrained weights (ignored when ``weights`` is given).
-        weights: a local checkpoint to load instead (path or state dict).
+            They are looked for on this machine first (torch hub's checkpoint folder, the
+            Hugging Face cache), then downloaded; see :mod:`d2sm_loss.backbones`.
+        weights: a checkpoint to load instead: a path, ``"package:NAME"`` (the file an
+            installed distribution ships) or a state dict. For a user module it is loaded
+            with :func:`load_weights`.
         mean, std: the normalisation applied to [0, 1] images before the backbone;
             None takes the model's pretrained config (timm), else (0, 0, 0) / (1, 1, 1).
         backbone_kwargs: extra keyword arguments for :func:`timm.create_model`.
+
+    Attributes:
+        weights_source: where the weights came from (a file path, a download, the
+            ``weights`` argument, ``"random"`` or ``"user module"``).
 
     The extractor holds no trainable parameters and always runs in eval mode. Its
     outputs are a list of tensors, one per layer, each ``(B, C, h, w)``: timm models that
@@ -250,29 +391,27 @@ class FeatureExtractor(nn.Module):
         backbone_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(layers, (int, str)):
-            layers = [layers]
-        layers = list(layers) if layers is not None else None
-        if layers is not None:
-            if not layers:
-                raise ValueError("layers must name at least one layer, got an empty sequence")
-            for layer in layers:
-                if isinstance(layer, bool) or not isinstance(layer, (int, str)):
-                    raise TypeError(f"layers must hold ints (feature indices) or strs (module names), got {layer!r}")
+        if not isinstance(backbone, (str, nn.Module)):
+            raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
+        if not isinstance(pretrained, bool):
+            raise TypeError(f"pretrained must be a bool, got {pretrained!r}")
+        layers = _checked_layers(layers)
+        weights = _checked_weights(weights)
         self.reductions: list[int | None] = []
         self.required_size: tuple[int, int] | None = None
         self._channels_last = False  # timm's output_fmt "NHWC"
         self._token_grid: tuple[int, int, int] | None = None  # (prefix tokens, patch h, patch w)
         if isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
+            if weights is not None:
+                load_weights(backbone, weights)
+            self.weights_source = str(weights) if isinstance(weights, Path) else "user module"
             self.model, self.layers, self._select = backbone, layers, layers
             default_cfg = getattr(backbone, "pretrained_cfg", None) or {}
             self.reductions = [None] * (len(layers) if layers else 0)
-        elif isinstance(backbone, str):
+        else:
             self.name = backbone
             default_cfg = self._build_timm(backbone, layers, pretrained, weights, dict(backbone_kwargs or {}))
-        else:
-            raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
 
         mean = tuple(mean) if mean is not None else tuple(default_cfg.get("mean", (0.0, 0.0, 0.0)))
         std = tuple(std) if std is not None else tuple(default_cfg.get("std", (1.0, 1.0, 1.0)))
@@ -299,88 +438,180 @@ class FeatureExtractor(nn.Module):
         weights: WeightsSource | None,
         kwargs: dict[str, Any],
     ) -> Mapping[str, Any]:
-        timm = import_timm()
-        with torch.device("meta"):  # shapes and layer names only, no allocation
+        """Build timm model ``name`` cut after the chosen layers, with its weights; returns its
+        pretrained configuration. Cheap steps first: everything that can be wrong with the
+        layers is found on a shape-only copy before any weights are read or downloaded."""
+        import timm
+
+        with torch.device("meta"):  # shapes, layer names and configuration only, no allocation
             blueprint = _timm_model_or_error(timm, name, pretrained=False, **kwargs)
-        taps = list(getattr(blueprint, "feature_info", []) or [])
+        self._read_layout(blueprint)
+        plan = self._plan_layers(blueprint, name, layers)
+        source = self._weight_source(name, blueprint, pretrained, weights, kwargs)
+        self.model, cfg = self._create(timm, name, blueprint, source, plan, kwargs)
+        self.layers = plan.names
+        self.reductions = plan.reductions
+        self._select = None if plan.indices is not None else plan.names  # features_only returns the taps in order
+        self.weights_source = source.description
+        return cfg or getattr(blueprint, "pretrained_cfg", None) or {}
+
+    def _read_layout(self, blueprint: nn.Module) -> None:
+        """How the model lays out its maps: channels-last, or transformer tokens on a patch grid."""
         self._channels_last = str(getattr(blueprint, "output_fmt", "NCHW")).upper().endswith("NHWC")
         patch = getattr(getattr(blueprint, "patch_embed", None), "patch_size", None)
         if patch is not None:
             ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
             self._token_grid = (int(getattr(blueprint, "num_prefix_tokens", 0) or 0), int(ph), int(pw))
+
+    def _plan_layers(self, blueprint: nn.Module, name: str, layers: list[LayerSpec] | None) -> _LayerPlan:
+        """Resolve ``layers`` to feature taps (all ints) or graph nodes (any str; ints name
+        their tap's module). Two specs that resolve to the same tap or node are an error."""
+        taps = list(getattr(blueprint, "feature_info", []) or [])
+        if layers is None:
+            if not taps:
+                raise ValueError(f"layers: backbone {name!r} has no feature taps; choose layers by module name")
+            layers = [len(taps) - 1]
+        if all(isinstance(layer, int) for layer in layers):
+            indices = [_tap_index(layer, taps, name) for layer in layers]  # type: ignore[arg-type]
+            names = [str(taps[i]["module"]) for i in indices]
+            _reject_duplicate_layers(layers, names, repr(name))
+            return _LayerPlan(indices, names, [int(taps[i]["reduction"]) for i in indices])
+        from timm.models import get_graph_node_names
+
+        nodes = get_graph_node_names(blueprint)[1]
+        modules = [
+            str(taps[_tap_index(layer, taps, name)]["module"]) if isinstance(layer, int) else layer for layer in layers
+        ]
+        names = [self._node_for(module, nodes, name) for module in modules]
+        _reject_duplicate_layers(layers, names, repr(name))
+        return _LayerPlan(None, names, self._probe_reductions(blueprint, names))
+
+    def _weight_source(
+        self,
+        name: str,
+        blueprint: nn.Module,
+        pretrained: bool,
+        weights: WeightsSource | None,
+        kwargs: Mapping[str, Any],
+    ) -> _WeightSource:
+        """Where the weights come from, in this order: the ``weights`` argument; random
+        (``pretrained=False``, with a warning); a file on this machine (torch hub's checkpoint
+        folder, the Hugging Face cache); a download, after a quick check that the hub answers."""
         if weights is not None:
-            kwargs["pretrained_cfg_overlay"] = dict(state_dict=map_state_dict(weights, blueprint))
-            pretrained = True
-        elif not pretrained:
+            label = str(weights) if isinstance(weights, Path) else "the weights argument"
+            return _WeightSource(name, True, {"state_dict": map_state_dict(weights, blueprint)}, label)
+        if not pretrained:
             warnings.warn(
                 f"SemanticStatisticsLoss: backbone {name!r} has random weights (pretrained=False): its "
                 "features are not semantic, so the loss does not match semantic statistics. Use this "
                 "only for tests, or pass pretrained=True or weights=PATH.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-        if layers is None:
-            if not taps:
-                raise ValueError(f"layers: backbone {name!r} has no feature taps; choose layers by module name")
-            layers = [len(taps) - 1]
-        by_index = all(isinstance(layer, int) for layer in layers)
-        if by_index:
-            resolved: list[LayerSpec] = []
-            for layer in layers:
-                index = layer + len(taps) if layer < 0 else layer
-                if not 0 <= index < len(taps):
-                    raise ValueError(
-                        f"layers: feature index {layer} is out of range for {name!r}, which has "
-                        f"{len(taps)} taps: {_describe_taps(taps)}"
-                    )
-                resolved.append(index)
-            self.reductions = [int(taps[i]["reduction"]) for i in resolved]
-            names = [str(taps[i]["module"]) for i in resolved]
-        else:
-            # Names (ints mapped to their taps' module names): trace the graph.
-            names = []
-            for layer in layers:
-                if isinstance(layer, int):
-                    index = layer + len(taps) if layer < 0 else layer
-                    if not 0 <= index < len(taps):
-                        raise ValueError(f"layers: feature index {layer} is out of range for {name!r} ({len(taps)} taps)")
-                    names.append(str(taps[index]["module"]))
-                else:
-                    names.append(layer)
-            from timm.models import get_graph_node_names
+            return _WeightSource(name, False, {}, "random")
+        cfg = getattr(blueprint, "pretrained_cfg", None) or {}
+        if _hub.names_local_source(cfg):
+            return _WeightSource(name, True, {}, "timm's pretrained_cfg")
+        cache_dir = kwargs.get("cache_dir")
+        search = _hub.candidates(name, cfg)
+        for candidate in search:
+            local = self._load_candidate(candidate, blueprint, cache_dir, name)
+            if local is not None:
+                return local
+        searched = _hub.describe_search(search, cache_dir)
+        blocker = _hub.download_blocker(cfg)
+        if blocker is not None:
+            raise RuntimeError(self._download_hint(name, blocker, searched))
+        where = cfg.get("hf_hub_id") or cfg.get("url") or "timm's default source"
+        return _WeightSource(name, True, {}, f"download of {where}", download=True, searched=searched)
 
-            nodes = get_graph_node_names(blueprint)[1]
-            names = [self._node_for(layer, nodes, name) for layer in names]
-            self.reductions = self._probe_reductions(blueprint, names)
+    @staticmethod
+    def _load_candidate(
+        candidate: _hub.Candidate, blueprint: nn.Module, cache_dir: Any, name: str
+    ) -> _WeightSource | None:
+        """A weight source for ``candidate`` if its file is on this machine (and, for a
+        stand-in matched by position, fits the model), else None."""
+        path = _hub.locate(candidate, cache_dir)
+        if path is None:
+            return None
+        if candidate.by_position:
+            try:
+                overlay: dict[str, Any] = {"state_dict": map_state_dict(path, blueprint)}
+            except ValueError as error:
+                if candidate.exact:
+                    raise ValueError(f"weights: {str(path)!r} (in {candidate.place}) does not fit: {error}") from None
+                return None  # a stand-in that does not fit this configuration of the model
+        else:  # timm's own checkpoint filter converts it, as after a download of this file
+            overlay = {"state_dict": read_checkpoint(path)}
+        if not candidate.exact:  # stand-ins are torchvision's files (see _hub.candidates)
+            tagged = "." in candidate.model_name
+            warnings.warn(
+                f"backbone {name!r}: the weights that pretrained=True downloads are not on this machine; using "
+                f"torchvision's ImageNet weights from {str(path)!r} ({candidate.place}) instead"
+                + (f", timm's {candidate.model_name!r}" if tagged else "")
+                + ". To choose them explicitly, pass "
+                + (f"backbone={candidate.model_name!r} or " if tagged else "")
+                + f"weights={str(path)!r}.",
+                UserWarning,
+                stacklevel=6,
+            )
+        return _WeightSource(candidate.model_name, True, overlay, str(path))
+
+    def _create(
+        self,
+        timm: Any,
+        name: str,
+        blueprint: nn.Module,
+        source: _WeightSource,
+        plan: _LayerPlan,
+        kwargs: Mapping[str, Any],
+    ) -> tuple[nn.Module, Mapping[str, Any] | None]:
+        """Create the model cut after the chosen layers and load its weights; check that
+        timm's load left no tensor unset. Returns the model and its pretrained configuration."""
+        kwargs = dict(kwargs)
+        if source.overlay:
+            kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), **source.overlay}
+        with self._download_errors_explained(name, source), _timm_load_report() as report:
+            if plan.indices is not None:
+                model = timm.create_model(
+                    source.model_name,
+                    pretrained=source.pretrained,
+                    features_only=True,
+                    out_indices=plan.indices,
+                    **kwargs,
+                )
+                cfg = getattr(model, "pretrained_cfg", None)
+            else:
+                from timm.models import create_feature_extractor
+
+                full = timm.create_model(source.model_name, pretrained=source.pretrained, **kwargs)
+                model = create_feature_extractor(full, return_nodes=plan.names)
+                cfg = getattr(full, "pretrained_cfg", None)
+        # timm drops the classifier when adapting a head; anything else left unset would
+        # silently keep random weights.
+        head = (getattr(blueprint, "pretrained_cfg", None) or {}).get("classifier") or ()
+        head = (head,) if isinstance(head, str) else tuple(head)
+        unset = [key for key in report.missing if not any(key.startswith(h + ".") for h in head)]
+        if unset:
+            raise ValueError(f"weights: loading into {name!r} left {len(unset)} tensors unset, e.g. {unset[:3]}")
+        return model, cfg
+
+    @contextlib.contextmanager
+    def _download_errors_explained(self, name: str, source: _WeightSource):
+        """Turn a failed download (the hub client's errors are not OSErrors everywhere) into
+        the message that says how to pass weights without network."""
+        if not source.download:
+            yield
+            return
         try:
-            with _timm_load_report() as report:
-                if by_index:
-                    model = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=resolved, **kwargs)
-                    cfg = getattr(model, "pretrained_cfg", None)
-                    self._select = None  # features_only returns exactly the chosen taps, in order
-                else:
-                    from timm.models import create_feature_extractor
-
-                    full = timm.create_model(name, pretrained=pretrained, **kwargs)
-                    model = create_feature_extractor(full, return_nodes=names)
-                    cfg = getattr(full, "pretrained_cfg", None)
-                    self._select = names
-            # timm drops the classifier when adapting a head; anything else left unset would
-            # silently keep random weights.
-            head = (getattr(blueprint, "pretrained_cfg", None) or {}).get("classifier") or ()
-            head = (head,) if isinstance(head, str) else tuple(head)
-            unset = [key for key in report.missing if not any(key.startswith(h + ".") for h in head)]
-            if unset:
-                raise ValueError(f"weights: loading into {name!r} left {len(unset)} tensors unset, e.g. {unset[:3]}")
-        except (OSError, ConnectionError) as error:
-            raise RuntimeError(self._download_hint(name, error)) from None
-        except Exception as error:  # huggingface_hub's offline/HTTP errors are not OSErrors everywhere
-            if type(error).__module__.split(".")[0] in ("huggingface_hub", "requests", "urllib3", "httpx", "urllib"):
-                raise RuntimeError(self._download_hint(name, error)) from None
-            raise
-        self.model = model
-        self.layers = names
-        return cfg or getattr(blueprint, "pretrained_cfg", None) or {}
+            yield
+        except Exception as error:
+            network = isinstance(error, (OSError, ConnectionError)) or type(error).__module__.split(".")[0] in (
+                "huggingface_hub", "requests", "urllib3", "httpx", "httpx2", "urllib",
+            )
+            if not network:
+                raise
+            raise RuntimeError(self._download_hint(name, error, source.searched)) from None
 
     @staticmethod
     def _node_for(layer: str, nodes: list[str], model_name: str) -> str:
@@ -420,12 +651,15 @@ class FeatureExtractor(nn.Module):
         return out
 
     @staticmethod
-    def _download_hint(name: str, error: BaseException) -> str:
+    def _download_hint(name: str, error: BaseException, searched: str = "") -> str:
+        detail = str(error).splitlines()[0] if str(error) else "no network?"
+        looked = f" Not found on this machine either: looked in {searched}." if searched else ""
         return (
-            f"could not download pretrained weights for backbone {name!r} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no network?'}). Without network access, "
-            f"pass a local checkpoint: SemanticStatisticsLoss(backbone={name!r}, weights='/path/to/file.pth') "
-            "(timm's format, or a torchvision-style file whose tensors match by shape in order)."
+            f"could not download pretrained weights for backbone {name!r} ({type(error).__name__}: {detail}).{looked} "
+            f"Without network access, pass a local checkpoint: SemanticStatisticsLoss(backbone={name!r}, "
+            "weights='/path/to/file.pth') (timm's format, or a torchvision-style file whose tensors match by "
+            "shape in order), or weights='package:NAME' for the checkpoint file that an installed Python "
+            "distribution ships (see d2sm_loss.packaged_weights)."
         )
 
     def min_size(self) -> int:
@@ -458,4 +692,5 @@ class FeatureExtractor(nn.Module):
                     f"layers: {k!r} does not select one of the {len(out)} maps the backbone returned "
                     "(use indices for a backbone that returns a list or tuple)"
                 )
+        _reject_duplicate_layers(self._select, [k % len(out) for k in self._select], repr(self.name))
         return [out[k] for k in self._select]

@@ -7,8 +7,6 @@ calls it. It validates its arguments once, chooses an implementation from
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import warnings
 from typing import Literal
@@ -16,11 +14,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .checks import check_bool, check_choice, check_number, check_pair
 from .ops.reference import KERNELS, similarity_kl_reference
 
 __all__ = ["similarity_kl", "resolve_implementation", "IMPLEMENTATIONS", "REDUCTIONS", "TRITON_AUTO_MAX_FEATURES"]
-
-logger = logging.getLogger(__name__)
 
 Kernel = Literal["cosine", "softmax"]
 Reduction = Literal["mean", "sum", "none"]
@@ -113,8 +110,7 @@ def resolve_implementation(implementation: str, device: torch.device, features: 
     environment before :mod:`d2sm_loss` is imported (the Triton interpreter then runs the
     kernels on CPU tensors).
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
     if implementation == "auto":
         if (
             device.type == "cuda"
@@ -160,7 +156,8 @@ def similarity_kl(
         clean: features of the clean images, same shape. Treated as a constant.
         kernel: ``"cosine"``: ``s = (1 + c) / 2`` (the paper's); ``"softmax"``:
             ``s = exp((c - 1) / temperature)``.
-        temperature: temperature of the softmax kernel (ignored by the cosine kernel).
+        temperature: temperature of the softmax kernel, a positive finite number (checked,
+            but unused, with the cosine kernel).
         include_self: whether ``j = i`` takes part in each row's distribution.
         reduction: ``"mean"`` over all rows of all groups, ``"sum"``, or ``"none"`` for
             the per-row values of shape ``(N,)`` or ``(G, N)``.
@@ -173,6 +170,9 @@ def similarity_kl(
         A float32 tensor (float64 when the inputs are float64): a scalar, or the
         per-row values for ``reduction="none"``. Inputs in float16 or bfloat16 (for
         example under :func:`torch.autocast`) are accumulated in float32.
+
+    Compiles with ``torch.compile(fullgraph=True)``: the checks read shapes and options
+    only, never tensor values.
     """
     if not isinstance(restored, Tensor) or not isinstance(clean, Tensor):
         raise TypeError(
@@ -180,28 +180,14 @@ def similarity_kl(
         )
     if restored.dim() not in (2, 3):
         raise ValueError(f"restored must have shape (N, D) or (G, N, D), got shape {tuple(restored.shape)}")
-    if restored.shape != clean.shape:
-        raise ValueError(
-            f"restored and clean must have the same shape, got {tuple(restored.shape)} and {tuple(clean.shape)}"
-        )
+    check_pair(restored, clean)
     for name, tensor in (("restored", restored), ("clean", clean)):
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    if restored.device != clean.device:
-        raise ValueError(
-            f"restored and clean must be on the same device, got {restored.device} and {clean.device}"
-        )
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "softmax" and not (
-        isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-        and temperature > 0 and math.isfinite(temperature)
-    ):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    if not isinstance(include_self, bool):
-        raise TypeError(f"include_self must be a bool, got {include_self!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_choice("kernel", kernel, KERNELS)
+    temperature = check_number("temperature", temperature, positive=True)
+    include_self = check_bool("include_self", include_self)
+    check_choice("reduction", reduction, REDUCTIONS)
     n, d = restored.shape[-2], restored.shape[-1]
     if n == 0 or d == 0:
         raise ValueError(f"restored must have at least one row and one feature, got shape {tuple(restored.shape)}")
@@ -210,7 +196,6 @@ def similarity_kl(
             f"include_self=False needs at least 2 rows per group to compare, got N={n}"
         )
     impl = resolve_implementation(implementation, restored.device, d)
-    logger.debug("similarity_kl: implementation=%s shape=%s", impl, tuple(restored.shape))
 
     squeeze = restored.dim() == 2
     x = restored.unsqueeze(0) if squeeze else restored
@@ -218,7 +203,7 @@ def similarity_kl(
     if impl == "triton":
         from .ops.triton_kernels import similarity_kl_triton
 
-        rows = similarity_kl_triton(x, y, kernel=kernel, temperature=float(temperature), include_self=include_self)
+        rows = similarity_kl_triton(x, y, kernel=kernel, temperature=temperature, include_self=include_self)
     else:
         # Statistics in float32 at least (float64 stays float64), outside any autocast region.
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -227,9 +212,9 @@ def similarity_kl(
             if impl == "torch":
                 from .ops.streaming import similarity_kl_streaming
 
-                rows = similarity_kl_streaming(x, y, kernel=kernel, temperature=float(temperature), include_self=include_self)
+                rows = similarity_kl_streaming(x, y, kernel=kernel, temperature=temperature, include_self=include_self)
             else:
-                rows = similarity_kl_reference(x, y, kernel=kernel, temperature=float(temperature), include_self=include_self)
+                rows = similarity_kl_reference(x, y, kernel=kernel, temperature=temperature, include_self=include_self)
     if squeeze:
         rows = rows.squeeze(0)
     if reduction == "mean":

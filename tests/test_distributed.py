@@ -53,7 +53,8 @@ def run_steps(criterion, rows):
         out["loss"].append(loss.detach())
         out["grad"].append(restored.grad)
     out["queue"] = {k: v.clone() for k, v in criterion.state_dict().items() if torch.is_tensor(v)}
-    out["queue_state"] = criterion.queues[0].get_extra_state()
+    queue = criterion.queues[0]
+    out["queue_state"] = {"count": queue.count, "position": int(queue.position)}
     return out
 
 

@@ -1,58 +1,113 @@
-"""similarity_kl: values against a plain float64 loop, gradients, reductions, errors."""
+"""similarity_kl: every implementation against a float64 oracle (one parametrised agreement
+test, tolerances per dtype in ``helpers.TOLERANCES``), gradcheck, reductions, dispatch, errors."""
 
-import math
+import contextlib
+import functools
+import itertools
+import zlib
+from typing import NamedTuple
 
 import pytest
 import torch
+from helpers import DEVICE, TOLERANCES, TRITON_INTERPRETED, assert_close, features, kl_gradient, loop_kl
+from helpers import triton_skip_reason, upstream, value_and_grad
 
-from d2sm_loss.functional import resolve_implementation, similarity_kl
-from d2sm_loss.ops.reference import COSINE_ETA, NORM_EPS, similarity_kl_reference
-
-
-def loop_kl(x, y, kernel, temperature, include_self):
-    """KL(p_clean(.|i) || p_restored(.|i)) with Python loops over float64 values."""
-    x, y = x.double().tolist(), y.double().tolist()
-
-    def unit(v):
-        n = max(math.sqrt(sum(a * a for a in v)), NORM_EPS)
-        return [a / n for a in v]
-
-    def log_s(c):
-        return math.log((1 + c) / 2 + COSINE_ETA) if kernel == "cosine" else (c - 1) / temperature
-
-    def cond(rows, i):
-        ui = unit(rows[i])
-        logits = {j: log_s(sum(a * b for a, b in zip(ui, unit(r)))) for j, r in enumerate(rows) if include_self or j != i}
-        top = max(logits.values())
-        z = sum(math.exp(v - top) for v in logits.values())
-        return {j: math.exp(v - top) / z for j, v in logits.items()}
-
-    out = []
-    for i in range(len(x)):
-        px, py = cond(x, i), cond(y, i)
-        out.append(sum(p * (math.log(p) - math.log(px[j])) for j, p in py.items() if p > 0))
-    return torch.tensor(out, dtype=torch.float64)
+from d2sm_loss.functional import REDUCTIONS, resolve_implementation, similarity_kl
+from d2sm_loss.ops.reference import similarity_kl_reference
 
 
-SHAPES = [(1, 2, 3), (1, 7, 5), (3, 9, 17), (2, 13, 4)]
+class Problem(NamedTuple):
+    """One input of the agreement test. ``interpreter``: whether the Triton interpreter runs
+    it too (on a GPU, Triton runs every problem)."""
+
+    shape: tuple[int, ...]  # (N, D) or (G, N, D)
+    dtype: torch.dtype
+    reduction: str
+    temperature: float  # of the softmax kernel
+    interpreter: bool = True
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kernel", ["cosine", "softmax"])
-@pytest.mark.parametrize("include_self", [True, False])
-@pytest.mark.parametrize("implementation", ["reference", "torch"])
-def test_matches_loop_reference(shape, kernel, include_self, implementation):
-    g = torch.Generator().manual_seed(hash((shape, kernel, include_self)) % 2**31)
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
-    y = x + 0.7 * torch.randn(shape, generator=g, dtype=torch.float64)
-    x[0, -1] = 0.0  # an all-zero row
-    if shape[1] > 3:
-        x[0, 1] = x[0, 2]  # a duplicated row
-    rows = similarity_kl(x, y, kernel=kernel, temperature=0.3, include_self=include_self,
-                         reduction="none", implementation=implementation)
-    expected = torch.stack([loop_kl(x[k], y[k], kernel, 0.3, include_self) for k in range(shape[0])])
-    torch.testing.assert_close(rows, expected, rtol=1e-9, atol=1e-12)
-    assert (rows >= -1e-12).all()
+F64, F32 = torch.float64, torch.float32
+PROBLEMS = [
+    # Small odd shapes.
+    *(Problem(shape, F64, "none", 0.3) for shape in ((1, 7, 5), (3, 9, 17), (2, 13, 4))),
+    # N and D on both sides of the interpreter's 16-row and 32-column tiles, one or three
+    # groups; N = 1 has only the diagonal, N = 2 without it one column.
+    *(Problem((g, n, d), F64, "none", 0.1) for n, d, g in itertools.product((1, 2, 33, 70), (3, 17, 65), (1, 3))
+      if (n, d, g) != (70, 65, 3)),
+    # Every reduction, for (G, N, D) and (N, D) inputs.
+    *(Problem(shape, F64, reduction, 0.2) for shape in ((3, 10, 20), (10, 20)) for reduction in REDUCTIONS),
+    # float32, small enough for the interpreter.
+    *(Problem(shape, F32, reduction, 0.1) for shape, reduction in (((2, 21, 40), "none"), ((33, 17), "sum"))),
+    # float32 and every reduction at larger shapes: too slow for the interpreter.
+    *(Problem(shape, dtype, reduction, 0.1, interpreter=False)
+      for shape in ((70, 17), (3, 33, 65)) for dtype in (F64, F32) for reduction in REDUCTIONS
+      if (shape, dtype, reduction) != ((3, 33, 65), F64, "none")),
+    # float16 / bfloat16 inputs: float32 accumulation, gradients in the input dtype.
+    *(Problem((2, 35, 40), dtype, "none", 0.1) for dtype in (torch.float16, torch.bfloat16)),
+]
+
+
+def _agreement_cases():
+    for implementation, problem, kernel, include_self in itertools.product(
+        ("reference", "torch", "triton"), PROBLEMS, ("cosine", "softmax"), (True, False)
+    ):
+        if problem.shape[-2] < 2 and not include_self:
+            continue  # nothing to compare (an error: test_bad_arguments)
+        kernel_id = f"softmax{problem.temperature}" if kernel == "softmax" else kernel
+        shape_id = "x".join(map(str, problem.shape))
+        dtype_id = str(problem.dtype).removeprefix("torch.")
+        self_id = "self" if include_self else "noself"
+        yield pytest.param(implementation, problem, kernel, include_self,
+                           id=f"{implementation}-{kernel_id}-{self_id}-{shape_id}-{dtype_id}-{problem.reduction}")
+
+
+@functools.lru_cache(maxsize=None)
+def _oracle(problem: Problem, kernel: str, include_self: bool):
+    """Inputs, incoming gradient, and the float64 oracle's value and gradient (on the CPU)."""
+    *lead, n, d = problem.shape
+    seed = zlib.crc32(repr(problem[:3]).encode())
+    # Zero and duplicated rows, except in float16 / bfloat16 (a zero row's gradient overflows).
+    special_rows = problem.dtype in (F64, F32)
+    x, y = features(lead[0] if lead else 1, n, d, problem.dtype, seed=seed, special_rows=special_rows)
+    if not lead:
+        x, y = x[0], y[0]
+    out_shape = problem.shape[:-1] if problem.reduction == "none" else ()
+    weight = upstream(out_shape, seed=seed + 1)
+    x3, y3 = x.double().reshape(-1, n, d), y.double().reshape(-1, n, d)  # the rounded inputs
+    rows = torch.stack([loop_kl(a, b, kernel, problem.temperature, include_self) for a, b in zip(x3, y3)])
+    if problem.reduction == "none":
+        value, row_weight = rows.reshape(out_shape), weight.reshape(rows.shape)
+    elif problem.reduction == "sum":
+        value, row_weight = rows.sum(), weight.expand(rows.shape)
+    else:
+        value, row_weight = rows.mean(), (weight / rows.numel()).expand(rows.shape)
+    grad = torch.stack([kl_gradient(a, b, w, kernel, problem.temperature, include_self)
+                        for a, b, w in zip(x3, y3, row_weight)]).reshape(x.shape)
+    return x, y, weight, value, grad
+
+
+@pytest.mark.parametrize("implementation,problem,kernel,include_self", list(_agreement_cases()))
+def test_implementations_agree_with_float64_oracle(implementation, problem, kernel, include_self):
+    """Every implementation, through :func:`similarity_kl`, against the float64 loop (value)
+    and the closed-form gradient, within the dtype's tolerances (``helpers.TOLERANCES``).
+    float64 and float32 inputs hold an all-zero restored row, an all-zero clean row and
+    duplicated rows where N >= 3."""
+    if implementation == "triton":
+        if triton_skip_reason():
+            pytest.skip(triton_skip_reason())
+        if TRITON_INTERPRETED and not problem.interpreter:
+            pytest.skip("too slow for the Triton interpreter (runs on a GPU)")
+    x, y, weight, expected, expected_grad = _oracle(problem, kernel, include_self)
+    value, grad = value_and_grad(
+        similarity_kl, x.to(DEVICE), y.to(DEVICE), weight.to(DEVICE), kernel=kernel, temperature=problem.temperature,
+        include_self=include_self, reduction=problem.reduction, implementation=implementation,
+    )
+    assert value.dtype == (F64 if problem.dtype == F64 else F32) and grad.dtype == problem.dtype
+    tol = TOLERANCES[problem.dtype]
+    assert_close(value, expected, tol.value, "value")
+    assert_close(grad, expected_grad, tol.grad, "gradient")
+    assert (value >= -tol.value.atol).all()  # a KL divergence is not negative
 
 
 @pytest.mark.parametrize("kernel", ["cosine", "softmax"])
@@ -130,7 +185,7 @@ def test_auto_picks_streaming_torch_on_cpu():
         ({"kernel": "gauss"}, None, ValueError, "kernel must be one of"),
         ({"kernel": "softmax", "temperature": 0.0}, None, ValueError, "temperature"),
         ({"kernel": "softmax", "temperature": float("inf")}, None, ValueError, "temperature"),
-        ({"kernel": "softmax", "temperature": True}, None, ValueError, "temperature"),
+        ({"kernel": "softmax", "temperature": True}, None, TypeError, "temperature"),
         ({"include_self": 1}, None, TypeError, "include_self must be a bool"),
         ({"reduction": "avg"}, None, ValueError, "reduction must be one of"),
         ({"implementation": "cuda"}, None, ValueError, "implementation must be one of"),
@@ -155,51 +210,37 @@ def test_reference_is_what_the_ops_layer_exports():
                                similarity_kl_reference(x, y))
 
 
-def test_triton_self_check_passes_under_the_interpreter(monkeypatch):
-    import d2sm_loss.functional as functional
-
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU interpreter path")
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
-    assert functional._triton_self_check(torch.device("cpu")) is True
-
-
-def test_auto_falls_back_to_streaming_when_triton_self_check_fails(monkeypatch):
-    import d2sm_loss.functional as functional
+def test_auto_falls_back_to_streaming_when_triton_self_check_fails(fresh_self_checks, monkeypatch):
     from d2sm_loss.ops import triton_kernels
 
     def broken(*args, **kwargs):
         raise RuntimeError("kernel does not compile here")
 
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
+    functional = fresh_self_checks
     monkeypatch.setattr(triton_kernels, "similarity_kl_triton", broken)
     with pytest.warns(RuntimeWarning, match="failed a self-check.*kernel does not compile here"):
         assert functional._triton_self_check(torch.device("cpu")) is False
     assert functional._triton_self_check(torch.device("cpu")) is False  # checked once, cached
 
 
-@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-def test_triton_self_check_runs_under_no_grad_and_inference_mode(monkeypatch, context):
-    """A first call from a validation pass must not turn Triton off for good."""
-    import d2sm_loss.functional as functional
-
+@pytest.mark.parametrize("context", [contextlib.nullcontext, torch.no_grad, torch.inference_mode])
+def test_triton_self_check_passes_under_the_interpreter(fresh_self_checks, context):
+    """Also when the first call comes from a validation pass: a self-check that failed there
+    would turn Triton off for good."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("checks the CPU interpreter path")
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
     with context():
-        assert functional._triton_self_check(torch.device("cpu")) is True
+        assert fresh_self_checks._triton_self_check(torch.device("cpu")) is True
 
 
-def test_self_check_out_of_memory_is_not_cached(monkeypatch):
-    import d2sm_loss.functional as functional
+def test_self_check_out_of_memory_is_not_cached(fresh_self_checks, monkeypatch):
     from d2sm_loss.ops import triton_kernels
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
+    functional = fresh_self_checks
     monkeypatch.setattr(triton_kernels, "similarity_kl_triton", out_of_memory)
     assert functional._triton_self_check(torch.device("cpu")) is False
     assert torch.device("cpu") not in functional._SELF_CHECKS

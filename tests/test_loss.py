@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl
-from d2sm_loss._compat import import_timm
+import timm
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
 
@@ -310,7 +310,6 @@ def test_vit_tokens_by_name_lie_on_the_patch_grid_without_class_token():
 
 @pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")
 def test_channels_last_timm_maps_are_permuted():
-    timm = import_timm()
     extractor = make("swin_tiny_patch4_window7_224", layers=["layers.2"])._extractor
     (features,) = extractor(torch.rand(1, 3, 224, 224))
     assert features.shape == (1, 384, 14, 14) and extractor.reductions == [16]
@@ -499,7 +498,6 @@ def test_pretrained_without_network_says_how_to_pass_a_file():
 
 
 def test_torchvision_checkpoint_loads_into_timm_by_position(tmp_path):
-    import_timm()
     import torchvision
 
     torch.manual_seed(0)
@@ -515,7 +513,6 @@ def test_torchvision_checkpoint_loads_into_timm_by_position(tmp_path):
 
 
 def test_mismatched_checkpoint_names_the_first_mismatch(tmp_path):
-    timm = import_timm()
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), path)
     with pytest.raises(ValueError, match=r"entry 0 of the checkpoint, 'conv1.0.weight' with shape \(24, 3, 3, 3\)"):
@@ -523,7 +520,6 @@ def test_mismatched_checkpoint_names_the_first_mismatch(tmp_path):
 
 
 def test_timm_format_checkpoint_loads_by_name(tmp_path):
-    timm = import_timm()
     torch.manual_seed(1)
     full = timm.create_model("resnet10t").eval()
     path = tmp_path / "resnet10t.pth"
@@ -551,3 +547,28 @@ def test_paper_preset_configuration():
     assert criterion.queues[0].count == 2
     override = SemanticStatisticsLoss.paper(pretrained=False, queue_size=16, kernel="softmax")
     assert override.queue_size == 16 and override.kernel == "softmax"
+
+
+def test_rows_and_statistic_are_the_forward_and_leave_the_queue_alone():
+    criterion = conv_loss(queue_size=5, kernel="softmax")
+    for seed in range(3):  # an empty, a partly filled and a wrapped queue
+        restored, clean = images(seed=seed)
+        before = {k: v.clone() for k, v in criterion.state_dict().items() if isinstance(v, torch.Tensor)}
+        rows = criterion.rows(restored, clean)
+        seam = criterion.statistic(rows)
+        after = criterion.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # rows() does not push
+        (layer,) = rows
+        assert layer.batch_rows == 3 and layer.restored.shape[0] == 3 + criterion.queues[0].count
+        torch.testing.assert_close(layer.restored[:3], criterion.feature_maps(restored)[0].flatten(1))
+        torch.testing.assert_close(seam, criterion(restored, clean))
+
+
+def test_location_rows_are_one_group_per_image():
+    criterion = conv_loss(granularity="location")
+    restored, clean = images(size=45)
+    (layer,) = criterion.rows(restored, clean)
+    maps = criterion.feature_maps(restored)[0]
+    assert layer.restored.shape == (3, maps.shape[2] * maps.shape[3], maps.shape[1])
+    torch.testing.assert_close(layer.restored, maps.flatten(2).transpose(1, 2))
+    assert layer.clean.grad_fn is None and layer.restored.grad_fn is not None

@@ -1,5 +1,8 @@
-"""Smoke test of the training-step overhead benchmark: ``--quick`` runs on the CPU,
-appends CSV rows with finite figures and draws its plot into ``--out``."""
+"""Smoke tests of the training-step benchmark: ``--quick`` runs on the CPU and writes
+keyed, complete rows (the loss measured through its public seam: the paper preset's
+statistic sees the batch plus its full queue), the judge reads them; a failing case
+becomes an error row; the compile and autocast modes write their variants with ratios
+to the reference variant."""
 
 from __future__ import annotations
 
@@ -11,78 +14,142 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import judge, loss_overhead as lo  # noqa: E402
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "loss_overhead.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows
+    assert len({tuple(row[k] for k in lo.KEY) for row in rows}) == len(rows)  # one row per configuration
+    for row in rows:
+        assert all(row[k] for k in lo.KEY), row
+        assert row["commit"] and row["torch"] and row["timm"] and row["date"] and row["run_id"]
+        if row["status"] == "ok":
+            for column in ("time_median_ms", "time_iqr_ms", "time_min_ms", "time_max_ms", "peak_mem_mb"):
+                value = float(row[column])
+                assert math.isfinite(value) and value >= 0, (column, row)
+            assert float(row["time_median_ms"]) > 0
+    return rows
 
 
 def test_loss_overhead_quick(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "loss_overhead.py"), "--quick", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp_path / "loss_overhead.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert rows
-
+    _run("benchmarks/loss_overhead.py", "--quick", "--out", str(tmp_path))
+    rows = _rows(tmp_path)
     ok = [row for row in rows if row["status"] == "ok"]
     steps = {row["config"]: row for row in ok if row["part"] == "step"}
     assert {"l1", "vgg", "paper", "loc-torch", "contextual"} <= set(steps)
-    for row in ok:
-        for column in ("time_median_ms", "time_iqr_ms", "time_min_ms", "time_max_ms", "peak_mem_mb"):
-            value = float(row[column])
-            assert math.isfinite(value) and value >= 0, (column, row)
-        assert float(row["time_median_ms"]) > 0
-        assert row["device"] and row["torch"] and row["timm"] and row["commit"] and row["date"]
     for config, row in steps.items():
-        for column in ("ratio_time_vs_a", "ratio_time_vs_b", "ratio_mem_vs_a", "ratio_mem_vs_b"):
+        for column in ("ratio_time_vs_a", "ratio_time_vs_b", "paired_ratio_vs_b", "ratio_mem_vs_a", "ratio_mem_vs_b"):
             value = float(row[column])
             assert math.isfinite(value) and value > 0, (config, column)
     assert float(steps["l1"]["ratio_time_vs_a"]) == 1.0
 
-    # The loss alone, split: backbone passes and statistics, with their shares.
+    # The loss alone, split through its seam: loss, rows (part "backbone") and statistic.
     for config in ("vgg", "paper", "loc-torch", "contextual"):
         parts = {row["part"]: row for row in ok if row["config"] == config and row["part"] != "step"}
         assert {"loss", "backbone", "statistics"} <= set(parts), config
         assert math.isfinite(float(parts["statistics"]["share_pct"])), config
-    paper_stats = next(r for r in ok if r["config"] == "paper" and r["part"] == "statistics")
-    assert int(paper_stats["N"]) == 2 + 224  # batch plus the full queue
+    paper = {row["part"]: row for row in ok if row["config"] == "paper"}
+    assert all(int(row["N"]) == 2 + 224 for row in paper.values())  # batch plus the full queue, as rows() gives
+    assert int(paper["step"]["D"]) == 512 * 4 * 4  # conv5_4 of a 64x64 image
+    location = next(r for r in ok if r["config"] == "loc-torch" and r["part"] == "statistics")
+    assert (location["G"], location["N"], location["D"]) == ("2", str(16 * 16), "256")
+    assert next(r for r in ok if r["config"] == "dense-kl")["N"] == location["N"]
 
-    # Which similarity_kl path each D2SM configuration ran (criterion.last_implementation):
-    # (c) under "auto" on the CPU and (d) forced are the streaming path; the others run none.
-    for config in ("paper", "loc-torch"):
-        for row in ok:
-            if row["config"] == config and row["part"] in ("step", "loss", "statistics"):
-                assert row["implementation"] == "torch", (config, row["part"], row["implementation"])
+    # Which similarity_kl path each D2SM row ran (criterion.last_implementation).
     for row in ok:
+        if row["config"] in ("paper", "loc-torch") and row["part"] in ("step", "loss", "statistics"):
+            assert row["implementation"] == "torch", (row["config"], row["part"], row["implementation"])
         if row["config"] in ("l1", "vgg", "contextual", "dense-kl"):
             assert row["implementation"] == "", row
-
-    # Triton has no CPU driver: recorded as skipped, with the reason.
     triton = [row for row in rows if row["config"] == "loc-triton"]
     assert triton and all(row["status"] == "skipped" and "CUDA" in row["note"] for row in triton)
 
-    assert "target 1" in proc.stdout and "target 2" in proc.stdout and "target 3" in proc.stdout
-    assert list(tmp_path.glob("loss_overhead_*.png"))
+    out = _run("benchmarks/judge.py", "--results", str(tmp_path)).stdout
+    assert "statistics <= 5% of the loss's time" in out and "paper step <= 1.1x perceptual step (b)" in out
+    assert "triton vs contextual at N=4096: not measured" in out and "CPU: indicative only" in out
+    _run("benchmarks/plot.py", "--results", str(tmp_path))
+    assert list(tmp_path.glob("loss_overhead_*_b2_64x64.png"))
 
 
-def _loss_overhead():
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from benchmarks import loss_overhead
+def test_a_failing_case_is_an_error_row(tmp_path, monkeypatch):
+    """The failing case is a row with the first line of its error, the others are
+    measured; rows carry the commit given by --commit (a copy without .git)."""
+    original = lo.lc.loss_case
 
-    return loss_overhead
+    def fail(state):
+        raise ValueError("injected failure\nsecond line")
+
+    def loss_case(config, *args):
+        case = original(config, *args)
+        if config == "vgg":
+            case.run = fail
+        return case
+
+    monkeypatch.setattr(lo.lc, "loss_case", loss_case)
+    monkeypatch.setenv("D2SM_COMMIT", "")  # restored after the test: --commit sets it
+    assert lo.main(["--device", "cpu", "--configs", "l1", "vgg", "--sizes", "2x32", "--depth", "3", "--width", "8",
+                    "--repeats", "1", "--warmup", "1", "--commit", "feedbee", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    status = {(r["config"], r["part"]): r["status"] for r in rows}
+    assert status == {("l1", "step"): "ok", ("vgg", "step"): "ok", ("vgg", "loss"): "error: ValueError: injected failure",
+                      ("vgg", "backbone"): "ok", ("vgg", "statistics"): "ok"}
+    assert {r["commit"] for r in rows} == {"feedbee"}
+
+
+def test_compile_mode(tmp_path):
+    """Eager and compiled steps side by side (dynamo's graph capture, without inductor's
+    code generation, to stay quick): ratios to eager, graphs counted, none compiled during
+    the timed calls once the queue is full."""
+    _run("benchmarks/loss_overhead.py", "--mode", "compile", "--compile-backend", "eager", "--device", "cpu",
+         "--configs", "l1", "paper", "--sizes", "2x32", "--depth", "3", "--width", "8", "--repeats", "2",
+         "--out", str(tmp_path))
+    rows = {(r["config"], r["variant"]): r for r in _rows(tmp_path)}
+    assert set(rows) == {(c, v) for c in ("l1", "paper") for v in ("eager", "compiled-eager")}
+    for config in ("l1", "paper"):
+        eager, compiled = rows[(config, "eager")], rows[(config, "compiled-eager")]
+        assert eager["status"] == compiled["status"] == "ok" and eager["mode"] == "compile"
+        assert float(eager["ratio_time_vs_ref"]) == 1.0 and compiled["ratio_vs"] == "eager"
+        assert float(compiled["ratio_time_vs_ref"]) > 0 and float(compiled["paired_ratio_vs_ref"]) > 0
+        assert int(compiled["graphs"]) >= 1 and compiled["recompiles"] == "0"
+        assert eager["graphs"] == ""
+    assert rows[("paper", "compiled-eager")]["implementation"] == "torch"
+    assert "compiled-eager" in _run("benchmarks/judge.py", "--results", str(tmp_path)).stdout
+
+
+def test_autocast_mode(tmp_path):
+    _run("benchmarks/loss_overhead.py", "--mode", "autocast", "--device", "cpu", "--configs", "l1", "paper",
+         "--sizes", "2x32", "--depth", "3", "--width", "8", "--repeats", "2", "--out", str(tmp_path))
+    rows = {(r["config"], r["variant"]): r for r in _rows(tmp_path)}
+    assert set(rows) == {("l1", "fp32"), ("l1", "bf16"), ("paper", "fp32"), ("paper", "bf16+backbone-fp32"),
+                         ("paper", "bf16+backbone-bf16")}
+    for (config, variant), row in rows.items():
+        assert row["status"] == "ok" and row["ratio_vs"] == "fp32", row
+        assert row["dtype"] == ("float32" if variant == "fp32" else "autocast bfloat16")
+        assert float(row["ratio_time_vs_ref"]) > 0 and float(row["ratio_mem_vs_ref"]) > 0
+    out = _run("benchmarks/judge.py", "--results", str(tmp_path)).stdout
+    assert "paper bf16+backbone-bf16" in out and "x fp32 (paired" in out
+    _run("benchmarks/plot.py", "--results", str(tmp_path))
+    assert list(tmp_path.glob("loss_autocast_*_b2_32x32.png"))
 
 
 def test_targets_when_the_paper_loss_did_not_run():
     """The statistics part ran but the whole loss did not (e.g. out of memory): no share,
-    target 1 says why instead of raising."""
-    lo = _loss_overhead()
-    where = {"batch": 8, "height": 256, "width": 256}
-    rows = [
-        {**where, "config": "paper", "part": "statistics", "status": "ok", "share_pct": "", "time_median_ms": 1.0},
-        {**where, "config": "paper", "part": "loss", "status": "OOM", "share_pct": ""},
-    ]
-    lines = lo.evaluate_targets(rows, on_cuda=True)
-    assert any(line.startswith("target 1") and "not measured" in line and "OOM" in line for line in lines), lines
-    assert any(line.startswith("target 2") and "not measured" in line for line in lines), lines
+    the line says why instead of raising."""
+    rows = [{"config": "paper", "part": "statistics", "status": "ok", "share_pct": "", "time_median_ms": "1.0"},
+            {"config": "paper", "part": "loss", "status": "OOM", "share_pct": ""}]
+    lines = judge.loss_targets(rows, on_cuda=True)
+    assert any("5%" in line and "not measured" in line and "OOM" in line for line in lines), lines
+    assert any("1.1x" in line and "not measured" in line for line in lines), lines

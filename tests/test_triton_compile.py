@@ -34,19 +34,21 @@ SCRIPT = textwrap.dedent(
     results = []
     for dtype, d, cosine, include_self in json.loads(sys.argv[1]):
         dtype = getattr(torch, dtype)
-        cfg = tk.choose_block_config(d, dtype, interpreted=False)
+        config = tk.choose_block_config(d, dtype, interpreted=False)
+        fwd, bwd = config.forward, config.backward
         const = dict(TEMPERATURE=0.1, ETA=COSINE_ETA, COSINE=cosine, INCLUDE_SELF=include_self,
-                     DOT_NATIVE=tk._dot_native(dtype), PRECISION=tk._dot_precision(dtype), BLOCK_K=cfg.block_k)
-        bwd_m, bwd_n = cfg.backward_tiles
+                     DOT_NATIVE=tk._dot_native(dtype), PRECISION=tk._dot_precision(dtype))
         p = pointer[dtype]
         kernels = {
             "forward": (tk._similarity_kl_fwd_kernel, ["X", "Y"], ["RINV_X", "RINV_Y", "KL", "LOG_ZX", "LOG_ZY"],
-                        dict(const, NEG_INIT=tk._NEG_INIT, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)),
+                        dict(const, NEG_INIT=tk._NEG_INIT, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n,
+                             BLOCK_K=fwd.block_k), fwd),
             "backward": (tk._similarity_kl_bwd_kernel, ["X", "Y"],
                          ["RINV_X", "RINV_Y", "PROJECT_X", "LOG_ZX", "LOG_ZY", "GRAD", "DX"],
-                         dict(const, BLOCK_DOUT=cfg.block_dout, BLOCK_M=bwd_m, BLOCK_N=bwd_n)),
+                         dict(const, BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n, BLOCK_K=bwd.block_k,
+                              BLOCK_DOUT=bwd.block_dout), bwd),
         }
-        for name, (fn, inputs, stats, constexprs) in kernels.items():
+        for name, (fn, inputs, stats, constexprs, cfg) in kernels.items():
             signature = {k: p for k in inputs}
             signature.update({k: "*fp32" for k in stats})
             signature.update({"N": "i32", "D": "i32"})
@@ -92,9 +94,8 @@ def test_kernels_compile_for_sm90_with_little_register_spilling():
     for row in results:
         assert row["cubin"], row
         assert row["shared"] <= 227 * 1024, row  # Hopper's shared memory per block
-        # Spills were 2.5 KB (forward) and 5.4 KB (backward) per thread with the first block
-        # sizes, 24 KB for a 64 x 64-tile backward holding 256 gradient columns; the chosen
-        # ones spill nothing in the forward and at most 488 bytes in the backward (float16,
-        # 512 columns).
+        # The chosen tiles spill nothing in the forward and at most about a hundred bytes per
+        # thread in the backward (triton 3.9, sm_90); a 64 x 64-tile backward holding 256
+        # gradient columns spills over 20 KB. The limit leaves room for compiler versions.
         limit = 0 if row["kernel"] == "forward" else 512
         assert row["spill"] <= limit, row

@@ -26,7 +26,7 @@ float32 reference and streaming paths against float64 on the same data):
   largest entry (proxy errors 6e-7 and 5e-6).
 - Memory: the peak extra memory of forward + backward grows linearly in N (an N x N float32
   matrix at N = 16384 would take 1 GiB); float32 at G = 8, N = 16384, D = 256 stays within
-  issue 3's 2 GB (read as 2e9 bytes).
+  a 2 GB budget (read as 2e9 bytes).
 """
 
 from __future__ import annotations
@@ -39,27 +39,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import features, value_and_grad
 
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 ULP = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-def _features(groups: int, n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Correlated restored / clean features in float32 on the GPU (G, N, D)."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    y = torch.randn(groups, n, d, device="cuda", generator=gen)
-    x = y + 0.7 * torch.randn(groups, n, d, device="cuda", generator=gen)
-    return x, y
-
-
-def _value_and_grad(fn, x: torch.Tensor, y: torch.Tensor, upstream: torch.Tensor, **kwargs):
-    x = x.detach().clone().requires_grad_(True)
-    out = fn(x, y, **kwargs)
-    (grad,) = torch.autograd.grad(out, x, upstream.to(out.dtype))
-    return out.detach(), grad
 
 
 def _float32_reference(n: int):
@@ -77,14 +63,13 @@ def _float32_reference(n: int):
 def test_large_low_precision(n: int, groups: int, d: int, kernel: str, include_self: bool, dtype: torch.dtype) -> None:
     from d2sm_loss.ops.triton_kernels import similarity_kl_triton
 
-    x, y = _features(groups, n, d, seed=n + d)
-    x, y = x.to(dtype), y.to(dtype)
+    x, y = features(groups, n, d, dtype, seed=n + d, device="cuda")
     kwargs = dict(kernel=kernel, temperature=0.1, include_self=include_self)
     upstream = torch.randn(groups, n, device="cuda")
-    out, grad = _value_and_grad(similarity_kl_triton, x, y, upstream, **kwargs)
+    out, grad = value_and_grad(similarity_kl_triton, x, y, upstream, **kwargs)
     assert out.dtype == torch.float32 and grad.dtype == dtype
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
-    ref, ref_grad = _value_and_grad(_float32_reference(n), x.float(), y.float(), upstream, **kwargs)
+    ref, ref_grad = value_and_grad(_float32_reference(n), x.float(), y.float(), upstream, **kwargs)
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-5)
     scale = ref_grad.abs().max().item()
     torch.testing.assert_close(grad.float(), ref_grad, rtol=0, atol=8 * ULP[dtype] * scale)
@@ -99,12 +84,11 @@ def test_full_precision_against_float64(dtype, atol, kl_atol, kernel, include_se
     from d2sm_loss.ops.reference import similarity_kl_reference
     from d2sm_loss.ops.triton_kernels import similarity_kl_triton
 
-    x, y = _features(3, 1500, 130, seed=5)  # 130 features: two D chunks of the gradient
-    x, y = x.to(dtype), y.to(dtype)
+    x, y = features(3, 1500, 130, dtype, seed=5, device="cuda")  # 130 features: two D chunks of the gradient
     kwargs = dict(kernel=kernel, temperature=temperature, include_self=include_self)
     upstream = torch.randn(3, 1500, device="cuda", dtype=torch.float64)
-    out, grad = _value_and_grad(similarity_kl_triton, x, y, upstream, **kwargs)
-    ref, ref_grad = _value_and_grad(similarity_kl_reference, x.double(), y.double(), upstream, **kwargs)
+    out, grad = value_and_grad(similarity_kl_triton, x, y, upstream, **kwargs)
+    ref, ref_grad = value_and_grad(similarity_kl_reference, x.double(), y.double(), upstream, **kwargs)
     torch.testing.assert_close(out.double(), ref, rtol=atol, atol=kl_atol)
     scale = ref_grad.abs().max().item()  # no floor: the gradients are far below 1
     assert scale > 0
@@ -128,8 +112,8 @@ def test_large_d_against_float64(kernel: str, include_self: bool) -> None:
     x = y + 0.5 * torch.randn(groups, n, d, device="cuda", generator=gen)
     kwargs = {"kernel": kernel, "temperature": 0.1, "include_self": include_self}
     upstream = torch.randn(groups, n, device="cuda", dtype=torch.float64, generator=gen)
-    out, grad = _value_and_grad(similarity_kl_triton, x, y, upstream, allow_tf32=False, **kwargs)
-    ref, ref_grad = _value_and_grad(similarity_kl_reference, x.double(), y.double(), upstream, **kwargs)
+    out, grad = value_and_grad(similarity_kl_triton, x, y, upstream, allow_tf32=False, **kwargs)
+    ref, ref_grad = value_and_grad(similarity_kl_reference, x.double(), y.double(), upstream, **kwargs)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=5e-6)
     scale = ref_grad.abs().max().item()
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=5e-5 * scale)
@@ -138,21 +122,12 @@ def test_large_d_against_float64(kernel: str, include_self: bool) -> None:
 # --- implementation="auto" and its self-check ---------------------------------------------
 
 
-@pytest.fixture
-def fresh_self_checks(monkeypatch):
-    """An empty self-check cache, as in a fresh process (restored afterwards)."""
-    from d2sm_loss import functional
-
-    monkeypatch.setattr(functional, "_SELF_CHECKS", {})
-    return functional
-
-
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
 def test_auto_first_call_without_grad_still_picks_triton(fresh_self_checks, context) -> None:
     """The first ``auto`` call of a process may come from a validation pass: the
     self-check must still run (with gradients enabled inside), pass and be cached."""
     functional = fresh_self_checks
-    x, y = _features(2, 64, 48, seed=11)
+    x, y = features(2, 64, 48, torch.float32, seed=11, device="cuda")
     guard = torch.no_grad() if context == "no_grad" else torch.inference_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -218,10 +193,10 @@ def test_new_tf32_api_does_not_break_triton() -> None:
 
 
 def test_float32_g8_n16384_within_2gb() -> None:
-    """Issue 3: forward + backward at G = 8, N = 16384, D = 256, float32, within 2 GB
+    """Forward + backward at G = 8, N = 16384, D = 256, float32, within 2 GB
     (2e9 bytes) above the inputs."""
 
-    x, y = _features(8, 16384, 256, seed=3)
+    x, y = features(8, 16384, 256, torch.float32, seed=3, device="cuda")
     x.requires_grad_(True)
     extra = _extra_memory_of_forward_backward(x, y, kernel="cosine", temperature=0.1, include_self=True)
     assert torch.isfinite(x.grad).all()
@@ -248,7 +223,7 @@ def test_peak_memory_grows_linearly() -> None:
     d = 256
     extra: dict[int, int] = {}
     for n in (2048, 4096, 8192, 16384):
-        x, y = _features(1, n, d, seed=n)
+        x, y = features(1, n, d, torch.float32, seed=n, device="cuda")
         x, y = x.half().requires_grad_(True), y.half()
         extra[n] = _extra_memory_of_forward_backward(x, y, kernel="softmax", temperature=0.1, include_self=False)
         del x, y

@@ -3,59 +3,39 @@
 ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` when no GPU is present, before this
 module imports the kernels. The interpreter is slow, so shapes are small and odd (never
 multiples of the 16-row / 32-column interpreter tiles) and every case runs one forward and
-one backward pass.
+one backward pass. Agreement over shapes, dtypes and reductions, for every implementation,
+is ``test_functional.py::test_implementations_agree_with_float64_oracle``; this module holds
+what is particular to the kernels: degenerate rows, underflow, tile configurations,
+strides, mixed dtypes.
 
-Tolerances:
-- float64 inputs: values and gradients within 1e-10 + 1e-12 * |reference| (observed ~1e-15
-  relative).
-- float16 / bfloat16 inputs, compared with the float32 reference evaluated on the *same*
-  (rounded) inputs upcast to float32, so only the kernel's own error is measured: KL within
-  1e-5 + 1e-4 * |KL| (float32 accumulation); gradients, which are returned in the input
-  dtype, within 4 ulps of that dtype relative to the largest gradient entry.
+Tolerances: float64 inputs, values and gradients within 1e-10 + 1e-12 * |reference|
+(observed ~1e-15 relative).
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-
 import pytest
 import torch
+from helpers import DEVICE, features, triton_skip_reason, upstream, value_and_grad
 
 from d2sm_loss.ops.reference import similarity_kl_reference
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+if triton_skip_reason():
+    pytest.skip(triton_skip_reason(), allow_module_level=True)
 
-triton_kernels = pytest.importorskip("d2sm_loss.ops.triton_kernels")
+from d2sm_loss.ops import triton_kernels  # noqa: E402  (after the skip: needs Triton)
+
 similarity_kl_triton = triton_kernels.similarity_kl_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TEMPERATURE = 0.1
 KERNEL_MODES = [("cosine", True), ("cosine", False), ("softmax", True), ("softmax", False)]
 
 
-def _features(groups: int, n: int, d: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Restored features ``x`` and correlated clean features ``y`` (G, N, D)."""
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randn(groups, n, d, generator=gen, dtype=torch.float64)
-    x = y + 0.7 * torch.randn(groups, n, d, generator=gen, dtype=torch.float64)
-    return x.to(device=DEVICE, dtype=dtype), y.to(device=DEVICE, dtype=dtype)
-
-
-def _value_and_grad(fn, x: torch.Tensor, y: torch.Tensor, upstream: torch.Tensor, **kwargs):
-    """``fn(x, y)`` and ``d <fn(x, y), upstream> / dx``."""
-    x = x.detach().clone().requires_grad_(True)
-    out = fn(x, y, **kwargs)
-    (grad,) = torch.autograd.grad(out, x, upstream.to(out.dtype))
-    return out.detach(), grad
-
-
 def _compare_float64(x: torch.Tensor, y: torch.Tensor, kernel: str, include_self: bool, temperature: float = TEMPERATURE):
     kwargs = dict(kernel=kernel, temperature=temperature, include_self=include_self)
-    upstream = torch.randn(x.shape[:2], generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
-    out, grad = _value_and_grad(similarity_kl_triton, x, y, upstream, **kwargs)
-    ref, ref_grad = _value_and_grad(similarity_kl_reference, x, y, upstream, **kwargs)
+    grad_out = upstream(x.shape[:2], seed=1, device=DEVICE)
+    out, grad = value_and_grad(similarity_kl_triton, x, y, grad_out, **kwargs)
+    ref, ref_grad = value_and_grad(similarity_kl_reference, x, y, grad_out, **kwargs)
     assert out.shape == x.shape[:2] and out.dtype == torch.float64
     assert grad.shape == x.shape and grad.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-10)
@@ -63,26 +43,9 @@ def _compare_float64(x: torch.Tensor, y: torch.Tensor, kernel: str, include_self
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-10)
 
 
-SHAPES = [
-    (n, d, g)
-    for n, d, g in itertools.product((1, 2, 33, 70), (3, 17, 65), (1, 3))
-    # Keep the slowest corner (70 rows x 65 features) to one group.
-    if not (n == 70 and d == 65 and g == 3)
-]
-
-
-@pytest.mark.parametrize("kernel,include_self", KERNEL_MODES)
-@pytest.mark.parametrize("n,d,groups", SHAPES)
-def test_matches_reference_float64(n: int, d: int, groups: int, kernel: str, include_self: bool) -> None:
-    if n == 1 and not include_self:
-        pytest.skip("include_self=False needs at least two rows")
-    x, y = _features(groups, n, d, torch.float64, seed=n * 1000 + d * 10 + groups)
-    _compare_float64(x, y, kernel, include_self)
-
-
 @pytest.mark.parametrize("kernel,include_self", KERNEL_MODES)
 def test_zero_and_duplicated_rows(kernel: str, include_self: bool) -> None:
-    x, y = _features(2, 21, 19, torch.float64, seed=7)
+    x, y = features(2, 21, 19, torch.float64, seed=7, device=DEVICE)
     x[0, 3] = 0.0  # an all-zero restored row (finite value and gradient via NORM_EPS)
     x[1, 20] = 0.0
     y[0, 5] = 0.0  # an all-zero clean row
@@ -106,9 +69,9 @@ def test_softmax_small_temperature_does_not_underflow(temperature: float) -> Non
     x64 = basis.unsqueeze(0) + 0.01 * torch.randn(1, 18, 24, generator=gen, dtype=torch.float64)
     x32, y32 = x64.float().to(DEVICE), y64.float().to(DEVICE)
     kwargs = dict(kernel="softmax", temperature=temperature, include_self=False)
-    upstream = torch.randn(1, 18, generator=gen, dtype=torch.float64).to(DEVICE)
-    out, grad = _value_and_grad(similarity_kl_triton, x32, y32, upstream, **kwargs)
-    ref, ref_grad = _value_and_grad(similarity_kl_reference, x32.double(), y32.double(), upstream, **kwargs)
+    grad_out = torch.randn(1, 18, generator=gen, dtype=torch.float64).to(DEVICE)
+    out, grad = value_and_grad(similarity_kl_triton, x32, y32, grad_out, **kwargs)
+    ref, ref_grad = value_and_grad(similarity_kl_reference, x32.double(), y32.double(), grad_out, **kwargs)
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     assert ref.abs().max() > 1.0  # the statistic is far from trivial
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
@@ -119,7 +82,7 @@ def test_softmax_small_temperature_does_not_underflow(temperature: float) -> Non
 
 @pytest.mark.parametrize("kernel,include_self", [("cosine", True), ("softmax", False)])
 def test_gradcheck_float64(kernel: str, include_self: bool) -> None:
-    x, y = _features(2, 5, 4, torch.float64, seed=11)
+    x, y = features(2, 5, 4, torch.float64, seed=11, device=DEVICE)
     x.requires_grad_(True)
 
     def fn(inp: torch.Tensor) -> torch.Tensor:
@@ -128,26 +91,8 @@ def test_gradcheck_float64(kernel: str, include_self: bool) -> None:
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-# dtype -> unit roundoff of that dtype (gradients come back in the input dtype).
-LOW_PRECISION = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-@pytest.mark.parametrize("dtype", list(LOW_PRECISION))
-@pytest.mark.parametrize("kernel,include_self", [("cosine", True), ("softmax", False)])
-def test_low_precision_inputs(dtype: torch.dtype, kernel: str, include_self: bool) -> None:
-    x, y = _features(2, 35, 40, dtype, seed=5)
-    kwargs = dict(kernel=kernel, temperature=TEMPERATURE, include_self=include_self)
-    upstream = torch.randn(2, 35, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    out, grad = _value_and_grad(similarity_kl_triton, x, y, upstream, **kwargs)
-    assert out.dtype == torch.float32 and grad.dtype == dtype
-    ref, ref_grad = _value_and_grad(similarity_kl_reference, x.float(), y.float(), upstream, **kwargs)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    scale = ref_grad.abs().max().item()
-    torch.testing.assert_close(grad.float(), ref_grad, rtol=0, atol=4 * LOW_PRECISION[dtype] * scale)
-
-
 def test_noncontiguous_inputs_and_no_grad_for_y() -> None:
-    x, y = _features(2, 19, 33, torch.float32, seed=9)
+    x, y = features(2, 19, 33, torch.float32, seed=9, device=DEVICE)
     x_t = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)  # (G, N, D) view, not contiguous
     y_t = y[:, :, :].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
     assert not x_t.is_contiguous() and not y_t.is_contiguous()
@@ -160,36 +105,15 @@ def test_noncontiguous_inputs_and_no_grad_for_y() -> None:
     torch.testing.assert_close(x_t.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_public_api(reduction: str) -> None:
-    from d2sm_loss.functional import similarity_kl
-
-    x, y = _features(3, 10, 20, torch.float64, seed=13)
-    for restored, clean in ((x, y), (x[0], y[0])):  # (G, N, D) and (N, D)
-        kwargs = dict(kernel="softmax", temperature=0.2, include_self=False, reduction=reduction)
-        upstream = torch.randn(restored.shape[:-1], dtype=torch.float64).to(DEVICE)
-        results = []
-        for implementation in ("triton", "reference"):
-            inp = restored.clone().requires_grad_(True)
-            value = similarity_kl(inp, clean, implementation=implementation, **kwargs)
-            weight = upstream if reduction == "none" else upstream.sum()
-            (value * weight).sum().backward()
-            results.append((value.detach(), inp.grad))
-        (value, grad), (ref, ref_grad) = results
-        assert value.shape == ref.shape
-        torch.testing.assert_close(value, ref, rtol=0, atol=1e-10)
-        torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-10)
-
-
 def test_mixed_dtypes_run_in_the_promoted_dtype() -> None:
     """float16 restored features with large float32 clean ones: both go to float32 (a
     downcast of the clean side to float16 would overflow its norms to inf)."""
-    x, y = _features(1, 33, 17, torch.float32, seed=11)
+    x, y = features(1, 33, 17, torch.float32, seed=11, device=DEVICE)
     x16, y_big = x.half(), y * 1e5  # beyond float16 range (65504)
     kwargs = dict(kernel="cosine", temperature=TEMPERATURE, include_self=True)
-    upstream = torch.ones(1, 33, device=DEVICE)
-    out, grad = _value_and_grad(similarity_kl_triton, x16, y_big, upstream, **kwargs)
-    ref, ref_grad = _value_and_grad(similarity_kl_reference, x16.float(), y_big, upstream, **kwargs)
+    grad_out = torch.ones(1, 33, device=DEVICE)
+    out, grad = value_and_grad(similarity_kl_triton, x16, y_big, grad_out, **kwargs)
+    ref, ref_grad = value_and_grad(similarity_kl_reference, x16.float(), y_big, grad_out, **kwargs)
     assert grad.dtype == torch.float16
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad.float(), ref_grad, rtol=1e-2, atol=1e-3 * ref_grad.abs().max().item())
@@ -223,5 +147,5 @@ def test_gpu_block_configurations(monkeypatch, d: int, kernel: str, include_self
     multiple of any tile."""
     gpu_config = triton_kernels.choose_block_config(d, torch.float32, interpreted=False)
     monkeypatch.setattr(triton_kernels, "choose_block_config", lambda *args, **kwargs: gpu_config)
-    x, y = _features(1, 70, d, torch.float64, seed=d)
+    x, y = features(1, 70, d, torch.float64, seed=d, device=DEVICE)
     _compare_float64(x, y, kernel, include_self)

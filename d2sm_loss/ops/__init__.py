@@ -10,8 +10,13 @@ returns the per-row KL divergences, shape ``(G, N)``, with a gradient for ``x`` 
   over row blocks, O(N * block) memory, any device.
 - :mod:`.triton_kernels`: fused Triton kernels (forward and backward) for CUDA tensors,
   never materialising an N x N matrix.
+
+Second derivatives: every implementation supports ``create_graph=True`` and gives the
+reference's second derivatives. The streaming and Triton backward passes then evaluate
+the reference's gradient differentiably (:func:`.reference.similarity_kl_vjp`), which
+costs the reference's O(N^2) memory; an ordinary backward keeps their O(N D) path.
 """
 
-from .reference import COSINE_ETA, NORM_EPS, log_similarity, similarity_kl_reference
+from .reference import COSINE_ETA, NORM_EPS, log_similarity, similarity_kl_reference, similarity_kl_vjp
 
-__all__ = ["COSINE_ETA", "NORM_EPS", "log_similarity", "similarity_kl_reference"]
+__all__ = ["COSINE_ETA", "NORM_EPS", "log_similarity", "similarity_kl_reference", "similarity_kl_vjp"]

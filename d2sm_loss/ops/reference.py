@@ -1,22 +1,33 @@
 """The similarity-KL statistic written plainly, with full N x N matrices.
 
-This is the readable definition (``../shared/METHOD.md`` in the project notes):
+The statistic compares the similarity structure of two sets of N feature vectors: the
+restored features ``x_1..x_N`` and the clean features ``y_1..y_N`` (rows of (N, D)
+matrices, one such pair per group). Each row is normalised, the cosine similarities of
+every pair of rows are mapped to positive similarities, and row i's similarities,
+normalised to sum to one, are a distribution over the other rows ``j``::
 
     xh_i = x_i / max(|x_i|, NORM_EPS)
     c_ij = xh_i . xh_j                 d_ij = yh_i . yh_j
     log s(c) = log(max((1 + c) / 2, 0) + COSINE_ETA)   kernel "cosine"
-    log s(c) = (c - 1) / temperature              kernel "softmax"
-    p_restored(j | i) = s(c_ij) / sum_j s(c_ij)   p_clean(j | i) likewise from d
+    log s(c) = (c - 1) / temperature                     kernel "softmax"
+    p_restored(j | i) = s(c_ij) / sum_j s(c_ij)         p_clean(j | i) likewise from d
     KL_i = KL(p_clean(. | i) || p_restored(. | i))
+         = sum_j p_clean(j | i) (log p_clean(j | i) - log p_restored(j | i))
 
-with j over all rows, or over j != i when ``include_self`` is False. The clean side is a
-constant: its gradient is never computed. The ``max(., 0)`` only guards against rounding:
-a cosine of unit vectors is never below -1, but a computed one can be (by ~1e-7 in
-float32, ~1e-3 with TF32 or float16 products), and below ``-1 - 2 COSINE_ETA`` the
-logarithm would be NaN. The streaming and Triton paths hold the similarity at the same
-bound (giving such entries the derivative at the bound, where autograd of ``clamp`` here
-gives 0: the two differ only on entries that exact arithmetic cannot produce). Memory is O(N^2) per group; the streaming and
-Triton implementations compute the same numbers without the N x N matrices.
+with j over all rows, or over j != i when ``include_self`` is False. ``KL_i >= 0``, with
+equality when the two similarity structures agree. The clean side is a constant: its
+gradient is never computed.
+
+The ``max(., 0)`` only guards against rounding: a cosine of unit vectors is never below
+-1, but a computed one can be (by ~1e-7 in float32, ~1e-3 with TF32 or float16
+products), and below ``-1 - 2 COSINE_ETA`` the logarithm would be NaN. The streaming and
+Triton paths hold the similarity at the same bound (giving such entries the derivative
+at the bound, where autograd of ``clamp`` here gives 0: the two differ only on entries
+that exact arithmetic cannot produce).
+
+Memory is O(N^2) per group (several (G, N, N) matrices, kept for the backward); the
+streaming and Triton implementations compute the same numbers without them. They use
+:func:`similarity_kl_vjp` for second derivatives.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["COSINE_ETA", "NORM_EPS", "KERNELS", "log_similarity", "similarity_kl_reference"]
+__all__ = ["COSINE_ETA", "NORM_EPS", "KERNELS", "log_similarity", "similarity_kl_reference", "similarity_kl_vjp"]
 
 #: Added to the cosine kernel's similarity so that ``log s`` stays finite at c = -1.
 COSINE_ETA = 1e-6
@@ -44,9 +55,22 @@ def log_similarity(cos: Tensor, kernel: str, temperature: float) -> Tensor:
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
+def _row_norms(features: Tensor) -> Tensor:
+    """``|f_i|`` of each row, shape (..., 1), with finite derivatives of every order.
+
+    The norm's own derivative ``f / |f|`` is 0 / 0 at an all-zero row; autograd's first
+    derivative special-cases it but the second is NaN there. Such rows take the norm of a
+    row of ones instead, set back to 0 (no gradient reaches them through the norm: it is
+    clamped to ``NORM_EPS`` anyway). Other rows are untouched.
+    """
+    zero = (features == 0).all(dim=-1, keepdim=True)
+    safe = torch.where(zero, torch.ones_like(features), features)
+    return torch.linalg.vector_norm(safe, dim=-1, keepdim=True).masked_fill(zero, 0.0)
+
+
 def _log_conditional(features: Tensor, kernel: str, temperature: float, include_self: bool) -> Tensor:
     """``log p(j | i)`` for every pair of rows of ``features`` (G, N, D) -> (G, N, N)."""
-    unit = features / features.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    unit = features / _row_norms(features).clamp_min(NORM_EPS)
     logits = log_similarity(unit @ unit.transpose(-1, -2), kernel, temperature)
     if not include_self:
         eye = torch.eye(features.shape[-2], dtype=torch.bool, device=features.device)
@@ -65,7 +89,8 @@ def similarity_kl_reference(
     """Per-row ``KL(p_clean(. | i) || p_restored(. | i))`` for ``x``, ``y`` of shape (G, N, D).
 
     Returns a tensor of shape (G, N) in the dtype of ``x``. The gradient flows into
-    ``x`` only; ``y`` is treated as a constant.
+    ``x`` only; ``y`` is treated as a constant. Built from ordinary differentiable torch
+    operations, so derivatives of every order exist. Memory O(G N^2).
     """
     log_px = _log_conditional(x, kernel, temperature, include_self)
     with torch.no_grad():
@@ -76,3 +101,38 @@ def similarity_kl_reference(
             log_py = log_py.masked_fill(py == 0, 0.0)
     diff = (log_py - log_px).masked_fill(py == 0, 0.0)
     return (py * diff).sum(dim=-1)
+
+
+def similarity_kl_vjp(
+    x: Tensor,
+    y: Tensor,
+    grad_kl: Tensor,
+    *,
+    kernel: str,
+    temperature: float,
+    include_self: bool,
+) -> Tensor:
+    """``sum_{g,i} grad_kl[g, i] * dKL[g, i] / dx`` as a differentiable function of ``x``
+    and ``grad_kl``: the first derivative, with a graph for the second.
+
+    The streaming and Triton implementations return this from their backward pass when
+    it runs with gradient recording on (``torch.autograd.grad(..., create_graph=True)``),
+    so their second derivatives are exactly the reference's; an ordinary backward keeps
+    their fused, O(N D)-memory path. ``x`` is the tensor the caller's graph continues
+    from (the implementation's own input, saved for backward), ``y`` a constant.
+
+    The statistic is evaluated with :func:`similarity_kl_reference` in float32 (float64
+    for float64 ``x``), whatever the dtype of ``x``; the result has the dtype of ``x``.
+    Cost: the reference's forward and backward, O(G N^2 D) FLOPs and O(G N^2) memory,
+    and the graph built here holds several (G, N, N) matrices until the second backward
+    has run.
+    """
+    if not x.requires_grad:
+        raise ValueError("x must require grad: the first derivative is taken with respect to it")
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.enable_grad():
+        kl = similarity_kl_reference(
+            x.to(acc_dtype), y.detach().to(acc_dtype), kernel=kernel, temperature=temperature, include_self=include_self
+        )
+        (grad_x,) = torch.autograd.grad(kl, x, grad_kl.to(acc_dtype), create_graph=True)
+    return grad_x

@@ -12,10 +12,9 @@ Forward, per row block ``I`` (all G groups at once)::
     log Zx_I = logsumexp_j log S_x     log Zy_I likewise       (j != i if not include_self)
     KL_I = sum_j py_ij (log py_ij - log px_ij)
 
-Saved for backward: the unit rows ``Xh``, ``Yh`` (G, N, D), the row norms ``|x_i|`` and
-the log-normalisers ``log Zx``, ``log Zy`` (G, N): O(G N D) in all, no N x N matrix.
-
-Backward, per row block, recomputing both tiles::
+Saved for backward: the inputs ``X``, ``Y`` themselves (references, no copies), the row
+norms ``|x_i|`` and the log-normalisers ``log Zx``, ``log Zy`` (G, N): no N x N matrix.
+The backward recomputes the unit rows (O(G N D)) and then, per row block, both tiles::
 
     Gm_ij = g_i (px_ij - py_ij) dlog s/dc(c_ij)
     dXh_I += Gm Xh                (the rows of the block)
@@ -31,11 +30,12 @@ Cost per group (N rows, D features):
   them (``4 N^2 D``) and adds ``Gm Xh`` and ``Gm^T Xh_I`` (``4 N^2 D``): ``8 N^2 D``.
   Plus ``O(N^2)`` elementwise work (one log or exp per tile entry and a few
   multiplications and additions), which dominates for small D on the CPU.
-- Memory: saved state ``2 G N D + 3 G N`` values (unit rows, norms, two
-  log-normalisers); transient working set exactly three (G, b, N) tile buffers,
-  allocated once per pass and reused by every block (every tile operation writes into
-  them with ``out=`` or in place, the softmax logsumexp included), plus O(G b D) block
-  products and the (G, N, D) gradient accumulator. With ``block_size=None`` the block size is
+- Memory: saved state the two inputs (``2 G N D`` values, shared with the caller's
+  tensors), the ``G N`` row norms and ``2 G N`` log-normalisers; transient working set
+  exactly three (G, b, N) tile buffers, allocated once per pass and reused by every block
+  (every tile operation writes into them with ``out=`` or in place, the softmax
+  logsumexp included), plus O(G b D) block products, the recomputed unit rows and the
+  (G, N, D) gradient accumulator. With ``block_size=None`` the block size is
   ``b = max(1, min(N, TILE_ELEMENTS // (G * N)))``, so one tile holds about
   :data:`TILE_ELEMENTS` values whatever N is: peak extra memory ``O(G b N)`` =
   ``O(TILE_ELEMENTS)`` until ``G * N`` exceeds it (then ``b = 1``, ``O(G N)``).
@@ -43,18 +43,25 @@ Cost per group (N rows, D features):
 Numerics: the cosine kernel's similarities lie in ``[COSINE_ETA, 1 + COSINE_ETA]``, so
 its normaliser is summed directly (``log Z = log sum_j s``, which is the logsumexp of
 ``log s`` and cannot under- or overflow); the softmax kernel takes a logsumexp of
-``(c - 1) / temperature`` (row maximum subtracted before ``exp``), so a small temperature with ``include_self=False`` never
-underflows. Restored and clean tiles go through the same operations, so identical
-inputs give exactly zero loss and exactly zero gradient.
+``(c - 1) / temperature`` (row maximum subtracted before ``exp``), so a small
+temperature with ``include_self=False`` never underflows. Restored and clean tiles go
+through the same operations, so identical inputs give exactly zero loss and exactly
+zero gradient.
+
+Second derivatives: when the backward runs with gradient recording on
+(``torch.autograd.grad(..., create_graph=True)``), it returns the reference's gradient
+instead, computed differentiably from the saved input ``X``
+(:func:`d2sm_loss.ops.reference.similarity_kl_vjp`): derivatives of every order then
+equal the reference's, at the reference's O(G N^2) memory. An ordinary backward takes
+the streaming path above.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .reference import COSINE_ETA, KERNELS, NORM_EPS
+from .reference import COSINE_ETA, KERNELS, NORM_EPS, similarity_kl_vjp
 
 __all__ = ["TILE_ELEMENTS", "TILE_ELEMENTS_GPU", "similarity_kl_streaming", "default_block_size"]
 
@@ -189,17 +196,23 @@ class _StreamingSimilarityKL(torch.autograd.Function):
             kl[:, start:stop] = a.mul_(b).sum(dim=-1)
             del a, b, scratch
         del buffers
-        ctx.save_for_backward(xh, yh, x_norm, log_zx, log_zy)
+        # The inputs themselves (no copies; the backward recomputes the unit rows): a
+        # second-order backward needs the tensor the caller's graph continues from.
+        ctx.save_for_backward(x, y, x_norm, log_zx, log_zy)
         ctx.options = (kernel, temperature, include_self, block_size)
         return kl
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_kl: Tensor):
-        xh, yh, x_norm, log_zx, log_zy = ctx.saved_tensors
-        kernel, temperature, include_self, block_size = ctx.options
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
+        x, y, x_norm, log_zx, log_zy = ctx.saved_tensors
+        kernel, temperature, include_self, block_size = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
+            grad_x = similarity_kl_vjp(x, y, grad_kl, kernel=kernel, temperature=temperature, include_self=include_self)
+            return grad_x, None, None, None, None, None
+        xh = x.contiguous() / x_norm.clamp_min(NORM_EPS).unsqueeze(-1)  # as in the forward
+        yh, _ = _unit_rows(y.contiguous())
         xh_t, yh_t = xh.transpose(-1, -2), yh.transpose(-1, -2)
         n = xh.shape[1]
         grad_kl = grad_kl.to(xh.dtype).contiguous()
@@ -264,9 +277,13 @@ def similarity_kl_streaming(
             (2**24) on other devices. Any positive integer works,
             including ones that do not divide N; larger is not always faster.
 
-    Memory: saved for backward ``2 G N D + 3 G N`` values; peak transient three
-    ``G b N``-value tile buffers plus O(G N D) (the gradient accumulator). The reference needs
-    several (G, N, N) matrices.
+    Memory: saved for backward the inputs (references) and ``3 G N`` values; peak
+    transient three ``G b N``-value tile buffers plus O(G N D) (recomputed unit rows, the
+    gradient accumulator). The reference needs several (G, N, N) matrices.
+
+    Second derivatives (``create_graph=True``) are supported and equal the reference's:
+    that backward evaluates the reference (:func:`d2sm_loss.ops.reference.similarity_kl_vjp`)
+    and so costs its O(G N^2) memory.
 
     FLOPs per group: forward ``4 N^2 D`` (two kernel tiles per block), backward
     ``8 N^2 D`` (recomputed tiles, ``Gm Xh`` and ``Gm^T Xh``), plus ``O(N^2)``

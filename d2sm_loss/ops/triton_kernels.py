@@ -1,12 +1,18 @@
 """Fused Triton kernels for the similarity-KL statistic (forward and backward).
 
-The math is the one of :mod:`.reference` (``../shared/METHOD.md``). For one group with
-restored features ``X`` and clean features ``Y`` (``N x D`` each)::
+The statistic is the one :mod:`.reference` defines: per row ``i``,
+``KL(p_clean(. | i) || p_restored(. | i))`` with ``p(j | i)`` the normalised similarities
+``s`` of the cosines of rows ``i`` and ``j``. For one group with restored features ``X``
+and clean features ``Y`` (``N x D`` each)::
 
     rinv_i   = 1 / max(|x_i|, NORM_EPS)               (a cheap O(N D) norm pass in torch)
     c_ij     = (x_i . x_j) * rinv_i * rinv_j          (= xh_i . xh_j; no normalised copy of X)
     lx_ij    = log s(c_ij),  ly_ij = log s(d_ij)      (-inf on the excluded diagonal)
+    Zx_i     = sum_j exp(lx_ij),  Zy_i likewise,  px_ij = exp(lx_ij) / Zx_i,  py_ij likewise
     KL_i     = sum_j py_ij (ly_ij - lx_ij) - log Zy_i + log Zx_i
+
+Both kernels stream over the same tiles: :func:`_similarity_tile` computes, for a block of
+rows and a block of columns, ``c``, ``lx`` and ``ly`` and which pairs take part.
 
 Forward (:func:`_similarity_kl_fwd_kernel`)
     One program per (row block, group). It streams over column tiles, computing the two
@@ -15,8 +21,8 @@ Forward (:func:`_similarity_kl_fwd_kernel`)
     as in flash attention) for ``Zx`` and ``Zy``, and ``A_i = sum_j exp(ly_ij - m_i)
     (ly_ij - lx_ij)`` rescaled with the same running maximum ``m_i`` as ``Zy``. Nothing of
     size N x N is ever stored, and the softmax kernel with a small temperature and
-    ``include_self=False`` cannot underflow to ``log 0``. Saved for backward: ``log Zx``,
-    ``log Zy`` and the reciprocal row norms (all O(N)).
+    ``include_self=False`` cannot underflow to ``log 0``. Saved for backward: the inputs
+    (references, no copies) and ``log Zx``, ``log Zy`` and the reciprocal row norms (O(N)).
 
 Backward (:func:`_similarity_kl_bwd_kernel`)
     With ``g_i`` the incoming gradient of ``KL_i``, ``G_ij = g_i (px_ij - py_ij) dlogs/dc(c_ij)``
@@ -46,15 +52,23 @@ several times faster on tensor cores but rounds the inputs to 10 mantissa bits, 
 about 1e-3 on cosines (which ``log((1 + c)/2 + eta)`` amplifies near ``c = -1``). The kernels
 follow PyTorch's own switch: with ``torch.set_float32_matmul_precision("high")`` (or
 ``torch.backends.cuda.matmul.allow_tf32 = True``) float32 tiles use TF32, as the PyTorch
-paths' matrix products then do. float16 similarity tiles are
-multiplied in float16 with float32 accumulation (products of two float16 values are exact in
-float32, so this loses nothing against an upcast). bfloat16 likewise on a GPU; under the
+paths' matrix products then do. float16 similarity tiles are multiplied in float16 with
+float32 accumulation (products of two float16 values are exact in float32, so this loses
+nothing against an upcast). bfloat16 likewise on a GPU; under the
 Triton interpreter bfloat16 is upcast to float32 first because the interpreter's bfloat16
 ``tl.dot`` returns garbage. The gradient product ``H Xh`` is float32, with the same precision rule.
 
+Second derivatives: when the backward runs with gradient recording on
+(``torch.autograd.grad(..., create_graph=True)``) it does not launch the backward kernel but
+returns the reference's gradient, computed differentiably from the saved input ``x``
+(:func:`d2sm_loss.ops.reference.similarity_kl_vjp`, float32 or float64): derivatives of
+every order then equal the reference's, at the reference's O(G N^2) memory and cost.
+
 CPU use: set ``TRITON_INTERPRET=1`` *before* this module is imported; the kernels then run
-on CPU tensors through the (slow) Triton interpreter. No autotuning: block sizes come from a
-heuristic on D (the interpreter rejects autotune with several configurations anyway).
+on CPU tensors through the (slow) Triton interpreter. No autotuning: the forward and
+backward configurations (:class:`ForwardConfig`, :class:`BackwardConfig`) come from a
+heuristic on D, :func:`choose_block_config` (the interpreter rejects autotune with several
+configurations anyway).
 """
 
 from __future__ import annotations
@@ -67,12 +81,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._compat import tf32_allowed
-from .reference import COSINE_ETA, KERNELS, NORM_EPS
+from .reference import COSINE_ETA, KERNELS, NORM_EPS, similarity_kl_vjp
 
-__all__ = ["similarity_kl_triton", "BlockConfig", "choose_block_config"]
+__all__ = ["similarity_kl_triton", "BlockConfig", "ForwardConfig", "BackwardConfig", "choose_block_config"]
 
 # A finite "minus infinity" to start the running maxima: exp(_NEG_INIT - m) is 0 for every
 # real m, and exp(_NEG_INIT - _NEG_INIT) is 1 instead of NaN.
@@ -85,23 +98,53 @@ _NEG_INIT = -1.0e30
 
 
 @triton.jit
-def _raw_dot_tiles(
+def _log_similarity(c, COSINE: tl.constexpr, eta, temperature):
+    """``log s(c)``: ``log(max((1 + c)/2, 0) + eta)`` (cosine; the max guards against a
+    rounded cosine below -1, see :mod:`.reference`) or ``(c - 1)/temperature`` (softmax)."""
+    if COSINE:
+        return tl.log(tl.maximum((1.0 + c) * 0.5, 0.0) + eta)
+    else:
+        return (c - 1.0) / temperature
+
+
+@triton.jit
+def _similarity_tile(
     X,
     Y,
+    RINV_X,
+    RINV_Y,
     base,
+    stat_base,
     rows,
     row_ok,
-    cols,
-    col_ok,
+    rinv_xi,
+    rinv_yi,
+    col_start,
+    N,
     D,
+    eta,
+    temperature,
     ACC: tl.constexpr,
+    COSINE: tl.constexpr,
+    INCLUDE_SELF: tl.constexpr,
     DOT_NATIVE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Un-normalised ``x_i . x_j`` and ``y_i . y_j`` for a (rows, cols) tile, looping over D."""
+    """The (rows, columns ``col_start:col_start + BLOCK_N``) tile both kernels stream over.
+
+    Computes ``x_i . x_j`` and ``y_i . y_j`` with ``tl.dot`` (looping over D in
+    ``BLOCK_K`` chunks), scales them by the reciprocal norms into the cosines ``c_ij`` and
+    ``d_ij``, and takes ``log s`` of both. Returns ``(cols, col_ok, rinv_xj, c, lx, ly,
+    valid)``: the column indices and which exist, the columns' reciprocal norms, the
+    restored cosines, ``lx = log s(c)`` and ``ly = log s(d)`` on every entry, and
+    ``valid``, which pairs take part (real columns, minus the diagonal unless
+    ``INCLUDE_SELF``). Masking ``lx``, ``ly`` with ``valid`` is left to the caller.
+    """
+    cols = col_start + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
     dot_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dot_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     row_off = rows[:, None].to(tl.int64) * D
@@ -124,26 +167,16 @@ def _raw_dot_tiles(
             yb = yb.to(ACC)
         dot_x = tl.dot(xa, xb, dot_x, input_precision=PRECISION, out_dtype=ACC)
         dot_y = tl.dot(ya, yb, dot_y, input_precision=PRECISION, out_dtype=ACC)
-    return dot_x, dot_y
-
-
-@triton.jit
-def _log_similarity(c, COSINE: tl.constexpr, eta, temperature):
-    """``log s(c)``: ``log(max((1 + c)/2, 0) + eta)`` (cosine; the max guards against a
-    rounded cosine below -1, see :mod:`.reference`) or ``(c - 1)/temperature`` (softmax)."""
-    if COSINE:
-        return tl.log(tl.maximum((1.0 + c) * 0.5, 0.0) + eta)
-    else:
-        return (c - 1.0) / temperature
-
-
-@triton.jit
-def _pair_mask(rows, cols, col_ok, INCLUDE_SELF: tl.constexpr):
-    """Which (i, j) pairs take part: real columns, minus the diagonal if excluded."""
-    valid = col_ok[None, :] & (rows[:, None] >= 0)
+    rinv_xj = tl.load(RINV_X + stat_base + cols, mask=col_ok, other=1.0)
+    rinv_yj = tl.load(RINV_Y + stat_base + cols, mask=col_ok, other=1.0)
+    c = dot_x * rinv_xi[:, None] * rinv_xj[None, :]
+    d = dot_y * rinv_yi[:, None] * rinv_yj[None, :]
+    valid = col_ok[None, :] & (rows[:, None] >= 0)  # (rows >= 0 broadcasts to the tile)
     if not INCLUDE_SELF:
         valid = valid & (rows[:, None] != cols[None, :])
-    return valid
+    lx = _log_similarity(c, COSINE, eta, temperature)
+    ly = _log_similarity(d, COSINE, eta, temperature)
+    return cols, col_ok, rinv_xj, c, lx, ly, valid
 
 
 # --------------------------------------------------------------------------------------
@@ -202,18 +235,10 @@ def _similarity_kl_fwd_kernel(
     cross = tl.zeros((BLOCK_M,), dtype=ACC)  # sum_j exp(ly_ij - max_y) (ly_ij - lx_ij)
 
     for col_start in range(0, N, BLOCK_N):
-        cols = col_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        dot_x, dot_y = _raw_dot_tiles(
-            X, Y, base, rows, row_ok, cols, col_ok, D, ACC, DOT_NATIVE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K
+        _, _, _, _, lx_all, ly_all, valid = _similarity_tile(
+            X, Y, RINV_X, RINV_Y, base, stat_base, rows, row_ok, rinv_xi, rinv_yi, col_start, N, D, eta,
+            temperature, ACC, COSINE, INCLUDE_SELF, DOT_NATIVE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        rinv_xj = tl.load(RINV_X + stat_base + cols, mask=col_ok, other=1.0)
-        rinv_yj = tl.load(RINV_Y + stat_base + cols, mask=col_ok, other=1.0)
-        c = dot_x * rinv_xi[:, None] * rinv_xj[None, :]
-        d = dot_y * rinv_yi[:, None] * rinv_yj[None, :]
-        valid = _pair_mask(rows, cols, col_ok, INCLUDE_SELF)
-        lx_all = _log_similarity(c, COSINE, eta, temperature)
-        ly_all = _log_similarity(d, COSINE, eta, temperature)
         lx = tl.where(valid, lx_all, neg_inf)
         ly = tl.where(valid, ly_all, neg_inf)
 
@@ -296,22 +321,15 @@ def _similarity_kl_bwd_kernel(
     radial = tl.zeros((BLOCK_M,), dtype=ACC)  # xh_k . dxh_k = sum_j H_kj c_kj
 
     for col_start in range(0, N, BLOCK_N):
-        cols = col_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        dot_x, dot_y = _raw_dot_tiles(
-            X, Y, base, rows, row_ok, cols, col_ok, D, ACC, DOT_NATIVE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K
+        cols, col_ok, rinv_xj, c, lx_all, ly_all, valid = _similarity_tile(
+            X, Y, RINV_X, RINV_Y, base, stat_base, rows, row_ok, rinv_xk, rinv_yk, col_start, N, D, eta,
+            temperature, ACC, COSINE, INCLUDE_SELF, DOT_NATIVE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        rinv_xj = tl.load(RINV_X + stat_base + cols, mask=col_ok, other=1.0)
-        rinv_yj = tl.load(RINV_Y + stat_base + cols, mask=col_ok, other=1.0)
         log_zx_j = tl.load(LOG_ZX + stat_base + cols, mask=col_ok, other=0.0)
         log_zy_j = tl.load(LOG_ZY + stat_base + cols, mask=col_ok, other=0.0)
         grad_j = tl.load(GRAD + stat_base + cols, mask=col_ok, other=0.0)
-
-        c = dot_x * rinv_xk[:, None] * rinv_xj[None, :]
-        d = dot_y * rinv_yk[:, None] * rinv_yj[None, :]
-        valid = _pair_mask(rows, cols, col_ok, INCLUDE_SELF)
-        lx = tl.where(valid, _log_similarity(c, COSINE, eta, temperature), neg_inf)
-        ly = tl.where(valid, _log_similarity(d, COSINE, eta, temperature), neg_inf)
+        lx = tl.where(valid, lx_all, neg_inf)
+        ly = tl.where(valid, ly_all, neg_inf)
 
         # Row k's own term (p(j | k)) and row j's term seen from the column side (p(k | j)).
         own = grad_k[:, None] * (tl.exp(lx - log_zx_k[:, None]) - tl.exp(ly - log_zy_k[:, None]))
@@ -355,29 +373,42 @@ def _interpreted() -> bool:
 
 
 @dataclass(frozen=True)
-class BlockConfig:
-    """Tile sizes and launch options (every ``tl.dot`` operand dimension is >= 16)."""
+class ForwardConfig:
+    """Launch configuration of the forward kernel (every ``tl.dot`` operand dimension >= 16)."""
 
-    block_m: int  # rows owned by a forward program
-    block_n: int  # columns per streamed tile (forward)
+    block_m: int  # rows owned by a program
+    block_n: int  # columns per streamed tile
     block_k: int  # D chunk of the similarity products
-    block_dout: int  # D columns of the gradient owned by a backward program
-    bwd_block_m: int | None = None  # rows owned by a backward program (None: block_m)
-    bwd_block_n: int | None = None  # columns per streamed tile in the backward (None: block_n)
     num_warps: int = 4
     num_stages: int = 2
 
-    @property
-    def backward_tiles(self) -> tuple[int, int]:
-        return self.bwd_block_m or self.block_m, self.bwd_block_n or self.block_n
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Launch configuration of the backward kernel (every ``tl.dot`` operand dimension >= 16)."""
+
+    block_m: int  # rows owned by a program
+    block_n: int  # columns per streamed tile
+    block_k: int  # D chunk of the similarity products
+    block_dout: int  # D columns of the gradient owned by a program
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """The forward and the backward kernel's launch configurations for one problem."""
+
+    forward: ForwardConfig
+    backward: BackwardConfig
 
 
 def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = None) -> BlockConfig:
-    """Block sizes from a simple heuristic on the feature size ``d``.
+    """Block sizes from a simple heuristic on the feature size ``d`` (no autotuning).
 
-    Under the interpreter small tiles keep the numpy work cheap (and still leave several
-    tiles per dimension in the tests). On a GPU, 8 warps, D chunks of 16 for the similarity
-    products, and:
+    Under the interpreter (``interpreted=None``: whether ``TRITON_INTERPRET`` is set) small
+    tiles keep the numpy work cheap (and still leave several tiles per dimension in the
+    tests). On a GPU, 8 warps, D chunks of 16 for the similarity products, and:
 
     - forward: 64 x 64 row/column tiles;
     - backward: one program owns all gradient columns of its rows up to D = 512, so the
@@ -387,19 +418,28 @@ def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = N
       128 columns, each recomputing the tiles.
 
     Chosen from ptxas's register report on ahead-of-time compiles for sm_90 (``ptxas -v``;
-    ``tests/test_triton_compile.py``): no spills in the forward; in the backward none for
-    float32 and bfloat16, at most 32 bytes (D <= 256) and 488 bytes (float16 at D <= 512)
-    per thread, where 64 x 64 tiles with 256 columns spilled 24 KB and the former
-    64 x 64 x 128-column choice, two chunks at D = 256, 232 bytes. Not yet timed on
-    hardware. float64 uses 32 x 32 tiles.
+    ``tests/test_triton_compile.py``). With Triton 3.9.0: no spills in the forward; in the
+    backward at most 8 bytes per thread for float32 and bfloat16 up to D = 512, 24 bytes
+    for float16 at D = 512 and 96 bytes with 128-column chunks (float32, D = 1000), where
+    64 x 64 tiles holding 256 gradient columns would spill 23 KB (float32) and 64 x 64
+    tiles with two 128-column chunks at D = 256 200 bytes. Not yet timed on hardware.
+    float64 uses 32 x 32 tiles and 4 warps.
     """
     if interpreted is None:
         interpreted = _interpreted()
     d_pow2 = max(16, triton.next_power_of_2(d))
     if interpreted:
-        return BlockConfig(block_m=16, block_n=16, block_k=min(d_pow2, 32), block_dout=min(d_pow2, 32))
+        block_k = min(d_pow2, 32)
+        return BlockConfig(
+            ForwardConfig(block_m=16, block_n=16, block_k=block_k),
+            BackwardConfig(block_m=16, block_n=16, block_k=block_k, block_dout=min(d_pow2, 32)),
+        )
     if dtype == torch.float64:
-        return BlockConfig(block_m=32, block_n=32, block_k=min(d_pow2, 32), block_dout=min(d_pow2, 64))
+        block_k = min(d_pow2, 32)
+        return BlockConfig(
+            ForwardConfig(block_m=32, block_n=32, block_k=block_k),
+            BackwardConfig(block_m=32, block_n=32, block_k=block_k, block_dout=min(d_pow2, 64)),
+        )
     if d_pow2 <= 128:
         bwd_m, bwd_n, dout = 64, 64, d_pow2
     elif d_pow2 <= 256:
@@ -409,7 +449,8 @@ def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = N
     else:
         bwd_m, bwd_n, dout = 64, 64, 128
     return BlockConfig(
-        block_m=64, block_n=64, block_k=16, block_dout=dout, bwd_block_m=bwd_m, bwd_block_n=bwd_n, num_warps=8
+        ForwardConfig(block_m=64, block_n=64, block_k=16, num_warps=8),
+        BackwardConfig(block_m=bwd_m, block_n=bwd_n, block_k=16, block_dout=dout, num_warps=8),
     )
 
 
@@ -418,8 +459,9 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
 
     ``"ieee"`` (exact float32 products) unless the inputs are float32 and TF32 is allowed:
     ``allow_tf32=None`` follows PyTorch's own switch for float32 CUDA matrix products
-    (:func:`d2sm_loss._compat.tf32_allowed`, e.g. after ``torch.backends.cuda.matmul.allow_tf32 = True``), the same trade the plain PyTorch
-    path makes under that setting. The interpreter always computes in IEEE.
+    (:func:`d2sm_loss._compat.tf32_allowed`, e.g. after
+    ``torch.backends.cuda.matmul.allow_tf32 = True``), the same trade the plain PyTorch path
+    makes under that setting. The interpreter always computes in IEEE.
     """
     if allow_tf32 is None:
         allow_tf32 = tf32_allowed()
@@ -449,15 +491,21 @@ def _reciprocal_norms(features: Tensor, acc_dtype: torch.dtype) -> tuple[Tensor,
 
 
 class _SimilarityKLFunction(torch.autograd.Function):
-    """Autograd wrapper: fused forward kernel, fused backward kernel (gradient for x only)."""
+    """Autograd wrapper: fused forward kernel, fused backward kernel (gradient for x only).
+
+    With gradient recording on in the backward (``create_graph=True``) the gradient comes
+    from :func:`d2sm_loss.ops.reference.similarity_kl_vjp` instead, differentiable in the
+    saved input ``x`` and the incoming gradient.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, precision: str) -> Tensor:  # type: ignore[override]
+        x_in = x  # saved as given: a second-order backward continues the caller's graph from it
         x = x.contiguous()
         y = y.detach().contiguous()
         groups, n, d = x.shape
         acc_dtype = _accumulation_dtype(x.dtype)
-        config = choose_block_config(d, x.dtype)
+        config = choose_block_config(d, x.dtype).forward
         dot_native = _dot_native(x.dtype)
         with torch.no_grad():
             rinv_x, norms_x = _reciprocal_norms(x, acc_dtype)
@@ -492,7 +540,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
             )
         # >= as autograd differentiates the reference's clamp_min (the tie passes through).
         project_x = (norms_x >= NORM_EPS).to(acc_dtype)
-        ctx.save_for_backward(x, y, rinv_x, rinv_y, project_x, log_zx, log_zy)
+        ctx.save_for_backward(x_in, y, rinv_x, rinv_y, project_x, log_zx, log_zy)
         ctx.kernel = kernel
         ctx.temperature = float(temperature)
         ctx.include_self = bool(include_self)
@@ -500,18 +548,22 @@ class _SimilarityKLFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_kl: Tensor):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         x, y, rinv_x, rinv_y, project_x, log_zx, log_zy = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
+            grad_x = similarity_kl_vjp(
+                x, y, grad_kl, kernel=ctx.kernel, temperature=ctx.temperature, include_self=ctx.include_self
+            )
+            return grad_x, None, None, None, None, None
+        x = x.contiguous()
         groups, n, d = x.shape
         acc_dtype = rinv_x.dtype
-        config = choose_block_config(d, x.dtype)
+        config = choose_block_config(d, x.dtype).backward
         grad = grad_kl.to(acc_dtype).contiguous()
         dx = torch.empty((groups, n, d), dtype=acc_dtype, device=x.device)
-        block_m, block_n = config.backward_tiles
-        grid = (triton.cdiv(n, block_m), groups, triton.cdiv(d, config.block_dout))
+        grid = (triton.cdiv(n, config.block_m), groups, triton.cdiv(d, config.block_dout))
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _similarity_kl_bwd_kernel[grid](
                 x,
@@ -531,8 +583,8 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 INCLUDE_SELF=ctx.include_self,
                 DOT_NATIVE=_dot_native(x.dtype),
                 PRECISION=ctx.precision,
-                BLOCK_M=block_m,
-                BLOCK_N=block_n,
+                BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n,
                 BLOCK_K=config.block_k,
                 BLOCK_DOUT=config.block_dout,
                 num_warps=config.num_warps,

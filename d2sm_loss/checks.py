@@ -1,0 +1,164 @@
+"""One-line argument checks shared by :class:`~d2sm_loss.SemanticStatisticsLoss` and
+:func:`~d2sm_loss.functional.similarity_kl`.
+
+Each check takes the argument's name and value, raises ``TypeError`` (wrong kind of
+value) or ``ValueError`` (right kind, bad value) with a message that names the argument
+and says what was expected, and returns the value in a canonical Python type. Numbers may
+be given as Python numbers, NumPy scalars or 0-d tensors; ``bool`` is never taken for a
+number. Option checks run on the host only (no tensor data is read), so they cost nothing
+inside a compiled training step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_number",
+    "check_int",
+    "check_numbers",
+    "check_range",
+    "check_int_pair",
+    "check_images",
+    "check_pair",
+]
+
+
+def _scalar(value: Any) -> Any:
+    """A 0-d tensor or NumPy scalar as a Python number; anything else unchanged."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
+        return value.item()
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` must be a ``bool`` (``numpy.bool_`` accepted)."""
+    value = _scalar(value)
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_describe(value)} ({type(value).__name__})")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` must be one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {_describe(value)}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    positive: bool = False,
+    non_negative: bool = False,
+    finite: bool = True,
+) -> float:
+    """A real number (not a bool), finite unless ``finite=False``; returned as ``float``."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {_describe(value)} ({type(value).__name__})")
+    number = float(value)
+    if math.isnan(number) or (finite and math.isinf(number)):
+        raise ValueError(f"{name} must be a finite number, got {number}")
+    if positive and not number > 0:
+        raise ValueError(f"{name} must be positive, got {number}")
+    if non_negative and not number >= 0:
+        raise ValueError(f"{name} must be non-negative, got {number}")
+    return number
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+    """An integer (not a bool; a float such as ``4.0`` is refused), at least ``minimum``."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_describe(value)} ({type(value).__name__})")
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {number}")
+    return number
+
+
+def _sequence(name: str, value: Any, what: str) -> list[Any]:
+    if isinstance(value, Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{name} must be a sequence of {what}, got a tensor of shape {tuple(value.shape)}")
+        return value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, range)) and not hasattr(value, "tolist"):
+        raise TypeError(f"{name} must be a sequence of {what}, got {_describe(value)} ({type(value).__name__})")
+    return list(value.tolist() if hasattr(value, "tolist") else value)
+
+
+def check_numbers(
+    name: str,
+    value: Any,
+    *,
+    length: int | None = None,
+    positive: bool = False,
+    non_negative: bool = False,
+) -> list[float]:
+    """A sequence (list, tuple, 1-d array or tensor) of finite numbers, of ``length`` if given."""
+    items = _sequence(name, value, "numbers")
+    if length is not None and len(items) != length:
+        raise ValueError(f"{name} must have {length} values, got {len(items)}: {_describe(value)}")
+    return [
+        check_number(f"{name}[{i}]", item, positive=positive, non_negative=non_negative) for i, item in enumerate(items)
+    ]
+
+
+def check_range(name: str, value: Any) -> tuple[float, float]:
+    """``(low, high)``: two finite numbers with ``low < high``."""
+    low, high = check_numbers(name, value, length=2)
+    if not low < high:
+        raise ValueError(f"{name} must be (low, high) with low < high, got {_describe(value)}")
+    return low, high
+
+
+def check_int_pair(name: str, value: Any, *, minimum: int = 1) -> tuple[int, int]:
+    """An int (used for both sides) or a pair ``(h, w)`` of ints, each at least ``minimum``."""
+    scalar = _scalar(value)
+    if isinstance(scalar, numbers.Integral) and not isinstance(scalar, bool):
+        side = check_int(name, scalar, minimum=minimum)
+        return side, side
+    items = _sequence(name, value, "ints")
+    if len(items) != 2:
+        raise ValueError(f"{name} must be an int or a pair (h, w), got {_describe(value)}")
+    return check_int(f"{name}[0]", items[0], minimum=minimum), check_int(f"{name}[1]", items[1], minimum=minimum)
+
+
+def check_images(name: str, images: Any) -> None:
+    """A floating-point ``(B, C, H, W)`` tensor with ``B >= 1`` and ``C`` 1 or 3."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {images.dim()} dims: {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(images.shape)}): there is nothing to compare")
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must have 1 or 3 channels, got {images.shape[1]} (shape {tuple(images.shape)})")
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {images.dtype}")
+
+
+def check_pair(restored: Tensor, clean: Tensor) -> None:
+    """``restored`` and ``clean`` (already tensors) have the same shape and device."""
+    if restored.shape != clean.shape:
+        raise ValueError(
+            f"restored and clean must have the same shape, got {tuple(restored.shape)} and {tuple(clean.shape)}"
+        )
+    if restored.device != clean.device:
+        raise ValueError(f"restored and clean must be on the same device, got {restored.device} and {clean.device}")

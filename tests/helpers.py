@@ -1,0 +1,228 @@
+"""Shared test helpers: inputs, a float64 oracle, value-and-gradient, tolerances, asserts.
+
+Imported by the test modules as ``helpers`` (pytest puts ``tests/`` on ``sys.path``, as it
+does for ``conftest.py``). ``conftest.py`` has already set ``TRITON_INTERPRET`` when no
+GPU is present, so importing the Triton kernels after this module is safe.
+
+The oracle (:func:`loop_kl` for values, :func:`kl_gradient` for gradients) is written from
+the definition, independently of :mod:`d2sm_loss.ops`:
+
+    xh_i = x_i / max(|x_i|, NORM_EPS)         c_ij = xh_i . xh_j   (d_ij likewise from y)
+    log s(c) = log((1 + c) / 2 + COSINE_ETA)  (cosine)   or   (c - 1) / tau  (softmax)
+    px(j | i) = s(c_ij) / sum_j s(c_ij)       py from d  (j != i when include_self=False)
+    KL_i = sum_j py_ij (log py_ij - log px_ij)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from d2sm_loss.ops.reference import COSINE_ETA, NORM_EPS
+
+#: Where the Triton kernels run: the GPU when there is one, else the CPU (interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: Without a GPU the Triton kernels run through the interpreter, which is slow: small shapes.
+TRITON_INTERPRETED = not torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_skip_reason() -> str | None:
+    """Why the Triton kernels cannot run in this process, or None when they can (on a GPU,
+    or on the CPU with ``TRITON_INTERPRET`` set before they were imported)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "no GPU and TRITON_INTERPRET is not set"
+    try:
+        import d2sm_loss.ops.triton_kernels  # noqa: F401
+    except ImportError as error:
+        return f"the Triton kernels do not import: {error}"
+    return None
+
+
+# --- inputs ----------------------------------------------------------------------------
+
+
+def features(
+    groups: int,
+    n: int,
+    d: int,
+    dtype: torch.dtype = torch.float64,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    correlated: bool = True,
+    special_rows: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Restored features ``x`` and clean features ``y``, shape (G, N, D), drawn in float64.
+
+    ``correlated``: ``x = y + 0.7 * noise`` (a restoration near its clean image); otherwise
+    ``x`` and ``y`` are independent. ``special_rows`` (where N >= 3): an all-zero restored
+    row (index 0), an all-zero clean row (index N // 2) and, on both sides, row N - 1 a copy
+    of row 1. A zero row's gradient is about 1 / NORM_EPS larger than the others (compare
+    with a per-row tolerance, :class:`Tolerance`) and overflows float16.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if correlated:
+        y = torch.randn(groups, n, d, generator=gen, dtype=torch.float64, device=device)
+        x = y + 0.7 * torch.randn(groups, n, d, generator=gen, dtype=torch.float64, device=device)
+    else:
+        x = torch.randn(groups, n, d, generator=gen, dtype=torch.float64, device=device)
+        y = torch.randn(groups, n, d, generator=gen, dtype=torch.float64, device=device)
+    if special_rows and n >= 3:
+        x[:, 0] = 0.0
+        y[:, n // 2] = 0.0
+        x[:, n - 1] = x[:, 1]
+        y[:, n - 1] = y[:, 1]
+    return x.to(dtype), y.to(dtype)
+
+
+def upstream(shape: tuple[int, ...], dtype: torch.dtype = torch.float64, *, seed: int = 1,
+             device: str | torch.device = "cpu") -> Tensor:
+    """A random incoming gradient of the given shape (drawn in float64 on the CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def value_and_grad(
+    fn: Callable[..., Tensor], x: Tensor, y: Tensor, grad_out: Tensor, **kwargs
+) -> tuple[Tensor, Tensor]:
+    """``fn(x, y, **kwargs)`` and ``d <fn(x, y), grad_out> / dx`` (``grad_out`` is cast to the
+    output's dtype)."""
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x, y, **kwargs)
+    (grad,) = torch.autograd.grad(out, x, grad_out.to(out.dtype))
+    return out.detach(), grad
+
+
+# --- the float64 oracle ----------------------------------------------------------------
+
+
+def _log_s(c: float, kernel: str, temperature: float) -> float:
+    return math.log((1 + c) / 2 + COSINE_ETA) if kernel == "cosine" else (c - 1) / temperature
+
+
+def loop_kl(x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool) -> Tensor:
+    """Per-row KL(p_clean(.|i) || p_restored(.|i)) of one group ``x``, ``y`` (N, D), with
+    Python loops over float64 numbers."""
+
+    def unit_rows(rows: list) -> list:
+        out = []
+        for v in rows:
+            norm = max(math.sqrt(sum(a * a for a in v)), NORM_EPS)
+            out.append([a / norm for a in v])
+        return out
+
+    def conditional(units: list, i: int) -> dict:
+        logits = {
+            j: _log_s(sum(a * b for a, b in zip(units[i], u)), kernel, temperature)
+            for j, u in enumerate(units)
+            if include_self or j != i
+        }
+        top = max(logits.values())
+        z = sum(math.exp(v - top) for v in logits.values())
+        return {j: math.exp(v - top) / z for j, v in logits.items()}
+
+    ux, uy = unit_rows(x.double().tolist()), unit_rows(y.double().tolist())
+    out = []
+    for i in range(len(ux)):
+        px, py = conditional(ux, i), conditional(uy, i)
+        out.append(sum(p * (math.log(p) - math.log(px[j])) for j, p in py.items() if p > 0))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def kl_gradient(x: Tensor, y: Tensor, upstream: Tensor, kernel: str, temperature: float, include_self: bool) -> Tensor:
+    """``d sum_i upstream_i KL_i / dx`` for one group ``x``, ``y`` (N, D), in closed form:
+
+        G_ij = upstream_i (px_ij - py_ij) d log s / dc (c_ij)      dXh = (G + G^T) Xh
+        dx_i = (dxh_i - xh_i (xh_i . dxh_i)) / |x_i|  if |x_i| > NORM_EPS,  else  dxh_i / NORM_EPS
+    """
+    x, y, upstream = x.double(), y.double(), upstream.double()
+    norms = x.norm(dim=-1, keepdim=True)
+    xh = x / norms.clamp_min(NORM_EPS)
+    yh = y / y.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    c, d = xh @ xh.T, yh @ yh.T
+    if kernel == "cosine":
+        log_s = lambda t: torch.log((1 + t) / 2 + COSINE_ETA)  # noqa: E731
+        dlog_s = 0.5 / ((1 + c) / 2 + COSINE_ETA)
+    else:
+        log_s = lambda t: (t - 1) / temperature  # noqa: E731
+        dlog_s = torch.full_like(c, 1 / temperature)
+    keep = torch.ones_like(c, dtype=torch.bool)
+    if not include_self:
+        keep.fill_diagonal_(False)
+    px = torch.softmax(log_s(c).masked_fill(~keep, -math.inf), dim=-1)
+    py = torch.softmax(log_s(d).masked_fill(~keep, -math.inf), dim=-1)
+    g = upstream[:, None] * (px - py) * dlog_s * keep
+    dxh = (g + g.T) @ xh
+    projected = (dxh - xh * (xh * dxh).sum(-1, keepdim=True)) / norms
+    return torch.where(norms > NORM_EPS, projected, dxh / NORM_EPS)
+
+
+# --- tolerances and the comparison -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|actual - expected| <= atol + rtol |expected| + row_rtol max_row |expected|``
+    elementwise, where ``max_row`` is the largest magnitude along the last dimension (the
+    row a gradient entry belongs to)."""
+
+    rtol: float = 0.0
+    atol: float = 0.0
+    row_rtol: float = 0.0
+
+
+def assert_close(actual: Tensor, expected: Tensor, tol: Tolerance, what: str = "") -> None:
+    """Assert ``actual`` within ``tol`` of ``expected`` (compared in float64), naming the
+    worst entry, its error and bound, and how many entries are out of bounds."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{what}: {int((~torch.isfinite(a)).sum())} non-finite entries"
+    bound = tol.atol + tol.rtol * e.abs()
+    if tol.row_rtol:
+        bound = bound + tol.row_rtol * (e.abs().amax(dim=-1, keepdim=True) if e.dim() else e.abs())
+    err = (a - e).abs()
+    bad = err > bound
+    if bad.any():
+        worst = int(torch.argmax(err - bound))
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), e.shape)) if e.dim() else ()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {e.numel()} entries out of {tol}; worst at {index}: "
+            f"actual {a.flatten()[worst].item():.6e}, expected {e.flatten()[worst].item():.6e}, "
+            f"error {err.flatten()[worst].item():.3e} > bound {bound.flatten()[worst].item():.3e}"
+        )
+
+
+@dataclass(frozen=True)
+class DtypeTolerance:
+    """Tolerances of the value and of the gradient for inputs of one dtype."""
+
+    value: Tolerance
+    grad: Tolerance
+
+
+#: Any implementation against the float64 oracle (evaluated on the same, rounded, inputs),
+#: by input dtype; each at least as tight as the per-implementation tolerances it replaced.
+#: On the agreement test's inputs (CPU; reference, streaming, interpreted Triton), the
+#: largest error used this share of its bound: float64 0.3 % (values and gradients),
+#: float32 24 % (values) and 13 % (gradients), float16 / bfloat16 4 % (values) and 24 %
+#: (gradients, i.e. about one ulp). Why each has its shape:
+#: - float64: gradients of size ~1 can be off by ~1e-11 where a row has nearly antipodal
+#:   neighbours (seen at D = 3: a small s(c) makes d log s / dc large), hence the absolute
+#:   part; a zero row's gradient (~1 / NORM_EPS) sums terms that cancel, hence the row part.
+#: - float32: relative to the largest magnitude in the row, not to the whole tensor: a zero
+#:   row's gradient would otherwise hide the other rows' errors.
+#: - float16 / bfloat16: the statistic is accumulated in float32 (the value is float32);
+#:   gradients come back in the input dtype: 4 ulp of the largest entry of their row.
+TOLERANCES = {
+    torch.float64: DtypeTolerance(Tolerance(rtol=1e-12, atol=1e-12), Tolerance(rtol=1e-12, atol=5e-11, row_rtol=2e-12)),
+    torch.float32: DtypeTolerance(Tolerance(atol=1e-6, row_rtol=2e-5), Tolerance(atol=1e-6, row_rtol=2e-5)),
+    torch.float16: DtypeTolerance(Tolerance(rtol=1e-4, atol=1e-5), Tolerance(row_rtol=4 * 2.0**-11)),
+    torch.bfloat16: DtypeTolerance(Tolerance(rtol=1e-4, atol=1e-5), Tolerance(row_rtol=4 * 2.0**-8)),
+}

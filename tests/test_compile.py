@@ -1,0 +1,121 @@
+"""SemanticStatisticsLoss inside torch.compile: one graph, eager values, no recompilation.
+
+A small convolutional backbone keeps the compile times of the CPU CI short; what is under
+test is the loss's own code (checks, rows, queue, statistic), not the backbone.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.utils import counters
+
+from d2sm_loss import SemanticStatisticsLoss
+
+pytestmark = pytest.mark.slow
+
+
+def make_loss(**kwargs):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Tanh(), nn.Conv2d(8, 12, 3, stride=2), nn.Tanh())
+    kwargs.setdefault("check_inputs", False)
+    return SemanticStatisticsLoss(net, **kwargs)
+
+
+def batches(steps, batch=4, size=22):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        clean = torch.rand(batch, 3, size, size, generator=g)
+        out.append(((clean + 0.2 * torch.randn(clean.shape, generator=g)).clamp(0, 1), clean))
+    return out
+
+
+def run(criterion, data, compiled):
+    """The loss and its gradient on the restored images, step by step (training mode)."""
+    fn = torch.compile(criterion, fullgraph=True, backend="aot_eager") if compiled else criterion
+    values, grads = [], []
+    for restored, clean in data:
+        restored = restored.clone().requires_grad_()
+        value = fn(restored, clean)
+        (grad,) = torch.autograd.grad(value, restored)
+        values.append(value.detach())
+        grads.append(grad)
+    return values, grads
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"granularity": "image"},
+        {"granularity": "image", "queue_size": 10},
+        {"granularity": "location"},
+        {"granularity": "patch", "patch_size": 11, "queue_size": 7},
+    ],
+    ids=["image", "image-queue", "location", "patch-queue"],
+)
+def test_fullgraph_compile_matches_eager(options):
+    eager = make_loss(**options)
+    compiled = copy.deepcopy(eager)
+    data = batches(6)
+    want_values, want_grads = run(eager, data, compiled=False)
+    got_values, got_grads = run(compiled, data, compiled=True)
+    for want, got in zip(want_values, got_values):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for want, got in zip(want_grads, got_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+    if eager.queues is not None:
+        for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(b, a)
+
+
+def test_compiled_step_does_not_recompile_once_the_queue_is_full():
+    criterion = make_loss(queue_size=10)  # full after 3 batches of 4
+    step = torch.compile(criterion, fullgraph=True, backend="eager")
+    data = batches(9)
+    graphs = []
+    for restored, clean in data:
+        step(restored.requires_grad_(), clean).backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert criterion.queues[0].count == 10
+    # Filling: an empty queue, then a growing one (marked dynamic after its first change),
+    # then the full ring. From then on, the same graph every step.
+    assert graphs[-1] <= 4
+    assert graphs[3:] == [graphs[3]] * len(graphs[3:])
+
+
+def test_a_training_step_compiles_into_one_graph():
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 3, 3, padding=1)
+    criterion = make_loss(queue_size=6)
+
+    def loss_of(noisy, clean):
+        restored = model(noisy)
+        return nn.functional.l1_loss(restored, clean) + 0.1 * criterion(restored, clean)
+
+    explanation = torch._dynamo.explain(loss_of)(*batches(1)[0])
+    assert explanation.graph_count == 1
+    assert explanation.graph_break_count == 0
+
+
+def test_input_check_is_the_one_graph_break():
+    criterion = make_loss(check_inputs=True)
+    restored, clean = batches(1)[0]
+    explanation = torch._dynamo.explain(criterion)(restored.requires_grad_(), clean)
+    # Dynamo reports a break once per frame it interrupts (the check runs inside rows(),
+    # inside forward()): every report must point at the same line, the check's sync.
+    places = {(b.user_stack[-1].name, b.user_stack[-1].lineno) for b in explanation.break_reasons}
+    assert explanation.graph_break_count >= 1
+    assert len(places) == 1
+    assert next(iter(places))[0] == "_check_values"
