@@ -22,7 +22,7 @@ Metrics: PSNR and SSIM, and the judgement of EfficientNet-Lite0 (not the loss's 
 KL(p_clean || p_restored) between class posteriors and top-1 agreement. ``study_report.py``
 turns the CSV into paired differences with 95 % confidence intervals, a table and a plot.
 
-    python examples/study.py                      # CPU scale: about 45 min on one busy core
+    python examples/study.py                      # CPU scale: about 40 min on 2 busy cores (2 shards)
     python examples/study.py --scale gpu          # GPU scale: a bigger DnCNN, longer training
     python examples/study_report.py               # table and plot from the CSV
 """
@@ -137,12 +137,11 @@ def initial_model(args: argparse.Namespace, seed: int) -> DnCNN:
 
 
 def gradient_ratio(model: DnCNN, criterion: torch.nn.Module, degraded: Tensor, clean: Tensor) -> float:
-    """``||dD2SM/dx|| / ||dL1/dx||`` on the restored images ``x = model(degraded)``."""
+    """``||dD2SM/dx|| / ||dL1/dx||`` on the restored images ``x = model(degraded)``
+    (:func:`d2sm_loss.gradient_ratio`)."""
     restored = model(degraded).detach().requires_grad_(True)
     warnings.filterwarnings("ignore", message=".*outside input_range.*")  # unclipped noisy images
-    (g_l1,) = torch.autograd.grad(F.l1_loss(restored, clean), restored)
-    (g_d2sm,) = torch.autograd.grad(criterion(restored, clean), restored)
-    return float(g_d2sm.norm() / g_l1.norm())
+    return d2sm_loss.gradient_ratio(criterion(restored, clean), F.l1_loss(restored, clean), restored)
 
 
 def round_significant(value: float, digits: int = 2) -> float:
