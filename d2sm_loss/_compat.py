@@ -1,7 +1,4 @@
-"""Small helpers that read optional libraries and PyTorch switches.
-
-:func:`import_timm` imports :mod:`timm` on first use, so that ``import d2sm_loss`` does not
-import timm (and through it torchvision) before a backbone is built.
+"""PyTorch switches read across versions.
 
 :func:`tf32_allowed` reads PyTorch's TF32 switch for float32 matrix products through
 whichever of its two APIs the installed version has.
@@ -9,18 +6,9 @@ whichever of its two APIs the installed version has.
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
-__all__ = ["import_timm", "tf32_allowed"]
-
-
-def import_timm() -> ModuleType:
-    """Import and return :mod:`timm` (a plain import, done when first needed)."""
-    import timm
-
-    return timm
+__all__ = ["tf32_allowed"]
 
 
 def tf32_allowed() -> bool:

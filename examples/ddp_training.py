@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,14 +34,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from d2sm_loss import SemanticStatisticsLoss  # noqa: E402
+from d2sm_loss import SemanticStatisticsLoss
+from data import load_images, sample_batch
+from degradations import add_gaussian_noise
+from models import DnCNN
+from training import backbone_weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--data", help="folder of clean training images (default: built-in photographs)")
     parser.add_argument("--steps", type=int, default=50)
@@ -74,19 +76,17 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         # The same crops on every rank (same seed); the sampler gives each rank its shard.
         generator = torch.Generator().manual_seed(0)
-        train, _ = common.load_images(args.data, None, None, None, 1)
-        clean, _ = common.sample_batch(train, args.pool, args.crop, 1, generator)
+        train, _ = load_images(args.data)
+        clean, _ = sample_batch(train, args.pool, args.crop, 1, generator)
         sampler = DistributedSampler(TensorDataset(clean), shuffle=True, seed=0)
         loader = DataLoader(TensorDataset(clean), batch_size=args.batch_size, sampler=sampler, drop_last=False)
 
         torch.manual_seed(0)
         model = DistributedDataParallel(
-            common.DnCNN(depth=8, width=32).to(device), device_ids=[device.index] if device.type == "cuda" else None
+            DnCNN(depth=8, width=32).to(device), device_ids=[device.index] if device.type == "cuda" else None
         )
-        weights = common.resolve_backbone_weights(args)
-        criterion = SemanticStatisticsLoss(
-            args.backbone, pretrained=weights["pretrained"], weights=weights["weights"], queue_size=args.queue_size
-        ).to(device)
+        weights, weights_source = backbone_weights(args)
+        criterion = SemanticStatisticsLoss(args.backbone, queue_size=args.queue_size, **weights).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         noise = torch.Generator().manual_seed(1000 + rank)
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             sampler.set_epoch(epoch)
             for (batch,) in loader:
                 batch = batch.to(device)
-                noisy = common.add_gaussian_noise(batch.cpu(), args.sigma / 255, noise).to(device)
+                noisy = add_gaussian_noise(batch.cpu(), args.sigma / 255, noise).to(device)
                 restored = model(noisy)
                 pixel = F.l1_loss(restored, batch)
                 semantic = criterion(restored, batch)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             "backend": backend,
             "steps": step,
             "seconds": time.perf_counter() - start,
-            "backbone_weights": weights["source"],
+            "backbone_weights": weights_source,
             "queues_identical_across_ranks": all(torch.equal(s, sums[0]) for s in sums),
             "history": history,
         }

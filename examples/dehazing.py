@@ -11,13 +11,13 @@ airlight ``A ~ U(0.7, 1.0)`` (``--airlight-range``). The photographs have no dep
 ``d`` is a proxy in [0, 1]: ``normalise(0.5 * v + 0.5 * blur(luminance))`` with ``v`` running
 from 1 (top row, far) to 0 (bottom row, near) and the luminance blurred by a Gaussian of sigma
 5 % of the shorter side (bright smooth regions such as sky count as far); see
-``common.depth_proxy``. Hence ``t`` lies in [exp(-beta), 1]. The test haze is drawn once from a
+``degradations.depth_proxy``. Hence ``t`` lies in [exp(-beta), 1]. The test haze is drawn once from a
 fixed seed.
 
 Network: AOD-Net (Li et al., ICCV 2017): five small convolutions estimate K(x) and
 ``J = ReLU(K(x) I - K(x) + 1)``; about 1.8 k parameters.
 
-Data: built-in photographs by default (see ``examples/common.py`` for the fixed train/test
+Data: built-in photographs by default (see ``examples/data.py`` for the fixed train/test
 split). Any folder of clean images works (the haze is then synthesised with the depth proxy),
 or real pairs, e.g. RESIDE (``0001_0.8_0.2.jpg`` pairs with ``0001.png``) or O-HAZE::
 
@@ -38,40 +38,61 @@ Examples::
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import time
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-from common import AODNet, Task, _float_pair, add_haze, run_example  # noqa: E402
+from data import load_images
+from degradations import add_haze
+from evaluation import Evaluator, evaluate, prepare_test_set
+from models import AODNet
+from options import example_parser, float_pair, parse_args
+from report import write_report
+from training import backbone_weights, batches, build_criterion, train
+
+QUICK = dict(steps=400, batch_size=16, crop=96, lr=2e-3, loss_weight=0.1, eval_size=256)
+FULL = dict(steps=2000, batch_size=16, crop=128, lr=2e-3, loss_weight=0.1, eval_size=384)
 
 
-def _add_arguments(parser):
+def main(argv=None) -> dict:
+    parser = example_parser("dehazing", __doc__)
     g = parser.add_argument_group("dehazing")
-    g.add_argument("--beta-range", type=_float_pair, default=(0.5, 1.5), help="'low,high' scattering coefficient")
-    g.add_argument("--airlight-range", type=_float_pair, default=(0.7, 1.0), help="'low,high' grey airlight A")
+    g.add_argument("--beta-range", type=float_pair, default=(0.5, 1.5), help="'low,high' scattering coefficient")
+    g.add_argument("--airlight-range", type=float_pair, default=(0.7, 1.0), help="'low,high' grey airlight A")
+    args = parse_args(parser, argv, QUICK, FULL)
+    started, device = time.perf_counter(), torch.device(args.device)
 
+    def hazy(clean, rng):
+        return add_haze(clean, rng, args.beta_range, args.airlight_range)[0]
 
-TASK = Task(
-    name="dehazing",
-    scale=1,
-    degraded_label="hazy",
-    build_model=lambda args: AODNet(),
-    degrade=lambda clean, generator, args, training: add_haze(clean, generator, args.beta_range, args.airlight_range)[0],
-    describe=lambda args: {
-        "degradation": "I = J t + A (1 - t), t = exp(-beta d), d = common.depth_proxy (vertical ramp + blurred luminance)",
-        "beta_range": list(args.beta_range),
-        "airlight_range": list(args.airlight_range),
-        "model": "AOD-Net",
-    },
-    quick=dict(steps=400, batch_size=16, crop=96, lr=2e-3, loss_weight=0.1, eval_size=256),
-    full=dict(steps=2000, batch_size=16, crop=128, lr=2e-3, loss_weight=0.1, eval_size=384),
-    add_arguments=_add_arguments,
-)
+    train_set, test_set = load_images(args.data, args.degraded, args.test_data, args.test_degraded)
+    prepared = prepare_test_set(test_set, hazy, args.eval_size, limit=args.num_test)
+    evaluator = Evaluator(device, random=args.random_backbone, weights=args.evaluator_weights)
 
+    # Two runs, same seed, same batches: L1 alone, then L1 + loss_weight * D2SM.
+    models, runs = {}, {}
+    for name, weight in (("l1", 0.0), ("l1+d2sm", args.loss_weight)):
+        torch.manual_seed(args.seed)
+        criterion = build_criterion(args).to(device)  # after seeding: a random backbone is reproducible
+        torch.manual_seed(args.seed)
+        model = AODNet().to(device)
+        data = batches(train_set, hazy, args.batch_size, args.crop, seed=args.seed)
+        models[name], runs[name] = train(model, criterion, data, weight, steps=args.steps, lr=args.lr, device=device,
+                                         log_every=args.log_every, label=f"dehazing {name}")
 
-def main(argv=None):
-    return run_example(TASK, __doc__, argv)
+    evaluation, images = evaluate(prepared, models, evaluator, device)
+    return write_report(
+        args, argv, example="dehazing", degraded_label="hazy",
+        description={
+            "degradation": "I = J t + A (1 - t), t = exp(-beta d), d = degradations.depth_proxy "
+                           "(vertical ramp + blurred luminance)",
+            "beta_range": list(args.beta_range),
+            "airlight_range": list(args.airlight_range),
+            "model": "AOD-Net",
+        },
+        train_set=train_set, prepared=prepared, backbone_source=backbone_weights(args)[1],
+        evaluator_source=evaluator.source, runs=runs, evaluation=evaluation, images=images, started=started,
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ once from a fixed seed, so every run and every seed sees the same noisy test ima
 Network: DnCNN (Zhang et al., TIP 2017), residual learning, conv+BN+ReLU blocks; ``--depth`` and
 ``--width`` (the paper: 17-20 layers of 64 channels; smaller here so it trains on a CPU).
 
-Data: built-in photographs by default (see ``examples/common.py`` for the fixed train/test
+Data: built-in photographs by default (see ``examples/data.py`` for the fixed train/test
 split); random crops with flips for training, center crops of at most ``--eval-size`` pixels
 for testing. Any folder of clean images works, e.g. DIV2K or BSD::
 
@@ -39,57 +39,64 @@ Examples::
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import time
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-from common import DnCNN, Task, _float_pair, add_gaussian_noise, run_example  # noqa: E402
+from data import load_images
+from degradations import add_gaussian_noise
+from evaluation import Evaluator, evaluate, prepare_test_set
+from models import DnCNN
+from options import example_parser, float_pair, parse_args
+from report import write_report
+from training import backbone_weights, batches, build_criterion, train
+
+QUICK = dict(steps=300, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=256, depth=8, width=32)
+FULL = dict(steps=1000, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=384, depth=10, width=32)
 
 
-def _add_arguments(parser):
+def main(argv=None) -> dict:
+    parser = example_parser("denoising", __doc__)
     g = parser.add_argument_group("denoising")
     g.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0..255 scale (default 25)")
-    g.add_argument("--sigma-range", type=_float_pair, default=None,
+    g.add_argument("--sigma-range", type=float_pair, default=None,
                    help="'low,high' on the 0..255 scale: blind training, one sigma per patch")
     g.add_argument("--depth", type=int, help="DnCNN layers")
     g.add_argument("--width", type=int, help="DnCNN channels")
+    args = parse_args(parser, argv, QUICK, FULL)
+    started, device = time.perf_counter(), torch.device(args.device)
 
+    # Noise: one sigma for the test images; blind training draws one per patch from --sigma-range.
+    train_sigma = tuple(s / 255 for s in args.sigma_range) if args.sigma_range else args.sigma / 255
+    train_set, test_set = load_images(args.data, args.degraded, args.test_data, args.test_degraded)
+    prepared = prepare_test_set(test_set, lambda clean, rng: add_gaussian_noise(clean, args.sigma / 255, rng),
+                                args.eval_size, limit=args.num_test)
+    evaluator = Evaluator(device, random=args.random_backbone, weights=args.evaluator_weights)
 
-def _degrade(clean, generator, args, training):
-    """Noisy images; blind training draws one sigma per patch from --sigma-range."""
-    if training and args.sigma_range is not None:
-        sigma = (args.sigma_range[0] / 255.0, args.sigma_range[1] / 255.0)
-    else:
-        sigma = args.sigma / 255.0
-    return add_gaussian_noise(clean, sigma, generator)
+    # Two runs, same seed, same batches: L1 alone, then L1 + loss_weight * D2SM.
+    models, runs = {}, {}
+    for name, weight in (("l1", 0.0), ("l1+d2sm", args.loss_weight)):
+        torch.manual_seed(args.seed)
+        criterion = build_criterion(args).to(device)  # after seeding: a random backbone is reproducible
+        torch.manual_seed(args.seed)
+        model = DnCNN(depth=args.depth, width=args.width).to(device)
+        data = batches(train_set, lambda clean, rng: add_gaussian_noise(clean, train_sigma, rng),
+                       args.batch_size, args.crop, seed=args.seed)
+        models[name], runs[name] = train(model, criterion, data, weight, steps=args.steps, lr=args.lr, device=device,
+                                         log_every=args.log_every, label=f"denoising {name}")
 
-
-def _configure(task, args):
-    task.degraded_label = f"noisy (sigma {args.sigma:g})"
-
-
-TASK = Task(
-    name="denoising",
-    scale=1,
-    degraded_label="noisy",
-    build_model=lambda args: DnCNN(depth=args.depth, width=args.width),
-    degrade=_degrade,
-    describe=lambda args: {
-        "degradation": "additive white Gaussian noise, not clipped",
-        "sigma_test_255": args.sigma,
-        "sigma_train_255": list(args.sigma_range) if args.sigma_range else args.sigma,
-        "model": f"DnCNN depth {args.depth} width {args.width}",
-    },
-    quick=dict(steps=300, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=256, depth=8, width=32),
-    full=dict(steps=1000, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=384, depth=10, width=32),
-    add_arguments=_add_arguments,
-    configure=_configure,
-)
-
-
-def main(argv=None):
-    return run_example(TASK, __doc__, argv)
+    evaluation, images = evaluate(prepared, models, evaluator, device)
+    return write_report(
+        args, argv, example="denoising", degraded_label=f"noisy (sigma {args.sigma:g})",
+        description={
+            "degradation": "additive white Gaussian noise, not clipped",
+            "sigma_test_255": args.sigma,
+            "sigma_train_255": list(args.sigma_range) if args.sigma_range else args.sigma,
+            "model": f"DnCNN depth {args.depth} width {args.width}",
+        },
+        train_set=train_set, prepared=prepared, backbone_source=backbone_weights(args)[1],
+        evaluator_source=evaluator.source, runs=runs, evaluation=evaluation, images=images, started=started,
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ pixel shuffle, with tanh activations, working in low resolution. Deviations: RGB
 Y channel, and the bicubic upsampling of the input is added to the output (residual learning),
 which trains much faster on a CPU. ``--width`` sets the first layer's channels.
 
-Data: built-in photographs by default (see ``examples/common.py`` for the fixed train/test
+Data: built-in photographs by default (see ``examples/data.py`` for the fixed train/test
 split). Any folder of clean images works, e.g. DIV2K, or DIV2K's own bicubic LR images as
 real pairs (``0001x2.png`` pairs with ``0001.png``)::
 
@@ -39,46 +39,60 @@ Examples::
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import time
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-from common import ESPCN, Task, bicubic_downsample, run_example  # noqa: E402
+from data import load_images
+from degradations import bicubic_downsample
+from evaluation import Evaluator, evaluate, prepare_test_set
+from models import ESPCN
+from options import example_parser, parse_args
+from report import write_report
+from training import backbone_weights, batches, build_criterion, train
+
+QUICK = dict(steps=400, batch_size=16, crop=96, lr=1e-3, loss_weight=0.1, eval_size=256, width=64)
+FULL = dict(steps=2000, batch_size=16, crop=96, lr=1e-3, loss_weight=0.1, eval_size=384, width=64)
 
 
-def _add_arguments(parser):
+def main(argv=None) -> dict:
+    parser = example_parser("super_resolution", __doc__)
     g = parser.add_argument_group("super-resolution")
     g.add_argument("--scale", type=int, default=2, choices=(2, 3, 4), help="upscaling factor")
     g.add_argument("--width", type=int, help="ESPCN channels of the first layer")
+    args = parse_args(parser, argv, QUICK, FULL)
+    started, device = time.perf_counter(), torch.device(args.device)
 
+    def downsample(clean, rng):  # deterministic: the generator is not used
+        return bicubic_downsample(clean, args.scale)
 
-def _configure(task, args):
-    task.scale = args.scale
-    task.degraded_label = f"bicubic x{args.scale}"
+    train_set, test_set = load_images(args.data, args.degraded, args.test_data, args.test_degraded, args.scale)
+    prepared = prepare_test_set(test_set, downsample, args.eval_size, args.scale, limit=args.num_test)
+    evaluator = Evaluator(device, random=args.random_backbone, weights=args.evaluator_weights)
 
+    # Two runs, same seed, same batches: L1 alone, then L1 + loss_weight * D2SM.
+    models, runs = {}, {}
+    for name, weight in (("l1", 0.0), ("l1+d2sm", args.loss_weight)):
+        torch.manual_seed(args.seed)
+        criterion = build_criterion(args).to(device)  # after seeding: a random backbone is reproducible
+        torch.manual_seed(args.seed)
+        model = ESPCN(scale=args.scale, width=args.width).to(device)
+        data = batches(train_set, downsample, args.batch_size, args.crop, args.scale, seed=args.seed)
+        models[name], runs[name] = train(model, criterion, data, weight, steps=args.steps, lr=args.lr, device=device,
+                                         log_every=args.log_every, label=f"super_resolution {name}")
 
-TASK = Task(
-    name="super_resolution",
-    scale=2,
-    degraded_label="bicubic",
-    build_model=lambda args: ESPCN(scale=args.scale, width=args.width),
-    degrade=lambda clean, generator, args, training: bicubic_downsample(clean, args.scale),
-    describe=lambda args: {
-        "degradation": "bicubic downsampling with antialiasing (torch interpolate), clipped to [0, 1]",
-        "scale": args.scale,
-        "metrics": f"RGB, {args.scale} border pixels shaved",
-        "model": f"ESPCN width {args.width}, RGB, plus bicubic upsampling of the input",
-    },
-    quick=dict(steps=400, batch_size=16, crop=96, lr=1e-3, loss_weight=0.1, eval_size=256, width=64),
-    full=dict(steps=2000, batch_size=16, crop=96, lr=1e-3, loss_weight=0.1, eval_size=384, width=64),
-    add_arguments=_add_arguments,
-    configure=_configure,
-)
-
-
-def main(argv=None):
-    return run_example(TASK, __doc__, argv)
+    evaluation, images = evaluate(prepared, models, evaluator, device, args.scale)
+    return write_report(
+        args, argv, example="super_resolution", degraded_label=f"bicubic x{args.scale}",
+        description={
+            "degradation": "bicubic downsampling with antialiasing (torch interpolate), clipped to [0, 1]",
+            "scale": args.scale,
+            "metrics": f"RGB, {args.scale} border pixels shaved",
+            "model": f"ESPCN width {args.width}, RGB, plus bicubic upsampling of the input",
+        },
+        train_set=train_set, prepared=prepared, backbone_source=backbone_weights(args)[1],
+        evaluator_source=evaluator.source, runs=runs, evaluation=evaluation, images=images, started=started,
+    )
 
 
 if __name__ == "__main__":
