@@ -43,17 +43,17 @@ MIN_LOCATIONS = 16
 PAPER_MEAN = (0.4488, 0.4371, 0.4040)
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_MODULE_CALL_FILE = os.path.abspath(nn.Module.__call__.__code__.co_filename)
+#: Frames skipped when a warning looks for the user's line: this package's and torch's own
+#: (``nn.Module.__call__``, and torch.compile's frames around a compiled call).
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
 
 
+@torch.compiler.disable  # run eagerly under torch.compile: frames are not traceable
 def _warn(message: str) -> None:
     """A ``UserWarning`` attributed to the user's line: the first caller outside this
-    package and outside ``nn.Module``'s call machinery."""
+    package and torch."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and (
-        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or os.path.abspath(frame.f_code.co_filename) == _MODULE_CALL_FILE
-    ):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
 

@@ -5,6 +5,7 @@ test is the loss's own code (checks, rows, queue, statistic), not the backbone.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -133,3 +134,14 @@ def test_the_shape_warnings_do_not_break_a_fullgraph_compile():
     torch.testing.assert_close(got, want)
     swapped = torch.compile(make_loss(), fullgraph=True, backend="eager")
     torch.testing.assert_close(swapped(restored, clean.clone().requires_grad_()), make_loss()(restored, clean))
+
+
+def test_the_range_warning_of_a_compiled_call_points_at_the_caller():
+    """With check_inputs=True the graph breaks at the check anyway; its warning must name the
+    caller's line and come alone (no note from torch.compile about untraceable code)."""
+    step = torch.compile(make_loss(check_inputs=True), backend="eager")
+    restored, clean = batches(1)[0]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        step(2 * restored, clean)
+    assert [(w.filename, "outside input_range" in str(w.message)) for w in record] == [(__file__, True)]
