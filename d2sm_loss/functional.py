@@ -106,7 +106,9 @@ def resolve_implementation(implementation: str, device: torch.device, features: 
     ``"auto"`` picks Triton for CUDA tensors when Triton is importable, its kernels pass a
     one-time self-check on that device and ``features`` is at most
     :data:`TRITON_AUTO_MAX_FEATURES` (None: not known, no limit); else the streaming
-    PyTorch path. ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1`` set in the
+    PyTorch path. While :func:`torch.compile` traces, ``"auto"`` always takes the streaming
+    path: the self-check cannot run inside a trace, and the Triton kernels have not yet been
+    tested inside a compiled graph (``"triton"`` asks for them explicitly). ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1`` set in the
     environment before :mod:`d2sm_loss` is imported (the Triton interpreter then runs the
     kernels on CPU tensors).
     """
@@ -114,6 +116,7 @@ def resolve_implementation(implementation: str, device: torch.device, features: 
     if implementation == "auto":
         if (
             device.type == "cuda"
+            and not torch.compiler.is_compiling()
             and (features is None or features <= TRITON_AUTO_MAX_FEATURES)
             and _triton_error() is None
             and _triton_self_check(device)

@@ -355,6 +355,8 @@ class SemanticStatisticsLoss(nn.Module):
             layer_weights = check_numbers("layer_weights", layer_weights, non_negative=True)
             if not layer_weights:
                 raise ValueError("layer_weights must hold one weight per layer, got an empty sequence")
+            if not any(layer_weights):
+                raise ValueError(f"layer_weights are all 0, which makes the loss identically 0: got {layer_weights}")
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
             raise TypeError(f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}")
 

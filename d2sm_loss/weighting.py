@@ -1,8 +1,8 @@
 """Choosing the loss's weight: how large is its gradient next to the pixel loss's?
 
-The D2SM value is a KL divergence between similarity distributions: typically 100 to
-10,000 times smaller than an L1 loss on the same images, while its gradient on the
-restored images can be a sizeable fraction of L1's. The value says nothing about how
+The D2SM value is a KL divergence between similarity distributions, typically about a
+hundred times smaller than an L1 loss on the same images, while its gradient on the
+restored images can be as large as L1's or larger. The value says nothing about how
 hard the term pulls on the network; the gradient on the restored images does, since that
 is all the network receives from either loss. :func:`gradient_ratio` measures it::
 

@@ -57,6 +57,7 @@ BAD_OPTIONS = [
     ({"layer_weights": [1.0, "a"]}, TypeError, r"layer_weights\[1\] must be a number"),
     ({"layer_weights": [float("inf")]}, ValueError, r"layer_weights\[0\] must be a finite number"),
     ({"layer_weights": 2.0}, TypeError, "layer_weights must be a sequence of numbers"),
+    ({"layer_weights": [0.0]}, ValueError, "layer_weights are all 0"),
     ({"layer_weights": []}, ValueError, "layer_weights must hold one weight per layer, got an empty sequence"),
     ({"layer_weights": np.float32(2.0)}, TypeError, "layer_weights must be a sequence of numbers"),
     ({"mean": np.array(0.5)}, TypeError, "mean must be a sequence of numbers"),

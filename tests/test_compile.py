@@ -145,3 +145,20 @@ def test_the_range_warning_of_a_compiled_call_points_at_the_caller():
         warnings.simplefilter("always")
         step(2 * restored, clean)
     assert [(w.filename, "outside input_range" in str(w.message)) for w in record] == [(__file__, True)]
+
+
+def test_auto_takes_the_streaming_path_while_compiling(monkeypatch):
+    """The Triton self-check cannot run inside a trace: "auto" must not reach it there."""
+    from d2sm_loss import functional
+
+    def no_self_check(device):
+        raise AssertionError("the Triton self-check ran inside a compiled graph")
+
+    monkeypatch.setattr(functional, "_triton_self_check", no_self_check)
+    monkeypatch.setattr(functional, "_triton_error", lambda: None)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def pick(x):
+        return x * (1.0 if functional.resolve_implementation("auto", torch.device("cuda"), 8) == "torch" else 2.0)
+
+    torch.testing.assert_close(pick(torch.ones(3)), torch.ones(3))
