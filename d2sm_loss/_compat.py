@@ -1,14 +1,23 @@
-"""PyTorch switches read across versions.
+"""Switches read across versions and environments.
 
+:func:`triton_interpreted` says whether Triton kernels run through its CPU interpreter.
 :func:`tf32_allowed` reads PyTorch's TF32 switch for float32 matrix products through
 whichever of its two APIs the installed version has.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["tf32_allowed"]
+__all__ = ["tf32_allowed", "triton_interpreted"]
+
+
+def triton_interpreted() -> bool:
+    """Whether ``TRITON_INTERPRET`` is set: Triton then runs kernels on CPU tensors through
+    its interpreter (it must be set before the kernels' module is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tf32_allowed() -> bool:

@@ -7,13 +7,13 @@ calls it. It validates its arguments once, chooses an implementation from
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ._compat import triton_interpreted
 from .checks import check_bool, check_choice, check_number, check_pair
 from .ops.reference import KERNELS, similarity_kl_reference
 
@@ -35,10 +35,6 @@ REDUCTIONS = ("mean", "sum", "none")
 #: matrices are tiny anyway. Chosen from that FLOP count, not yet from a GPU measurement:
 #: ``benchmarks/statistics_kernel.py`` times both paths over D = 64..512.
 TRITON_AUTO_MAX_FEATURES = 512
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_error() -> str | None:
@@ -124,7 +120,7 @@ def resolve_implementation(implementation: str, device: torch.device, features: 
             return "triton"
         return "torch"
     if implementation == "triton":
-        if device.type != "cuda" and not _triton_interpreted():
+        if device.type != "cuda" and not triton_interpreted():
             raise ValueError(
                 f"implementation='triton' needs CUDA tensors, got tensors on {device}; set "
                 "TRITON_INTERPRET=1 before importing d2sm_loss to run the kernels on the CPU "

@@ -74,7 +74,6 @@ configurations anyway).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +81,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._compat import tf32_allowed
+from .._compat import tf32_allowed, triton_interpreted
 from .reference import COSINE_ETA, KERNELS, NORM_EPS, similarity_kl_vjp
 
 __all__ = ["similarity_kl_triton", "BlockConfig", "ForwardConfig", "BackwardConfig", "choose_block_config"]
@@ -368,10 +367,6 @@ def _similarity_kl_bwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @dataclass(frozen=True)
 class ForwardConfig:
     """Launch configuration of the forward kernel (every ``tl.dot`` operand dimension >= 16)."""
@@ -426,7 +421,7 @@ def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = N
     float64 uses 32 x 32 tiles and 4 warps.
     """
     if interpreted is None:
-        interpreted = _interpreted()
+        interpreted = triton_interpreted()
     d_pow2 = max(16, triton.next_power_of_2(d))
     if interpreted:
         block_k = min(d_pow2, 32)
@@ -465,7 +460,7 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
     """
     if allow_tf32 is None:
         allow_tf32 = tf32_allowed()
-    if dtype == torch.float32 and allow_tf32 and not _interpreted():
+    if dtype == torch.float32 and allow_tf32 and not triton_interpreted():
         return "tf32"
     return "ieee"
 
@@ -480,7 +475,7 @@ def _dot_native(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return True
     if dtype == torch.bfloat16:
-        return not _interpreted()  # the interpreter's bfloat16 tl.dot is wrong
+        return not triton_interpreted()  # the interpreter's bfloat16 tl.dot is wrong
     return True  # float32 and float64 are their own accumulation dtype
 
 
