@@ -503,6 +503,7 @@ class SemanticStatisticsLoss(nn.Module):
                     raise ValueError(self._nothing_to_compare(layer_rows.layer))
                 value = x.sum() * 0.0
             else:
+                implementation = resolve_implementation(self.implementation, x.device, x.shape[-1])
                 value = similarity_kl(
                     x,
                     y,
@@ -510,9 +511,9 @@ class SemanticStatisticsLoss(nn.Module):
                     temperature=self.temperature,
                     include_self=self.include_self,
                     reduction=self.reduction,
-                    implementation=self.implementation,
+                    implementation=implementation,
                 )
-                implementations.append(resolve_implementation(self.implementation, x.device, x.shape[-1]))
+                implementations.append(implementation)
             total = layer_rows.weight * value if total is None else total + layer_rows.weight * value
         if total is None:
             raise ValueError("rows must hold at least one layer")
@@ -610,9 +611,9 @@ class SemanticStatisticsLoss(nn.Module):
     def _layer_rows(self, layer: str, weight: float, x_map: Tensor, y_map: Tensor, image_size) -> LayerRows:
         """Rows of one layer's maps: (B, D) for image/patch, (B, L, C) for location."""
         x, y = self._samples(x_map), self._samples(y_map)
-        few = 2 <= x.shape[-2] < MIN_LOCATIONS  # a single location is an error in statistic()
-        warn = few and layer not in self._warned_locations and not torch.compiler.is_compiling()
-        if self.granularity == "location" and warn:
+        # At location granularity x is (B, L, C); a single location is an error in statistic().
+        few = self.granularity == "location" and 2 <= x.shape[-2] < MIN_LOCATIONS
+        if few and layer not in self._warned_locations and not torch.compiler.is_compiling():
             self._warned_locations.add(layer)
             _warn(
                 f"SemanticStatisticsLoss: at granularity='location', layer {layer!r} has only {x.shape[-2]} "
