@@ -48,7 +48,7 @@ from evaluation import Evaluator, evaluate, prepare_test_set
 from models import AODNet
 from options import example_parser, float_pair, parse_args
 from report import write_report
-from training import backbone_weights, batches, build_criterion, train
+from training import backbone_weights, train_both
 
 QUICK = dict(steps=400, batch_size=16, crop=96, lr=2e-3, loss_weight=0.1, eval_size=256)
 FULL = dict(steps=2000, batch_size=16, crop=128, lr=2e-3, loss_weight=0.1, eval_size=384)
@@ -70,15 +70,7 @@ def main(argv=None) -> dict:
     evaluator = Evaluator(device, random=args.random_backbone, weights=args.evaluator_weights)
 
     # Two runs, same seed, same batches: L1 alone, then L1 + loss_weight * D2SM.
-    models, runs = {}, {}
-    for name, weight in (("l1", 0.0), ("l1+d2sm", args.loss_weight)):
-        torch.manual_seed(args.seed)
-        criterion = build_criterion(args).to(device)  # after seeding: a random backbone is reproducible
-        torch.manual_seed(args.seed)
-        model = AODNet().to(device)
-        data = batches(train_set, hazy, args.batch_size, args.crop, seed=args.seed)
-        models[name], runs[name] = train(model, criterion, data, weight, steps=args.steps, lr=args.lr, device=device,
-                                         log_every=args.log_every, label=f"dehazing {name}")
+    models, runs = train_both(args, AODNet, train_set, hazy, device, example="dehazing")
 
     evaluation, images = evaluate(prepared, models, evaluator, device)
     return write_report(

@@ -49,7 +49,7 @@ from evaluation import Evaluator, evaluate, prepare_test_set
 from models import DnCNN
 from options import example_parser, float_pair, parse_args
 from report import write_report
-from training import backbone_weights, batches, build_criterion, train
+from training import backbone_weights, train_both
 
 QUICK = dict(steps=300, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=256, depth=8, width=32)
 FULL = dict(steps=1000, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=384, depth=10, width=32)
@@ -68,22 +68,18 @@ def main(argv=None) -> dict:
 
     # Noise: one sigma for the test images; blind training draws one per patch from --sigma-range.
     train_sigma = tuple(s / 255 for s in args.sigma_range) if args.sigma_range else args.sigma / 255
+
+    def noise(clean, rng):
+        return add_gaussian_noise(clean, train_sigma, rng)
+
     train_set, test_set = load_images(args.data, args.degraded, args.test_data, args.test_degraded)
     prepared = prepare_test_set(test_set, lambda clean, rng: add_gaussian_noise(clean, args.sigma / 255, rng),
                                 args.eval_size, limit=args.num_test)
     evaluator = Evaluator(device, random=args.random_backbone, weights=args.evaluator_weights)
 
     # Two runs, same seed, same batches: L1 alone, then L1 + loss_weight * D2SM.
-    models, runs = {}, {}
-    for name, weight in (("l1", 0.0), ("l1+d2sm", args.loss_weight)):
-        torch.manual_seed(args.seed)
-        criterion = build_criterion(args).to(device)  # after seeding: a random backbone is reproducible
-        torch.manual_seed(args.seed)
-        model = DnCNN(depth=args.depth, width=args.width).to(device)
-        data = batches(train_set, lambda clean, rng: add_gaussian_noise(clean, train_sigma, rng),
-                       args.batch_size, args.crop, seed=args.seed)
-        models[name], runs[name] = train(model, criterion, data, weight, steps=args.steps, lr=args.lr, device=device,
-                                         log_every=args.log_every, label=f"denoising {name}")
+    models, runs = train_both(args, lambda: DnCNN(depth=args.depth, width=args.width), train_set, noise,
+                              device, example="denoising")
 
     evaluation, images = evaluate(prepared, models, evaluator, device)
     return write_report(

@@ -148,3 +148,29 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history,
     }
+
+
+def train_both(
+    args: argparse.Namespace,
+    make_model: Callable[[], nn.Module],
+    train_set: Sequence[Sample],
+    degrade: Callable[[Tensor, torch.Generator], Tensor],
+    device: torch.device,
+    *,
+    example: str,
+    scale: int = 1,
+) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+    """The examples' comparison: two runs of :func:`train` from the same seed on the same
+    batches, ``"l1"`` (L1 alone, D2SM only measured) and ``"l1+d2sm"`` (L1 +
+    ``args.loss_weight`` * D2SM). Returns the trained models and the runs' records, keyed by
+    run name."""
+    models, runs = {}, {}
+    for name, weight in (("l1", 0.0), ("l1+d2sm", args.loss_weight)):
+        torch.manual_seed(args.seed)
+        criterion = build_criterion(args).to(device)  # after seeding: a random backbone is reproducible
+        torch.manual_seed(args.seed)
+        model = make_model().to(device)
+        data = batches(train_set, degrade, args.batch_size, args.crop, scale, seed=args.seed)
+        models[name], runs[name] = train(model, criterion, data, weight, steps=args.steps, lr=args.lr, device=device,
+                                         log_every=args.log_every, label=f"{example} {name}")
+    return models, runs
