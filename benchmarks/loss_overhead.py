@@ -1,6 +1,6 @@
 """What the D2SM loss costs in a training step, eager or compiled, float32 or mixed precision.
 
-Trains a DnCNN-style denoiser (:mod:`benchmarks.denoiser`, 17 x 64 by default, Adam) with
+Trains the examples' DnCNN (``examples/models.py``, 17 x 64 by default, Adam) with
 each configuration's loss added to L1 (weight 0.1), side by side in one run:
 
 ====  ==============  ====================================================================
@@ -61,13 +61,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout
+sys.path.insert(1, str(REPO / "examples"))  # the examples' networks: flat modules
 
 import torch  # noqa: E402
 
 from benchmarks import loss_cases as lc  # noqa: E402
 from benchmarks import measure, results  # noqa: E402
-from benchmarks.denoiser import DnCNN  # noqa: E402
+from models import DnCNN  # noqa: E402
 
 CSV_NAME = "loss_overhead.csv"
 FIELDS = results.META_FIELDS + [
