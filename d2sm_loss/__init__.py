@@ -12,7 +12,7 @@ from .functional import similarity_kl
 from .loss import LayerRows, SemanticStatisticsLoss
 from .weighting import gradient_norms, gradient_ratio, suggest_weight
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SemanticStatisticsLoss",
