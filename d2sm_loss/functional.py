@@ -166,8 +166,8 @@ def similarity_kl(
             O(N * block) memory) or ``"reference"`` (plain, O(N^2) memory).
 
     Returns:
-        A float32 tensor (float64 when the inputs are float64): a scalar, or the
-        per-row values for ``reduction="none"``. Inputs in float16 or bfloat16 (for
+        a scalar, or the per-row values for ``reduction="none"``, in float32
+        (float64 when the inputs are float64). Inputs in float16 or bfloat16 (for
         example under :func:`torch.autocast`) are accumulated in float32.
 
     Compiles with ``torch.compile(fullgraph=True)``: the checks read shapes and options
