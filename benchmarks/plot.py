@@ -27,7 +27,7 @@ from benchmarks.judge import STATS_KEY, groups, is_cpu, precision_of  # noqa: E4
 from benchmarks.loss_cases import CONFIGS, SHORT  # noqa: E402
 from benchmarks.results import as_float  # noqa: E402
 
-STATS_IMPLEMENTATIONS = ("reference", "torch", "triton", "baseline")
+STATS_IMPLEMENTATIONS = ("reference", "streaming", "triton", "baseline")
 STATS_MODES = ("forward", "backward", "forward+backward")
 
 

@@ -15,16 +15,25 @@ from torch import Tensor
 
 from ._compat import triton_interpreted
 from .checks import check_bool, check_choice, check_number, check_pair
-from .ops.reference import KERNELS, similarity_kl_reference
+from .ops.reference import KERNELS as SIMILARITIES
+from .ops.reference import similarity_kl_reference
 
-__all__ = ["similarity_kl", "resolve_implementation", "IMPLEMENTATIONS", "REDUCTIONS", "TRITON_AUTO_MAX_FEATURES"]
+__all__ = [
+    "similarity_kl",
+    "resolve_implementation",
+    "IMPLEMENTATIONS",
+    "REDUCTIONS",
+    "SIMILARITIES",
+    "TRITON_AUTO_MAX_FEATURES",
+]
 
-Kernel = Literal["cosine", "softmax"]
+Similarity = Literal["cosine", "softmax"]
 Reduction = Literal["mean", "sum", "none"]
-Implementation = Literal["auto", "triton", "torch", "reference"]
+Implementation = Literal["auto", "triton", "streaming", "reference"]
 
-#: ``"torch"`` is the streaming PyTorch path, ``"reference"`` the plain O(N^2) one.
-IMPLEMENTATIONS = ("auto", "triton", "torch", "reference")
+#: ``"streaming"`` is the streaming PyTorch path (O(N) memory), ``"reference"`` the plain
+#: O(N^2) one, ``"triton"`` the fused kernels.
+IMPLEMENTATIONS = ("auto", "triton", "streaming", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 
 #: ``implementation="auto"`` uses the Triton kernels only for rows of at most this many
@@ -96,7 +105,7 @@ def _triton_self_check(device: torch.device) -> bool:
 
 
 def resolve_implementation(implementation: str, device: torch.device, features: int | None = None) -> str:
-    """The concrete implementation (``"triton"``, ``"torch"`` or ``"reference"``) that
+    """The concrete implementation (``"triton"``, ``"streaming"`` or ``"reference"``) that
     ``implementation`` selects for rows of ``features`` values on ``device``.
 
     ``"auto"`` picks Triton for CUDA tensors when Triton is importable, its kernels pass a
@@ -118,13 +127,13 @@ def resolve_implementation(implementation: str, device: torch.device, features: 
             and _triton_self_check(device)
         ):
             return "triton"
-        return "torch"
+        return "streaming"
     if implementation == "triton":
         if device.type != "cuda" and not triton_interpreted():
             raise ValueError(
                 f"implementation='triton' needs CUDA tensors, got tensors on {device}; set "
                 "TRITON_INTERPRET=1 before importing d2sm_loss to run the kernels on the CPU "
-                "through the Triton interpreter (slow, for testing), or use implementation='torch'"
+                "through the Triton interpreter (slow, for testing), or use implementation='streaming'"
             )
         reason = _triton_error()
         if reason is not None:
@@ -136,7 +145,7 @@ def similarity_kl(
     restored: Tensor,
     clean: Tensor,
     *,
-    kernel: Kernel = "cosine",
+    similarity: Similarity = "cosine",
     temperature: float = 0.1,
     include_self: bool = True,
     reduction: Reduction = "mean",
@@ -146,23 +155,23 @@ def similarity_kl(
 
     For each group, every row ``i`` defines a distribution over rows ``j``,
     ``p(j | i) = s(c_ij) / sum_j s(c_ij)``, where ``c_ij`` is the cosine similarity of
-    rows ``i`` and ``j`` and ``s`` a similarity kernel. The result is
+    rows ``i`` and ``j`` and ``s`` a similarity function. The result is
     ``KL(p_clean(. | i) || p_restored(. | i))`` per row.
 
     Args:
         restored: features of the restored images, shape ``(N, D)`` or ``(G, N, D)``
             (G independent groups of N samples with D features). Receives the gradient.
         clean: features of the clean images, same shape. Treated as a constant.
-        kernel: ``"cosine"``: ``s = (1 + c) / 2`` (the paper's); ``"softmax"``:
+        similarity: ``"cosine"``: ``s = (1 + c) / 2`` (the paper's); ``"softmax"``:
             ``s = exp((c - 1) / temperature)``.
-        temperature: temperature of the softmax kernel, a positive finite number (checked,
-            but unused, with the cosine kernel).
+        temperature: temperature of the softmax similarity, a positive finite number
+            (checked, but unused, with the cosine similarity).
         include_self: whether ``j = i`` takes part in each row's distribution.
         reduction: ``"mean"`` over all rows of all groups, ``"sum"``, or ``"none"`` for
             the per-row values of shape ``(N,)`` or ``(G, N)``.
         implementation: ``"auto"`` (Triton on CUDA when available and D is at most
             :data:`TRITON_AUTO_MAX_FEATURES`, else the streaming PyTorch path, see
-            :func:`resolve_implementation`), ``"triton"``, ``"torch"`` (streaming,
+            :func:`resolve_implementation`), ``"triton"``, ``"streaming"`` (PyTorch,
             O(N * block) memory) or ``"reference"`` (plain, O(N^2) memory).
 
     Returns:
@@ -183,7 +192,7 @@ def similarity_kl(
     for name, tensor in (("restored", restored), ("clean", clean)):
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    check_choice("kernel", kernel, KERNELS)
+    check_choice("similarity", similarity, SIMILARITIES)
     temperature = check_number("temperature", temperature, positive=True)
     include_self = check_bool("include_self", include_self)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -204,18 +213,18 @@ def similarity_kl(
     if impl == "triton":
         from .ops.triton_kernels import similarity_kl_triton
 
-        rows = similarity_kl_triton(x, y, kernel=kernel, temperature=temperature, include_self=include_self)
+        rows = similarity_kl_triton(x, y, kernel=similarity, temperature=temperature, include_self=include_self)
     else:
         # Statistics in float32 at least (float64 stays float64), outside any autocast region.
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             x, y = x.to(dtype), y.to(dtype)
-            if impl == "torch":
+            if impl == "streaming":
                 from .ops.streaming import similarity_kl_streaming
 
-                rows = similarity_kl_streaming(x, y, kernel=kernel, temperature=temperature, include_self=include_self)
+                rows = similarity_kl_streaming(x, y, kernel=similarity, temperature=temperature, include_self=include_self)
             else:
-                rows = similarity_kl_reference(x, y, kernel=kernel, temperature=temperature, include_self=include_self)
+                rows = similarity_kl_reference(x, y, kernel=similarity, temperature=temperature, include_self=include_self)
     if squeeze:
         rows = rows.squeeze(0)
     if reduction == "mean":

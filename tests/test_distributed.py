@@ -27,7 +27,7 @@ SIZES = [3, 2]  # unequal per-rank batches; 5 rows a step wrap a queue of 7
 def make_loss(**kwargs):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
-    return SemanticStatisticsLoss(net, queue_size=7, pool_size=2, kernel="softmax", **kwargs)
+    return SemanticStatisticsLoss(net, queue_size=7, pool_size=2, similarity="softmax", **kwargs)
 
 
 def batch(step, size=sum(SIZES)):

@@ -139,8 +139,8 @@ def test_auto_first_call_without_grad_still_picks_triton(fresh_self_checks, cont
     limit = functional.TRITON_AUTO_MAX_FEATURES
     assert functional.resolve_implementation("auto", x.device, 48) == "triton"
     assert functional.resolve_implementation("auto", x.device, limit) == "triton"
-    assert functional.resolve_implementation("auto", x.device, limit + 1) == "torch"
-    assert functional.resolve_implementation("auto", x.device, 100352) == "torch"  # paper(): image granularity
+    assert functional.resolve_implementation("auto", x.device, limit + 1) == "streaming"
+    assert functional.resolve_implementation("auto", x.device, 100352) == "streaming"  # paper(): image granularity
 
 
 def test_self_check_passes_with_tf32_enabled(fresh_self_checks) -> None:
