@@ -27,8 +27,11 @@ __all__ = [
     "TRITON_AUTO_MAX_FEATURES",
 ]
 
+#: The similarity function of the statistic's distributions.
 Similarity = Literal["cosine", "softmax"]
+#: How the per-row values are reduced.
 Reduction = Literal["mean", "sum", "none"]
+#: Which implementation computes the statistic.
 Implementation = Literal["auto", "triton", "streaming", "reference"]
 
 #: ``"streaming"`` is the streaming PyTorch path (O(N) memory), ``"reference"`` the plain

@@ -31,6 +31,7 @@ from .rows import LayerRows
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
+#: What a sample is.
 Granularity = Literal["image", "patch", "location"]
 GRANULARITIES = ("image", "patch", "location")
 _MODULE_REDUCTIONS = ("mean", "sum")
@@ -163,6 +164,8 @@ class SemanticStatisticsLoss(nn.Module):
     ``forward`` is ``statistic(rows(...))`` followed by the queue update.
     """
 
+    #: The implementation that computed the statistic at the last call (per layer, joined by
+    #: commas, if the layers used different ones); None before the first call.
     last_implementation: str | None
     _extractor: FeatureExtractor
 

@@ -8,7 +8,11 @@ build runs offline, so references to torch's own classes are rendered as plain t
 ``nitpick_ignore_regex``) instead of links.
 """
 
+import importlib
+
 import d2sm_loss
+
+_MISSING = object()
 
 project = "d2sm-loss"
 author = "d2sm-loss contributors"
@@ -32,6 +36,9 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
+# Overridden torch methods (forward, set_extra_state...) would inherit torch's docstrings, whose
+# cross-references point into torch's own documentation.
+autodoc_inherit_docstrings = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
@@ -42,6 +49,50 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(Tensor|Module|nn\.Module|Literal|Sequence|Mapping|Iterable|Callable|Path|PathLike)"),
     (r"py:.*", r"(optional|default|callable|int|float|str|bool|None|dict|list|tuple)"),
 ]
+
+
+
+def _lookup(dotted):
+    """The Python object at a dotted path such as ``d2sm_loss.checkpoints.load_checkpoint``."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            obj = getattr(obj, attribute, _MISSING)
+        return obj
+    return _MISSING
+
+
+def _resolve_short_names(app, env, node, contnode):
+    """Resolve a name that a docstring writes as its own module sees it (``packaged_weights`` in
+    ``d2sm_loss.checkpoints``, or ``d2sm_loss.checkpoints.load_checkpoint``) to the one documented
+    object that is the same: public objects are documented where users import them
+    (``d2sm_loss.packaged_weights``). A name that matches no documented object, or several, stays a
+    broken reference and fails the build."""
+    if node.get("refdomain") != "py":
+        return None
+    domain = env.get_domain("py")
+    target = node["reftarget"].lstrip(".~")
+    matches = [name for name in domain.objects if name.endswith("." + target)]
+    if not matches and "." in target:  # a full path to the defining module
+        obj = _lookup(target)
+        tail = "." + target.rsplit(".", 1)[1]
+        matches = [name for name in domain.objects if name.endswith(tail) and _lookup(name) is obj is not _MISSING]
+    if len(matches) != 1:
+        return None
+    for role in (node["reftype"], "obj"):  # "obj": a type alias named in a signature is data, not a class
+        resolved = domain.resolve_xref(env, node["refdoc"], app.builder, role, matches[0], node, contnode)
+        if resolved is not None:
+            return resolved
+    return None
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_short_names)
+
 
 html_theme = "furo"
 html_title = f"d2sm-loss {release}"
