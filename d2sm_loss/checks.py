@@ -14,9 +14,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .rows import LayerRows
 
 __all__ = [
     "check_bool",
@@ -28,6 +32,7 @@ __all__ = [
     "check_int_pair",
     "check_images",
     "check_pair",
+    "check_values",
 ]
 
 
@@ -167,3 +172,38 @@ def check_pair(restored: Tensor, clean: Tensor) -> None:
         )
     if restored.device != clean.device:
         raise ValueError(f"restored and clean must be on the same device, got {restored.device} and {clean.device}")
+
+
+def check_values(
+    restored: Tensor, clean: Tensor, rows: Sequence[LayerRows], input_range: tuple[float, float]
+) -> list[str]:
+    """Check the values of a call in one device synchronisation.
+
+    Raises ``ValueError`` for NaN or inf images, and for features that are not finite
+    although the images are (they overflowed inside the backbone). Returns the names
+    (``"restored"``, ``"clean"``) of the batches with values outside ``input_range``
+    (beyond a tolerance of 1e-3 of its width), for the caller to warn about.
+    """
+    low, high = input_range
+    tolerance = 1e-3 * (high - low)
+    flags = []
+    for tensor in (restored.detach(), clean.detach()):
+        flags.append(~torch.isfinite(tensor).all())
+        flags.append(((tensor < low - tolerance) | (tensor > high + tolerance)).any())
+    for layer_rows in rows:
+        flags.append(~torch.isfinite(layer_rows.restored.detach()).all())
+        flags.append(~torch.isfinite(layer_rows.clean).all())
+    bad_restored, range_restored, bad_clean, range_clean, *bad_rows = torch.stack(flags).tolist()  # one sync
+    if bad_restored or bad_clean:
+        which = " and ".join(n for n, b in (("restored", bad_restored), ("clean", bad_clean)) if b)
+        raise ValueError(f"{which} contains NaN or inf values (pass check_inputs=False to skip this check)")
+    for index, layer_rows in enumerate(rows):
+        bad_x, bad_y = bad_rows[2 * index], bad_rows[2 * index + 1]
+        if bad_x or bad_y:
+            which = " and ".join(n for n, b in (("restored", bad_x), ("clean", bad_y)) if b)
+            raise ValueError(
+                f"the backbone's features of layer {layer_rows.layer!r} for the {which} images are not finite "
+                f"although the images are: the values overflow inside the backbone. Check input_range="
+                f"{input_range} against your images' range, and run the backbone in float32."
+            )
+    return [name for name, flag in (("restored", range_restored), ("clean", range_clean)) if flag]

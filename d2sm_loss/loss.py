@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._warnings import warn_user
@@ -21,13 +20,14 @@ from .checks import (
     check_numbers,
     check_pair,
     check_range,
+    check_values,
 )
 from .distributed import distributed_world, gather_batch_sizes, gather_rows
 from .features import FeatureExtractor
 from .functional import IMPLEMENTATIONS, SIMILARITIES, Implementation, Similarity, resolve_implementation, similarity_kl
 from .layers import LayerSpec
 from .queue import FeatureQueue
-from .rows import LayerRows
+from .rows import LayerRows, feature_rows, image_crops
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
@@ -449,35 +449,14 @@ class SemanticStatisticsLoss(nn.Module):
             )
 
     def _check_values(self, restored: Tensor, clean: Tensor, rows: Sequence[LayerRows]) -> None:
-        """NaN/inf images, values outside ``input_range`` and non-finite features: one sync."""
-        low, high = self.input_range
-        tolerance = 1e-3 * (high - low)
-        flags = []
-        for tensor in (restored.detach(), clean.detach()):
-            flags.append(~torch.isfinite(tensor).all())
-            flags.append(((tensor < low - tolerance) | (tensor > high + tolerance)).any())
-        for layer_rows in rows:
-            flags.append(~torch.isfinite(layer_rows.restored.detach()).all())
-            flags.append(~torch.isfinite(layer_rows.clean).all())
-        bad_restored, range_restored, bad_clean, range_clean, *bad_rows = torch.stack(flags).tolist()  # one sync
-        if bad_restored or bad_clean:
-            which = " and ".join(n for n, b in (("restored", bad_restored), ("clean", bad_clean)) if b)
-            raise ValueError(f"{which} contains NaN or inf values (pass check_inputs=False to skip this check)")
-        for index, layer_rows in enumerate(rows):
-            bad_x, bad_y = bad_rows[2 * index], bad_rows[2 * index + 1]
-            if bad_x or bad_y:
-                which = " and ".join(n for n, b in (("restored", bad_x), ("clean", bad_y)) if b)
-                raise ValueError(
-                    f"the backbone's features of layer {layer_rows.layer!r} for the {which} images are not finite "
-                    f"although the images are: the values overflow inside the backbone. Check input_range="
-                    f"{self.input_range} against your images' range, and run the backbone in float32."
-                )
-        if (range_restored or range_clean) and not self._warned_range:
+        """NaN/inf images and features (errors), values outside ``input_range`` (warned once)."""
+        out_of_range = check_values(restored, clean, rows, self.input_range)
+        if out_of_range and not self._warned_range:
             self._warned_range = True
-            which = " and ".join(n for n, b in (("restored", range_restored), ("clean", range_clean)) if b)
             warn_user(
-                f"SemanticStatisticsLoss: {which} has values outside input_range={self.input_range}; the "
-                "backbone sees them as they are. Set input_range to your images' range. (Warned once.)",
+                f"SemanticStatisticsLoss: {' and '.join(out_of_range)} has values outside input_range="
+                f"{self.input_range}; the backbone sees them as they are. Set input_range to your images' "
+                "range. (Warned once.)",
             )
 
     def _prepare(self, images: Tensor) -> Tensor:
@@ -489,14 +468,13 @@ class SemanticStatisticsLoss(nn.Module):
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         if self.granularity == "patch":
-            size, stride = self.patch_size, self.patch_stride
-            crops = images.unfold(2, size, stride).unfold(3, size, stride)  # B, C, nh, nw, size, size
-            images = crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, size, size)
+            images = image_crops(images, self.patch_size, self.patch_stride)
         return images
 
     def _layer_rows(self, layer: str, weight: float, x_map: Tensor, y_map: Tensor, image_size) -> LayerRows:
         """Rows of one layer's maps: (B, D) for image/patch, (B, L, C) for location."""
-        x, y = self._samples(x_map), self._samples(y_map)
+        x = feature_rows(x_map, self.granularity, self.pool_size)
+        y = feature_rows(y_map, self.granularity, self.pool_size)
         # At location granularity x is (B, L, C); a single location is an error in statistic().
         few = self.granularity == "location" and 2 <= x.shape[-2] < MIN_LOCATIONS
         if few and layer not in self._warned_locations and not torch.compiler.is_compiling():
@@ -508,19 +486,6 @@ class SemanticStatisticsLoss(nn.Module):
                 "layer, or granularity='image' with queue_size > 0. (Warned once per layer.)",
             )
         return LayerRows(layer, weight, x, y, x.shape[0])
-
-    def _samples(self, features: Tensor) -> Tensor:
-        """Vectors (rows) of a feature map: (B, D) for image/patch, (B, L, C) for location."""
-        if self.pool_size is not None:
-            if features.dim() != 4:
-                raise ValueError(
-                    f"pool_size needs (B, C, h, w) feature maps, but the backbone returned shape "
-                    f"{tuple(features.shape)}; set pool_size=None"
-                )
-            features = F.adaptive_avg_pool2d(features, self.pool_size)
-        if self.granularity == "location":
-            return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
-        return features.flatten(1)
 
     def _gather(self, rows: list[LayerRows]) -> list[LayerRows]:
         """Every rank's rows, in rank order, under torch.distributed (else unchanged)."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl
+from d2sm_loss.rows import feature_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
 
@@ -305,7 +306,7 @@ def test_vit_tokens_by_name_lie_on_the_patch_grid_without_class_token():
     assert named.shape == (2, 192, 14, 14)  # 196 patch tokens, the class token dropped
     torch.testing.assert_close(named, indexed)
     pooled = make("vit_tiny_patch16_224", layers=["blocks.5"], pool_size=2)
-    assert pooled._samples(pooled._extractor(x)[0]).shape == (2, 192 * 4)
+    assert feature_rows(pooled._extractor(x)[0], pooled.granularity, pooled.pool_size).shape == (2, 192 * 4)
 
 
 @pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")
