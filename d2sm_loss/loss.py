@@ -549,7 +549,11 @@ class SemanticStatisticsLoss(nn.Module):
         need = self.patch_size if self.granularity == "patch" else self._extractor.min_size()
         if min(height, width) < need:
             what = f"patch_size={self.patch_size}" if self.granularity == "patch" else f"layers {self.layers}"
-            raise ValueError(f"images of size {height}x{width} are too small for {what}: each side must be at least {need}")
+            change = "a smaller patch_size" if self.granularity == "patch" else "a shallower layer (layers=...)"
+            raise ValueError(
+                f"images of size {height}x{width} are too small for {what}: each side must be at least {need}. Use "
+                f"larger images or crops (gt_size in BasicSR and traiNNer-redux configs) or {change}"
+            )
         required = self._extractor.required_size
         if required is not None and self.granularity != "patch" and (height, width) != required:
             raise ValueError(
@@ -573,7 +577,9 @@ class SemanticStatisticsLoss(nn.Module):
         for layer_rows in rows:
             flags.append(~torch.isfinite(layer_rows.restored.detach()).all())
             flags.append(~torch.isfinite(layer_rows.clean).all())
-        bad_restored, range_restored, bad_clean, range_clean, *bad_rows = torch.stack(flags).tolist()  # one sync
+        extrema = [v.float() for t in (restored.detach(), clean.detach()) for v in t.aminmax()]
+        *flags, low_x, high_x, low_y, high_y = torch.stack([f.float() for f in flags] + extrema).tolist()  # one sync
+        bad_restored, range_restored, bad_clean, range_clean, *bad_rows = (bool(f) for f in flags)
         if bad_restored or bad_clean:
             which = " and ".join(n for n, b in (("restored", bad_restored), ("clean", bad_clean)) if b)
             raise ValueError(f"{which} contains NaN or inf values (pass check_inputs=False to skip this check)")
@@ -588,11 +594,25 @@ class SemanticStatisticsLoss(nn.Module):
                 )
         if (range_restored or range_clean) and not self._warned_range:
             self._warned_range = True
-            which = " and ".join(n for n, b in (("restored", range_restored), ("clean", range_clean)) if b)
-            _warn(
-                f"SemanticStatisticsLoss: {which} has values outside input_range={self.input_range}; the "
-                "backbone sees them as they are. Set input_range to your images' range. (Warned once.)",
+            _warn(self._range_message((low_x, high_x), (low_y, high_y), bool(range_clean)))
+
+    def _range_message(self, restored: tuple[float, float], clean: tuple[float, float], clean_outside: bool) -> str:
+        """The out-of-range warning: the observed ranges, and whether it matters."""
+        low, high = self.input_range
+        seen = f"restored values span [{restored[0]:.4g}, {restored[1]:.4g}], clean [{clean[0]:.4g}, {clean[1]:.4g}]"
+        far = min(restored[0], clean[0]) < low - 0.5 * (high - low) or max(restored[1], clean[1]) > high + 0.5 * (high - low)
+        if not clean_outside and not far:
+            return (
+                f"SemanticStatisticsLoss: the restored images overshoot input_range={self.input_range} ({seen}). "
+                "This is usual in the first steps of a network whose output is not clamped, and harmless: the "
+                "backbone sees the values as they are. If it persists, clamp the output. (Warned once.)"
             )
+        why = "the clean images, which come from the data, are outside too" if clean_outside else "far beyond an overshoot"
+        return (
+            f"SemanticStatisticsLoss: values outside input_range={self.input_range} ({seen}; {why}). The images seem "
+            "to be in another range (e.g. [0, 255] or [-1, 1] given for (0, 1)), so the backbone's features and the "
+            "loss are wrong: set input_range to the range of your images. (Warned once.)"
+        )
 
     def _prepare(self, images: Tensor) -> Tensor:
         if not torch.is_autocast_enabled(images.device.type):
@@ -681,7 +701,7 @@ class SemanticStatisticsLoss(nn.Module):
         return (
             f"granularity={self.granularity!r} compares the {what}s of a batch with each other, but this call "
             f"has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, {queue}): "
-            "nothing to compare. Use a larger batch"
+            "nothing to compare. Use a larger batch (batch_size_per_gpu in BasicSR and traiNNer-redux configs)"
             + (", queue_size > 0," if self.queues is None else "")
             + " or 'location' granularity."
         )
