@@ -598,20 +598,19 @@ class SemanticStatisticsLoss(nn.Module):
 
     def _range_message(self, restored: tuple[float, float], clean: tuple[float, float], clean_outside: bool) -> str:
         """The out-of-range warning: the observed ranges, and whether it matters."""
-        low, high = self.input_range
         seen = f"restored values span [{restored[0]:.4g}, {restored[1]:.4g}], clean [{clean[0]:.4g}, {clean[1]:.4g}]"
-        far = min(restored[0], clean[0]) < low - 0.5 * (high - low) or max(restored[1], clean[1]) > high + 0.5 * (high - low)
-        if not clean_outside and not far:
+        if not clean_outside:
             return (
-                f"SemanticStatisticsLoss: the restored images overshoot input_range={self.input_range} ({seen}). "
-                "This is usual in the first steps of a network whose output is not clamped, and harmless: the "
-                "backbone sees the values as they are. If it persists, clamp the output. (Warned once.)"
+                f"SemanticStatisticsLoss: the restored images are outside input_range={self.input_range} ({seen}). The "
+                "clean images are in range, so this is the network's output: usual, and harmless, in the first steps "
+                "of a network whose output is not clamped (the backbone sees the values as they are). If it persists, "
+                "clamp the output or check that it has the data's range. (Warned once.)"
             )
-        why = "the clean images, which come from the data, are outside too" if clean_outside else "far beyond an overshoot"
         return (
-            f"SemanticStatisticsLoss: values outside input_range={self.input_range} ({seen}; {why}). The images seem "
-            "to be in another range (e.g. [0, 255] or [-1, 1] given for (0, 1)), so the backbone's features and the "
-            "loss are wrong: set input_range to the range of your images. (Warned once.)"
+            f"SemanticStatisticsLoss: the clean images are outside input_range={self.input_range} ({seen}). They "
+            "come from the data, so the data are in another range (e.g. [0, 255] or [-1, 1] given for (0, 1)) and "
+            "the backbone's features and the loss are wrong: set input_range to the range of your images. "
+            "(Warned once.)"
         )
 
     def _prepare(self, images: Tensor) -> Tensor:
