@@ -76,6 +76,12 @@ class Restorer(L.LightningModule):
         every_rank = self.validate_on == "every_rank"
         self.log_dict({"val/d2sm": d2sm, "val/psnr": psnr}, sync_dist=every_rank, rank_zero_only=not every_rank)
 
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        if self.global_rank == 0 and "val/d2sm" in metrics:
+            print(f"validation at step {self.global_step}: d2sm {float(metrics['val/d2sm']):.4e}  "
+                  f"psnr {float(metrics['val/psnr']):.2f} dB ({self.validate_on})", flush=True)
+
     def on_train_start(self) -> None:
         if self.global_rank == 0 and self.criterion.queues is not None:
             rows = self.criterion.queues[0].count
