@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2sm_loss import SemanticStatisticsLoss
-from d2sm_loss.loss import LayerRows
+from d2sm_loss import LayerRows, SemanticStatisticsLoss
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def dense_similarity_kl(x: Tensor, y: Tensor, *, kernel: str = "cosine", temperature: float = 0.1,
+def dense_similarity_kl(x: Tensor, y: Tensor, *, similarity: str = "cosine", temperature: float = 0.1,
                         include_self: bool = True) -> Tensor:
     """Mean over rows of KL(p_clean || p_restored) with full matrices.
 
@@ -43,7 +42,7 @@ def dense_similarity_kl(x: Tensor, y: Tensor, *, kernel: str = "cosine", tempera
     def distribution(rows: Tensor) -> Tensor:
         unit = F.normalize(rows, dim=-1)
         cos = unit @ unit.transpose(-1, -2)
-        k = (cos + 1.0) / 2.0 if kernel == "cosine" else torch.exp((cos - 1.0) / temperature)
+        k = (cos + 1.0) / 2.0 if similarity == "cosine" else torch.exp((cos - 1.0) / temperature)
         if not include_self:
             k = k * (1.0 - torch.eye(rows.shape[-2], dtype=rows.dtype, device=rows.device))
         return k / k.sum(dim=-1, keepdim=True)
@@ -147,5 +146,5 @@ class DenseKL(ContextualLoss):
 
     def statistic(self, rows: Sequence[LayerRows]) -> Tensor:
         c = self.criterion
-        return sum(r.weight * dense_similarity_kl(r.restored, r.clean, kernel=c.kernel, temperature=c.temperature,
+        return sum(r.weight * dense_similarity_kl(r.restored, r.clean, similarity=c.similarity, temperature=c.temperature,
                                                   include_self=c.include_self) for r in rows)  # type: ignore[return-value]

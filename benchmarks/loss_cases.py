@@ -32,23 +32,22 @@ from torch import nn
 
 from benchmarks.baselines import ContextualLoss, DenseKL, PerceptualLoss
 from benchmarks.measure import Case
-from d2sm_loss import SemanticStatisticsLoss
-from d2sm_loss.loss import LayerRows
+from d2sm_loss import LayerRows, SemanticStatisticsLoss
 
 AUX_WEIGHT = 0.1
 CONFIGS = {
     "l1": "(a) L1",
     "vgg": "(b) L1 + VGG perceptual conv5_4",
     "paper": "(c) L1 + D2SM paper (image, conv5_4, queue 224)",
-    "loc-torch": "(d) L1 + D2SM location, torch",
+    "loc-streaming": "(d) L1 + D2SM location, streaming",
     "loc-triton": "(e) L1 + D2SM location, triton",
     "contextual": "(f) L1 + contextual loss, location",
     "dense-kl": "D2SM statistic, dense N x N (no step)",
 }
-SHORT = {"l1": "a", "vgg": "b", "paper": "c", "loc-torch": "d", "loc-triton": "e", "contextual": "f", "dense-kl": "dense"}
+SHORT = {"l1": "a", "vgg": "b", "paper": "c", "loc-streaming": "d", "loc-triton": "e", "contextual": "f", "dense-kl": "dense"}
 #: Configurations built with a fixed similarity-KL implementation; a row that ran another is an error.
-FORCED_IMPLEMENTATION = {"loc-torch": "torch", "loc-triton": "triton"}
-LOCATION_CONFIGS = ("loc-torch", "loc-triton", "contextual")
+FORCED_IMPLEMENTATION = {"loc-streaming": "streaming", "loc-triton": "triton"}
+LOCATION_CONFIGS = ("loc-streaming", "loc-triton", "contextual")
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def build_losses(configs: list[str], device: torch.device, backbone: str = "vgg1
     (``location_layer``, default VGG19 relu3_4 ``features.17``), so that the contextual
     loss and the dense KL see the same samples. Random weights unless ``weights``.
     """
-    common = {"pretrained": False, "weights": weights, "check_inputs": check_inputs}
+    common = {"pretrained": False, "checkpoint": weights, "check_inputs": check_inputs}
     losses: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     with warnings.catch_warnings():
@@ -99,9 +98,9 @@ def build_losses(configs: list[str], device: torch.device, backbone: str = "vgg1
             losses["paper"] = paper.to(device)
         if any(c in configs for c in LOCATION_CONFIGS):
             layer = location_layer or ("features.17" if backbone == "vgg19" else None)
-            location = SemanticStatisticsLoss(backbone, layers=layer, granularity="location", implementation="torch",
+            location = SemanticStatisticsLoss(backbone, layers=layer, granularity="location", implementation="streaming",
                                               **common).to(device)
-            losses["loc-torch"], losses["contextual"], losses["dense-kl"] = \
+            losses["loc-streaming"], losses["contextual"], losses["dense-kl"] = \
                 location, ContextualLoss(location), DenseKL(location)
             if "loc-triton" in configs:
                 reason = triton_skip_reason(device)

@@ -11,8 +11,8 @@ key   config          loss
 (c)   ``paper``       + ``SemanticStatisticsLoss.paper()`` (image granularity, conv5_4, queue
                       of 224 kept full: the steady state); with ``--backbone``, the same on
                       that backbone's default layer
-(d)   ``loc-torch``   + the loss at location granularity (VGG19 relu3_4, ``features.17``),
-                      ``implementation="torch"`` (streaming)
+(d)   ``loc-streaming``   + the loss at location granularity (VGG19 relu3_4, ``features.17``),
+                      ``implementation="streaming"``
 (e)   ``loc-triton``  the same with ``implementation="triton"`` (CUDA only; else a ``skipped`` row)
 (f)   ``contextual``  + the contextual loss on the same location rows (the dense N x N peer)
 ====  ==============  ====================================================================
@@ -62,14 +62,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout
-sys.path.insert(1, str(REPO / "examples"))  # the examples' networks: flat modules
+sys.path.append(str(REPO))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
+sys.path.append(str(REPO / "examples"))  # the examples' networks: flat modules
 
 import torch  # noqa: E402
+from models import DnCNN  # noqa: E402
 
 from benchmarks import loss_cases as lc  # noqa: E402
 from benchmarks import measure, results  # noqa: E402
-from models import DnCNN  # noqa: E402
 
 CSV_NAME = "loss_overhead.csv"
 FIELDS = results.META_FIELDS + [
@@ -93,7 +93,7 @@ def variants(mode: str, config: str, autocast_dtype: str, backend: str = "induct
         return [lc.Variant("eager"), lc.Variant(compiled, compiled=True)]
     if mode == "autocast":
         dtype, short = DTYPES[autocast_dtype]
-        if config in ("paper", "loc-torch", "loc-triton"):
+        if config in ("paper", "loc-streaming", "loc-triton"):
             return [lc.Variant("fp32"), lc.Variant(f"{short}+backbone-fp32", autocast=dtype, backbone_autocast=False),
                     lc.Variant(f"{short}+backbone-{short}", autocast=dtype, backbone_autocast=True)]
         return [lc.Variant("fp32"), lc.Variant(short, autocast=dtype)]
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     losses, skipped = lc.build_losses(configs, device, args.backbone, args.weights, args.location_layer,
                                       check_inputs=args.mode != "compile")
-    location_layer = str(losses["loc-torch"].layers[0]) if "loc-torch" in losses else ""
+    location_layer = str(losses["loc-streaming"].layers[0]) if "loc-streaming" in losses else ""
     args.labels = dict(lc.CONFIGS)
     if "paper" in losses and (args.backbone, args.weights) != ("vgg19", None):
         args.labels["paper"] = f"(c) L1 + D2SM image ({args.backbone} {losses['paper'].layers[0]}, queue 224)"

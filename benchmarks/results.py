@@ -27,9 +27,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
+sys.path.append(str(Path(__file__).resolve().parent.parent / "examples"))  # provenance: flat module
 
-from d2sm_loss.environment import COMMIT_ENV, collect_environment  # noqa: E402
+from provenance import COMMIT_ENV, collect_environment  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,7 +39,7 @@ META_FIELDS = ["date", "commit", "device", "torch", "triton", "timm", "python", 
 
 
 def metadata(device: torch.device) -> dict[str, Any]:
-    """Columns every row of one run shares: :func:`d2sm_loss.collect_environment` (the
+    """Columns every row of one run shares: ``examples/provenance.py``'s ``collect_environment`` (the
     commit from ``$D2SM_COMMIT`` when set, else this checkout's, ``+dirty`` when tracked
     files differ) and a fresh ``run_id``."""
     info = collect_environment(device, repo=REPO_ROOT)

@@ -44,7 +44,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
 
 import torch  # noqa: E402
 
@@ -54,7 +54,7 @@ from d2sm_loss._compat import tf32_allowed  # noqa: E402
 from d2sm_loss.functional import similarity_kl  # noqa: E402
 
 CSV_NAME = "statistics_kernel.csv"
-IMPLEMENTATIONS = ("reference", "torch", "triton", "baseline")
+IMPLEMENTATIONS = ("reference", "streaming", "triton", "baseline")
 MODES = ("forward", "backward", "forward+backward")
 FIELDS = results.META_FIELDS + [
     "implementation", "mode", "G", "N", "D", "kernel", "temperature", "include_self", "dtype", "matmul_precision",
@@ -67,7 +67,7 @@ KEY = ("device", "threads", "implementation", "mode", "G", "N", "D", "kernel", "
 FLOPS_PER_GROUP = {"forward": 4, "backward": 12, "forward+backward": 16}
 PAPER_POINT = (1, 8 + 224, 512 * 14 * 14)
 PAPER_NOTE = "paper image granularity: N=232 (8 images + 224 queue rows), D=100352 (VGG19 conv5_4 at 224x224)"
-PAPER_IMPLEMENTATIONS = ("reference", "torch", "triton")
+PAPER_IMPLEMENTATIONS = ("reference", "streaming", "triton")
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,10 @@ class Point:
     max_repeats: int | None = None  # cap on the timed calls (the slow D = 100352 point)
 
 
-def kl_case(impl: str, mode: str, g: int, n: int, d: int, kernel: str = "cosine", temperature: float = 0.1,
+def kl_case(impl: str, mode: str, g: int, n: int, d: int, similarity: str = "cosine", temperature: float = 0.1,
             include_self: bool = True, device: torch.device = torch.device("cpu")) -> measure.Case:
     """The statistic of ``impl`` in ``mode`` on fresh (G, N, D) ``randn`` rows."""
-    options = {"kernel": kernel, "temperature": temperature, "include_self": include_self}
+    options = {"similarity": similarity, "temperature": temperature, "include_self": include_self}
     if impl == "baseline":
         loss_fn = functools.partial(dense_similarity_kl, **options)
     else:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     device, meta = results.start_run(args, parser)
     on_cuda = device.type == "cuda"
     repeats = args.repeats or (3 if args.quick else 20 if on_cuda else 7)
-    options = {"kernel": args.kernel, "temperature": args.temperature, "include_self": not args.exclude_self}
+    options = {"similarity": args.kernel, "temperature": args.temperature, "include_self": not args.exclude_self}
     impls = list(args.implementations)
     reason = triton_unavailable_reason(on_cuda) if "triton" in impls else None
     if reason is not None:

@@ -6,23 +6,25 @@
 """
 
 from . import functional
-from .backbones import FeatureExtractor, load_weights, packaged_weights
-from .environment import collect_environment
+from .checkpoints import load_checkpoint, packaged_weights
+from .features import FeatureExtractor
 from .functional import similarity_kl
-from .loss import LayerRows, SemanticStatisticsLoss
+from .loss import SemanticStatisticsLoss
+from .queue import FeatureQueue
+from .rows import LayerRows
 from .weighting import gradient_norms, gradient_ratio, suggest_weight
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SemanticStatisticsLoss",
     "FeatureExtractor",
+    "FeatureQueue",
     "LayerRows",
-    "collect_environment",
     "functional",
     "gradient_norms",
     "gradient_ratio",
-    "load_weights",
+    "load_checkpoint",
     "packaged_weights",
     "similarity_kl",
     "suggest_weight",

@@ -15,16 +15,28 @@ from torch import Tensor
 
 from ._compat import triton_interpreted
 from .checks import check_bool, check_choice, check_number, check_pair
-from .ops.reference import KERNELS, similarity_kl_reference
+from .ops.reference import KERNELS as SIMILARITIES
+from .ops.reference import similarity_kl_reference
 
-__all__ = ["similarity_kl", "resolve_implementation", "IMPLEMENTATIONS", "REDUCTIONS", "TRITON_AUTO_MAX_FEATURES"]
+__all__ = [
+    "similarity_kl",
+    "resolve_implementation",
+    "IMPLEMENTATIONS",
+    "REDUCTIONS",
+    "SIMILARITIES",
+    "TRITON_AUTO_MAX_FEATURES",
+]
 
-Kernel = Literal["cosine", "softmax"]
+#: The similarity function of the statistic's distributions.
+Similarity = Literal["cosine", "softmax"]
+#: How the per-row values are reduced.
 Reduction = Literal["mean", "sum", "none"]
-Implementation = Literal["auto", "triton", "torch", "reference"]
+#: Which implementation computes the statistic.
+Implementation = Literal["auto", "triton", "streaming", "reference"]
 
-#: ``"torch"`` is the streaming PyTorch path, ``"reference"`` the plain O(N^2) one.
-IMPLEMENTATIONS = ("auto", "triton", "torch", "reference")
+#: ``"streaming"`` is the streaming PyTorch path (O(N) memory), ``"reference"`` the plain
+#: O(N^2) one, ``"triton"`` the fused kernels.
+IMPLEMENTATIONS = ("auto", "triton", "streaming", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 
 #: ``implementation="auto"`` uses the Triton kernels only for rows of at most this many
@@ -79,6 +91,7 @@ def _triton_self_check(device: torch.device) -> bool:
                     )
                     (got * upstream.float().to(device)).sum().backward()
                     torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-3, atol=1e-5)
+                    assert got_x.grad is not None
                     torch.testing.assert_close(got_x.grad.double().cpu(), ref_x.grad, rtol=1e-3, atol=1e-5)
             _SELF_CHECKS[device] = True
         except torch.cuda.OutOfMemoryError:
@@ -96,7 +109,7 @@ def _triton_self_check(device: torch.device) -> bool:
 
 
 def resolve_implementation(implementation: str, device: torch.device, features: int | None = None) -> str:
-    """The concrete implementation (``"triton"``, ``"torch"`` or ``"reference"``) that
+    """The concrete implementation (``"triton"``, ``"streaming"`` or ``"reference"``) that
     ``implementation`` selects for rows of ``features`` values on ``device``.
 
     ``"auto"`` picks Triton for CUDA tensors when Triton is importable, its kernels pass a
@@ -104,9 +117,9 @@ def resolve_implementation(implementation: str, device: torch.device, features: 
     :data:`TRITON_AUTO_MAX_FEATURES` (None: not known, no limit); else the streaming
     PyTorch path. While :func:`torch.compile` traces, ``"auto"`` always takes the streaming
     path: the self-check cannot run inside a trace, and the Triton kernels have not yet been
-    tested inside a compiled graph (``"triton"`` asks for them explicitly). ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1`` set in the
-    environment before :mod:`d2sm_loss` is imported (the Triton interpreter then runs the
-    kernels on CPU tensors).
+    tested inside a compiled graph (``"triton"`` asks for them explicitly). ``"triton"`` needs a
+    CUDA device, or ``TRITON_INTERPRET=1`` set in the environment before :mod:`d2sm_loss` is
+    imported (the Triton interpreter then runs the kernels on CPU tensors).
     """
     check_choice("implementation", implementation, IMPLEMENTATIONS)
     if implementation == "auto":
@@ -118,13 +131,13 @@ def resolve_implementation(implementation: str, device: torch.device, features: 
             and _triton_self_check(device)
         ):
             return "triton"
-        return "torch"
+        return "streaming"
     if implementation == "triton":
         if device.type != "cuda" and not triton_interpreted():
             raise ValueError(
                 f"implementation='triton' needs CUDA tensors, got tensors on {device}; set "
                 "TRITON_INTERPRET=1 before importing d2sm_loss to run the kernels on the CPU "
-                "through the Triton interpreter (slow, for testing), or use implementation='torch'"
+                "through the Triton interpreter (slow, for testing), or use implementation='streaming'"
             )
         reason = _triton_error()
         if reason is not None:
@@ -136,7 +149,7 @@ def similarity_kl(
     restored: Tensor,
     clean: Tensor,
     *,
-    kernel: Kernel = "cosine",
+    similarity: Similarity = "cosine",
     temperature: float = 0.1,
     include_self: bool = True,
     reduction: Reduction = "mean",
@@ -146,28 +159,28 @@ def similarity_kl(
 
     For each group, every row ``i`` defines a distribution over rows ``j``,
     ``p(j | i) = s(c_ij) / sum_j s(c_ij)``, where ``c_ij`` is the cosine similarity of
-    rows ``i`` and ``j`` and ``s`` a similarity kernel. The result is
+    rows ``i`` and ``j`` and ``s`` a similarity function. The result is
     ``KL(p_clean(. | i) || p_restored(. | i))`` per row.
 
     Args:
         restored: features of the restored images, shape ``(N, D)`` or ``(G, N, D)``
             (G independent groups of N samples with D features). Receives the gradient.
         clean: features of the clean images, same shape. Treated as a constant.
-        kernel: ``"cosine"``: ``s = (1 + c) / 2`` (the paper's); ``"softmax"``:
+        similarity: ``"cosine"``: ``s = (1 + c) / 2`` (the paper's); ``"softmax"``:
             ``s = exp((c - 1) / temperature)``.
-        temperature: temperature of the softmax kernel, a positive finite number (checked,
-            but unused, with the cosine kernel).
+        temperature: temperature of the softmax similarity, a positive finite number
+            (checked, but unused, with the cosine similarity).
         include_self: whether ``j = i`` takes part in each row's distribution.
         reduction: ``"mean"`` over all rows of all groups, ``"sum"``, or ``"none"`` for
             the per-row values of shape ``(N,)`` or ``(G, N)``.
         implementation: ``"auto"`` (Triton on CUDA when available and D is at most
             :data:`TRITON_AUTO_MAX_FEATURES`, else the streaming PyTorch path, see
-            :func:`resolve_implementation`), ``"triton"``, ``"torch"`` (streaming,
+            :func:`resolve_implementation`), ``"triton"``, ``"streaming"`` (PyTorch,
             O(N * block) memory) or ``"reference"`` (plain, O(N^2) memory).
 
     Returns:
-        A float32 tensor (float64 when the inputs are float64): a scalar, or the
-        per-row values for ``reduction="none"``. Inputs in float16 or bfloat16 (for
+        a scalar, or the per-row values for ``reduction="none"``, in float32
+        (float64 when the inputs are float64). Inputs in float16 or bfloat16 (for
         example under :func:`torch.autocast`) are accumulated in float32.
 
     Compiles with ``torch.compile(fullgraph=True)``: the checks read shapes and options
@@ -183,7 +196,7 @@ def similarity_kl(
     for name, tensor in (("restored", restored), ("clean", clean)):
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    check_choice("kernel", kernel, KERNELS)
+    check_choice("similarity", similarity, SIMILARITIES)
     temperature = check_number("temperature", temperature, positive=True)
     include_self = check_bool("include_self", include_self)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -204,18 +217,22 @@ def similarity_kl(
     if impl == "triton":
         from .ops.triton_kernels import similarity_kl_triton
 
-        rows = similarity_kl_triton(x, y, kernel=kernel, temperature=temperature, include_self=include_self)
+        rows = similarity_kl_triton(x, y, kernel=similarity, temperature=temperature, include_self=include_self)
     else:
         # Statistics in float32 at least (float64 stays float64), outside any autocast region.
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             x, y = x.to(dtype), y.to(dtype)
-            if impl == "torch":
+            if impl == "streaming":
                 from .ops.streaming import similarity_kl_streaming
 
-                rows = similarity_kl_streaming(x, y, kernel=kernel, temperature=temperature, include_self=include_self)
+                rows = similarity_kl_streaming(
+                    x, y, kernel=similarity, temperature=temperature, include_self=include_self
+                )
             else:
-                rows = similarity_kl_reference(x, y, kernel=kernel, temperature=temperature, include_self=include_self)
+                rows = similarity_kl_reference(
+                    x, y, kernel=similarity, temperature=temperature, include_self=include_self
+                )
     if squeeze:
         rows = rows.squeeze(0)
     if reduction == "mean":

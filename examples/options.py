@@ -46,8 +46,8 @@ def example_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     g.add_argument("--layers", type=layer_list, default=None,
                    help="comma-separated feature levels (default: the loss's)")
     g.add_argument("--granularity", default="image", choices=("image", "patch", "location"))
-    g.add_argument("--kernel", default="cosine", choices=("cosine", "softmax"))
-    g.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax kernel")
+    g.add_argument("--similarity", default="cosine", choices=("cosine", "softmax"))
+    g.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax similarity")
     g.add_argument("--queue-size", type=int, default=0, help="memory queue of earlier batches (image granularity)")
     g = parser.add_argument_group("data (default: built-in photographs, see examples/data.py)")
     g.add_argument("--data", default=None, help="folder of clean training images")

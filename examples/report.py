@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from torch import Tensor
-
-import d2sm_loss
 from data import Sample, center_crop, to_numpy
 from evaluation import EVALUATOR
+from provenance import collect_environment
+from torch import Tensor
 
 RANDOM_STAMP = "RANDOM BACKBONE - smoke test only, figures are meaningless"
 
@@ -139,7 +138,7 @@ def write_report(
         "runs": runs,
         "per_image": evaluation["per_image"],
         "total_seconds": time.perf_counter() - started,
-        "environment": d2sm_loss.collect_environment(args.device, repo=Path(__file__).parent),
+        "environment": collect_environment(args.device),
     }
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=1, default=str)

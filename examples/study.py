@@ -39,14 +39,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-import d2sm_loss
 from data import BUILTIN_TEST, load_images, random_crops
 from degradations import add_gaussian_noise
 from evaluation import EVAL_SEED, Evaluator, fidelity
 from models import DnCNN
+from provenance import collect_environment
+from torch import Tensor
 from training import backbone_weights, batches, train
+
+import d2sm_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEPTHS = {"middle": 2, "deepest": -1}  # MobileNetV2 feature taps: blocks.2 and blocks.6
@@ -250,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     if device.type == "cpu":
         torch.set_num_threads(1)
     started = time.perf_counter()
-    environment = d2sm_loss.collect_environment(device, repo=Path(__file__).parent)
+    environment = collect_environment(device)
     seeds = list(range(args.seeds))
     train_set, _ = load_images()
     noise = lambda clean, rng: add_gaussian_noise(clean, args.sigma / 255, rng)  # noqa: E731

@@ -6,7 +6,6 @@ fakes that record their calls, and torch hub's folder and the Hugging Face cache
 folders.
 """
 
-import os
 import subprocess
 import sys
 import warnings
@@ -17,7 +16,9 @@ import torch
 from torch import nn
 
 from d2sm_loss import FeatureExtractor, SemanticStatisticsLoss, _hub
-from d2sm_loss.backbones import map_state_dict
+from d2sm_loss.checkpoints import map_state_dict
+
+from helpers import subprocess_env
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -193,7 +194,7 @@ def test_without_network_fails_after_one_request_and_names_the_ways_to_pass_weig
         SemanticStatisticsLoss("resnet10t", pretrained=True)
     message = str(caught.value)
     assert "could not download pretrained weights for backbone 'resnet10t'" in message
-    assert "weights='/path/to/file.pth'" in message and "weights='package:NAME'" in message
+    assert "checkpoint='/path/to/file.pth'" in message and "checkpoint='package:NAME'" in message
     assert str(checkpoints) in message and "resnet10t_176_c3-f3215ab1.pth" in message
     assert str(hf) in message and "timm/resnet10t.c3_in1k" in message
     assert len(network.probes) == 1 and network.downloads == []  # no retries, no download
@@ -289,7 +290,7 @@ def test_the_same_map_of_a_user_module_chosen_twice_is_an_error():
         ("/no/such/checkpoint.pth", FileNotFoundError, "'/no/such/checkpoint.pth' is no such file"),
         ("package:no-such-distribution-d2sm", FileNotFoundError, "no installed distribution"),
         (True, TypeError, "pass pretrained=True"),
-        (3, TypeError, "weights must be a checkpoint path, 'package:NAME' or a state dict, got int 3"),
+        (3, TypeError, "checkpoint must be a checkpoint path, 'package:NAME' or a state dict, got int 3"),
         ({}, ValueError, "state dict is empty"),
         ("FOLDER", FileNotFoundError, "is a folder"),
     ],
@@ -301,14 +302,14 @@ def test_bad_weights_fail_before_any_model_is_built(weights, error, match, tmp_p
     monkeypatch.setattr(timm, "create_model", no_model)
     weights = str(tmp_path) if weights == "FOLDER" else weights
     with pytest.raises(error, match=match):
-        FeatureExtractor("resnet10t", weights=weights)
+        FeatureExtractor("resnet10t", checkpoint=weights)
 
 
 def test_weights_load_into_a_user_module(tmp_path):
     torch.manual_seed(0)
     net, trained = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
     torch.save(trained.state_dict(), tmp_path / "conv.pth")
-    extractor = FeatureExtractor(net, weights=tmp_path / "conv.pth")
+    extractor = FeatureExtractor(net, checkpoint=tmp_path / "conv.pth")
     torch.testing.assert_close(net.weight, trained.weight)
     assert extractor.weights_source == str(tmp_path / "conv.pth")
 
@@ -316,7 +317,7 @@ def test_weights_load_into_a_user_module(tmp_path):
 # ------------------------------------------------------------------ no patching
 
 
-def test_a_broken_torchvision_is_reported_not_patched():
+def test_a_broken_torchvision_is_reported_not_patched(tmp_path):
     """The package imports without torchvision, and building a backbone with a torchvision
     whose compiled operators do not load raises torchvision's own error: no operator schema is
     declared in its place."""
@@ -339,9 +340,7 @@ def test_a_broken_torchvision_is_reported_not_patched():
         "except (AttributeError, RuntimeError):\n"
         "    print('NOT DECLARED')\n"
     )
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=env, cwd=root,
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=subprocess_env(), cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert "ERROR operator torchvision::nms does not exist" in out.stdout, out.stderr
     assert "NOT DECLARED" in out.stdout, out.stdout + out.stderr

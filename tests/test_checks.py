@@ -90,7 +90,7 @@ def test_numpy_and_tensor_scalars_are_accepted():
         input_range=np.array([0.0, 255.0]),
         pool_size=np.int64(2),
         include_self=np.bool_(True),
-        kernel="softmax",
+        similarity="softmax",
     )
     criterion = SemanticStatisticsLoss(conv(), **kwargs)
     assert criterion.temperature == 0.25 and type(criterion.temperature) is float
@@ -99,7 +99,7 @@ def test_numpy_and_tensor_scalars_are_accepted():
     assert criterion.layer_weights == [2.0] and criterion.input_range == (0.0, 255.0)
     plain = SemanticStatisticsLoss(
         conv(), temperature=0.25, queue_size=4, patch_size=16, patch_stride=8, layer_weights=[2.0],
-        input_range=(0, 255), pool_size=2, kernel="softmax",
+        input_range=(0, 255), pool_size=2, similarity="softmax",
     )
     restored, clean = images()
     torch.testing.assert_close(criterion(restored * 255, clean * 255), plain(restored * 255, clean * 255))
@@ -107,15 +107,15 @@ def test_numpy_and_tensor_scalars_are_accepted():
 
 def test_functional_options_take_numpy_scalars_and_refuse_non_finite():
     x, y = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
-    want = similarity_kl(x, y, kernel="softmax", temperature=0.3)
-    torch.testing.assert_close(similarity_kl(x, y, kernel="softmax", temperature=np.float64(0.3)), want)
-    torch.testing.assert_close(similarity_kl(x, y, kernel="softmax", temperature=torch.tensor(0.3)), want)
+    want = similarity_kl(x, y, similarity="softmax", temperature=0.3)
+    torch.testing.assert_close(similarity_kl(x, y, similarity="softmax", temperature=np.float64(0.3)), want)
+    torch.testing.assert_close(similarity_kl(x, y, similarity="softmax", temperature=torch.tensor(0.3)), want)
     with pytest.raises(ValueError, match="temperature must be a finite number"):
-        similarity_kl(x, y, kernel="softmax", temperature=float("nan"))
+        similarity_kl(x, y, similarity="softmax", temperature=float("nan"))
     with pytest.raises(TypeError, match="include_self must be a bool"):
         similarity_kl(x, y, include_self=1)
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        similarity_kl(x, y, kernel=3)
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        similarity_kl(x, y, similarity=3)
 
 
 def test_empty_batch_is_an_error():

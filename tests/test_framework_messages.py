@@ -45,7 +45,7 @@ def test_images_in_another_range_state_it_matters():
     for scale, shift in ((255, 0), (2, -1), (1.2, 0)):  # [0, 255], [-1, 1], a little out: given for (0, 1)
         message = _range_warning(_loss(), restored * scale + shift, clean * scale + shift)
         low, high = (clean * scale + shift).min().item(), (clean * scale + shift).max().item()
-        assert f"clean [{low:.4g}, {high:.4g}]" in message
+        assert f"clean values span [{low:.4g}, {high:.4g}]" in message
         assert "clean images are outside" in message and "loss are wrong" in message and "harmless" not in message
 
 

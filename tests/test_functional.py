@@ -9,11 +9,22 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from helpers import DEVICE, TOLERANCES, TRITON_INTERPRETED, assert_close, features, kl_gradient, loop_kl
-from helpers import triton_skip_reason, upstream, value_and_grad
 
 from d2sm_loss.functional import REDUCTIONS, resolve_implementation, similarity_kl
 from d2sm_loss.ops.reference import similarity_kl_reference
+
+from helpers import (
+    DEVICE,
+    TOLERANCES,
+    TRITON_INTERPRETED,
+    assert_close,
+    features,
+    kl_gradient,
+    loop_kl,
+    triton_skip_reason,
+    upstream,
+    value_and_grad,
+)
 
 
 class Problem(NamedTuple):
@@ -50,7 +61,7 @@ PROBLEMS = [
 
 def _agreement_cases():
     for implementation, problem, kernel, include_self in itertools.product(
-        ("reference", "torch", "triton"), PROBLEMS, ("cosine", "softmax"), (True, False)
+        ("reference", "streaming", "triton"), PROBLEMS, ("cosine", "softmax"), (True, False)
     ):
         if problem.shape[-2] < 2 and not include_self:
             continue  # nothing to compare (an error: test_bad_arguments)
@@ -100,7 +111,7 @@ def test_implementations_agree_with_float64_oracle(implementation, problem, kern
             pytest.skip("too slow for the Triton interpreter (runs on a GPU)")
     x, y, weight, expected, expected_grad = _oracle(problem, kernel, include_self)
     value, grad = value_and_grad(
-        similarity_kl, x.to(DEVICE), y.to(DEVICE), weight.to(DEVICE), kernel=kernel, temperature=problem.temperature,
+        similarity_kl, x.to(DEVICE), y.to(DEVICE), weight.to(DEVICE), similarity=kernel, temperature=problem.temperature,
         include_self=include_self, reduction=problem.reduction, implementation=implementation,
     )
     assert value.dtype == (F64 if problem.dtype == F64 else F32) and grad.dtype == problem.dtype
@@ -117,7 +128,7 @@ def test_reference_gradcheck(kernel, include_self):
     x = torch.randn(2, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda a: similarity_kl(a, y, kernel=kernel, temperature=0.5, include_self=include_self,
+        lambda a: similarity_kl(a, y, similarity=kernel, temperature=0.5, include_self=include_self,
                                 reduction="none", implementation="reference"), (x,))
 
 
@@ -144,7 +155,7 @@ def test_gradient_flows_to_restored_only():
 
 def test_identical_inputs_give_zero_loss_and_gradient():
     x = torch.randn(3, 9, 7, requires_grad=True)
-    loss = similarity_kl(x, x.detach().clone(), kernel="softmax")
+    loss = similarity_kl(x, x.detach().clone(), similarity="softmax")
     loss.backward()
     assert abs(loss.item()) < 1e-6
     assert x.grad.abs().max() < 1e-6
@@ -163,14 +174,14 @@ def test_half_precision_inputs_accumulate_in_float32():
 def test_softmax_small_temperature_without_diagonal_stays_finite():
     x = torch.eye(4, 6) * 3.0  # orthogonal rows: every off-diagonal cosine is 0
     y = torch.randn(4, 6)
-    for impl in ("reference", "torch"):
-        value = similarity_kl(x.requires_grad_(), y, kernel="softmax", temperature=1e-3,
+    for impl in ("reference", "streaming"):
+        value = similarity_kl(x.requires_grad_(), y, similarity="softmax", temperature=1e-3,
                               include_self=False, implementation=impl)
         assert torch.isfinite(value)
 
 
 def test_auto_picks_streaming_torch_on_cpu():
-    assert resolve_implementation("auto", torch.device("cpu")) == "torch"
+    assert resolve_implementation("auto", torch.device("cpu")) == "streaming"
 
 
 @pytest.mark.parametrize(
@@ -182,10 +193,10 @@ def test_auto_picks_streaming_torch_on_cpu():
         ({}, (torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long)), TypeError, "floating-point"),
         ({}, (torch.randn(4, 3), torch.randn(4, 3, device="meta")), ValueError, "same device"),
         ({}, ([[1.0]], torch.randn(1, 1)), TypeError, "must be tensors"),
-        ({"kernel": "gauss"}, None, ValueError, "kernel must be one of"),
-        ({"kernel": "softmax", "temperature": 0.0}, None, ValueError, "temperature"),
-        ({"kernel": "softmax", "temperature": float("inf")}, None, ValueError, "temperature"),
-        ({"kernel": "softmax", "temperature": True}, None, TypeError, "temperature"),
+        ({"similarity": "gauss"}, None, ValueError, "similarity must be one of"),
+        ({"similarity": "softmax", "temperature": 0.0}, None, ValueError, "temperature"),
+        ({"similarity": "softmax", "temperature": float("inf")}, None, ValueError, "temperature"),
+        ({"similarity": "softmax", "temperature": True}, None, TypeError, "temperature"),
         ({"include_self": 1}, None, TypeError, "include_self must be a bool"),
         ({"reduction": "avg"}, None, ValueError, "reduction must be one of"),
         ({"implementation": "cuda"}, None, ValueError, "implementation must be one of"),
@@ -254,8 +265,8 @@ def test_auto_keeps_wide_rows_on_the_streaming_path(monkeypatch):
     cuda = torch.device("cuda", 0)
     limit = functional.TRITON_AUTO_MAX_FEATURES
     assert functional.resolve_implementation("auto", cuda, limit) == "triton"
-    assert functional.resolve_implementation("auto", cuda, limit + 1) == "torch"
-    assert functional.resolve_implementation("auto", torch.device("cpu"), 16) == "torch"
+    assert functional.resolve_implementation("auto", cuda, limit + 1) == "streaming"
+    assert functional.resolve_implementation("auto", torch.device("cpu"), 16) == "streaming"
 
 
 def test_tf32_setting_is_read_through_either_api():

@@ -9,11 +9,12 @@ import sys
 import warnings
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl
-import timm
+from d2sm_loss.rows import feature_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
 
@@ -39,7 +40,7 @@ def conv_loss(**kwargs):
     return SemanticStatisticsLoss(net, **kwargs)
 
 
-SHARP = {"kernel": "softmax", "temperature": 0.05}  # random-weight features differ little: sharpen
+SHARP = {"similarity": "softmax", "temperature": 0.05}  # random-weight features differ little: sharpen
 
 FAMILIES = {
     "resnet10t": {},
@@ -53,7 +54,7 @@ FAMILIES = {
 @pytest.mark.parametrize("granularity", ["image", "patch", "location"])
 def test_every_granularity_on_several_families(family, granularity):
     torch.manual_seed(0)
-    criterion = make(family, granularity=granularity, patch_size=32, patch_stride=16, kernel="softmax",
+    criterion = make(family, granularity=granularity, patch_size=32, patch_stride=16, similarity="softmax",
                      temperature=0.05, **FAMILIES[family])
     clean = images(batch=2, size=64, seed=0)[1]
     restored = images(batch=2, size=64, seed=1)[1].requires_grad_()
@@ -70,7 +71,7 @@ def test_every_granularity_on_several_families(family, granularity):
         fx, fy = (f.flatten(2).transpose(1, 2) if f.dim() == 4 else f for f in (fx, fy))
     else:
         fx, fy = fx.flatten(1), fy.flatten(1)
-    expected = similarity_kl(fx, fy, kernel="softmax", temperature=0.05, implementation="reference")
+    expected = similarity_kl(fx, fy, similarity="softmax", temperature=0.05, implementation="reference")
     torch.testing.assert_close(loss.double(), expected, rtol=1e-3, atol=1e-6)
     same = clean.clone().requires_grad_()
     zero = criterion(same, clean)
@@ -175,7 +176,7 @@ def test_restored_features_get_gradient_but_clean_pass_builds_no_graph():
 
 def test_queue_wraps_around_and_matches_manual_statistic():
     k, batch = 5, 3
-    criterion = conv_loss(queue_size=k, pool_size=2, kernel="softmax", implementation="reference")
+    criterion = conv_loss(queue_size=k, pool_size=2, similarity="softmax", implementation="reference")
     seen_x, seen_y = [], []
     for step in range(4):
         restored, clean = images(batch=batch, seed=step)
@@ -191,7 +192,7 @@ def test_queue_wraps_around_and_matches_manual_statistic():
         # The statistic is over the current batch plus the filled queue rows.
         stored_x, stored_y = queue.rows()
         assert sorted(map(tuple, stored_x.tolist())) == sorted(map(tuple, torch.cat(seen_x + [fx])[-k:].tolist()))
-        expected = similarity_kl(torch.cat([fx, past_x]), torch.cat([fy, past_y]), kernel="softmax", implementation="reference")
+        expected = similarity_kl(torch.cat([fx, past_x]), torch.cat([fy, past_y]), similarity="softmax", implementation="reference")
         assert loss > 1e-4
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-8)
         seen_x.append(fx)
@@ -288,9 +289,9 @@ def test_user_module_returning_several_maps_uses_each_with_its_weight():
     torch.manual_seed(0)
     net = TwoMaps(as_dict=False)
     restored, clean = images()
-    first = SemanticStatisticsLoss(net, layers=[0], kernel="softmax")(restored, clean)
-    second = SemanticStatisticsLoss(net, layers=[1], kernel="softmax")(restored, clean)
-    both = SemanticStatisticsLoss(net, layer_weights=[0.5, 2.0], kernel="softmax")(restored, clean)
+    first = SemanticStatisticsLoss(net, layers=[0], similarity="softmax")(restored, clean)
+    second = SemanticStatisticsLoss(net, layers=[1], similarity="softmax")(restored, clean)
+    both = SemanticStatisticsLoss(net, layer_weights=[0.5, 2.0], similarity="softmax")(restored, clean)
     assert first > 1e-5 and second > 1e-5
     torch.testing.assert_close(both, 0.5 * first + 2.0 * second)
     with pytest.raises(ValueError, match="returned 2 feature maps but the loss has 1 layer weight"):
@@ -305,7 +306,7 @@ def test_vit_tokens_by_name_lie_on_the_patch_grid_without_class_token():
     assert named.shape == (2, 192, 14, 14)  # 196 patch tokens, the class token dropped
     torch.testing.assert_close(named, indexed)
     pooled = make("vit_tiny_patch16_224", layers=["blocks.5"], pool_size=2)
-    assert pooled._samples(pooled._extractor(x)[0]).shape == (2, 192 * 4)
+    assert feature_rows(pooled._extractor(x)[0], pooled.granularity, pooled.pool_size).shape == (2, 192 * 4)
 
 
 @pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")
@@ -343,7 +344,7 @@ def test_full_queue_keeps_float32_rows_after_a_low_precision_cast(dtype):
 
 
 def test_batch_of_one_with_queue_works_after_first_step():
-    criterion = conv_loss(queue_size=4, pool_size=2, kernel="softmax")
+    criterion = conv_loss(queue_size=4, pool_size=2, similarity="softmax")
     first = criterion(*images(batch=1, seed=0))
     assert first.item() == pytest.approx(0.0, abs=1e-7)  # a single row has nothing to compare yet
     restored, clean = images(batch=1, seed=1)
@@ -373,7 +374,7 @@ def test_autocast_on_cpu(dtype):
     low.backward()
     assert low.dtype == torch.float32 and torch.isfinite(restored.grad).all()
     assert abs(low.item() - full.item()) <= 0.1 * abs(full.item()) + 1e-6
-    queued = conv_loss(queue_size=5, pool_size=2, kernel="softmax")
+    queued = conv_loss(queue_size=5, pool_size=2, similarity="softmax")
     with torch.autocast("cpu", dtype=dtype):
         for seed in range(3):  # low-precision features meet the float32 queue
             value = queued(*images(seed=seed))
@@ -381,12 +382,15 @@ def test_autocast_on_cpu(dtype):
 
 
 def test_grayscale_and_input_range():
-    criterion = conv_loss(input_range=(0, 255), kernel="softmax")
+    criterion = conv_loss(input_range=(0, 255), similarity="softmax")
     restored, clean = images(channels=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 255-range images are in range: no warning
         loss = criterion(restored * 255, clean * 255)
-    reference = conv_loss(kernel="softmax")(restored.expand(-1, 3, -1, -1), clean.expand(-1, 3, -1, -1))
+    # The reference sees the images exactly as the range mapping leaves them ((x * 255) / 255
+    # differs from x in the last bit, which the sharp softmax statistic amplifies).
+    mapped_restored, mapped_clean = (restored * 255) / 255, (clean * 255) / 255
+    reference = conv_loss(similarity="softmax")(mapped_restored.expand(-1, 3, -1, -1), mapped_clean.expand(-1, 3, -1, -1))
     assert reference > 1e-5
     torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-8)
 
@@ -446,7 +450,7 @@ def test_patch_larger_than_image_and_vit_size():
     "kwargs, match",
     [
         ({"granularity": "pixel"}, "granularity must be one of"),
-        ({"kernel": "rbf"}, "kernel must be one of"),
+        ({"similarity": "rbf"}, "similarity must be one of"),
         ({"reduction": "none"}, "reduction must be one of"),
         ({"implementation": "cuda"}, "implementation must be one of"),
         ({"queue_size": -1}, "queue_size"),
@@ -508,7 +512,7 @@ def test_pretrained_without_network_says_how_to_pass_a_file():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "MESSAGE could not download pretrained weights for backbone 'resnet10t'" in out.stdout, out.stderr
-    assert "weights='/path/to/file.pth'" in out.stdout
+    assert "checkpoint='/path/to/file.pth'" in out.stdout
     assert "Traceback" not in out.stderr
 
 
@@ -519,7 +523,7 @@ def test_torchvision_checkpoint_loads_into_timm_by_position(tmp_path):
     tv = torchvision.models.mobilenet_v2(weights=None).eval()
     path = tmp_path / "mobilenet_v2_tv.pth"
     torch.save(tv.state_dict(), path)
-    criterion = SemanticStatisticsLoss("mobilenetv2_100", layers=[2], weights=path, granularity="location")
+    criterion = SemanticStatisticsLoss("mobilenetv2_100", layers=[2], checkpoint=path, granularity="location")
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         ours = criterion.backbone((x - criterion._extractor.mean) / criterion._extractor.std)[0]
@@ -531,7 +535,7 @@ def test_mismatched_checkpoint_names_the_first_mismatch(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), path)
     with pytest.raises(ValueError, match=r"entry 0 of the checkpoint, 'conv1.0.weight' with shape \(24, 3, 3, 3\)"):
-        SemanticStatisticsLoss("mobilenetv2_100", weights=path)
+        SemanticStatisticsLoss("mobilenetv2_100", checkpoint=path)
 
 
 def test_timm_format_checkpoint_loads_by_name(tmp_path):
@@ -539,7 +543,7 @@ def test_timm_format_checkpoint_loads_by_name(tmp_path):
     full = timm.create_model("resnet10t").eval()
     path = tmp_path / "resnet10t.pth"
     torch.save({"state_dict": full.state_dict()}, path)
-    criterion = SemanticStatisticsLoss("resnet10t", layers=[-1], weights=path)
+    criterion = SemanticStatisticsLoss("resnet10t", layers=[-1], checkpoint=path)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         normalised = (x - criterion._extractor.mean) / criterion._extractor.std
@@ -550,7 +554,7 @@ def test_paper_preset_configuration():
     criterion = SemanticStatisticsLoss.paper(pretrained=False)
     assert criterion.layers == ["features.34"]  # conv5_4 before its ReLU
     assert isinstance(dict(criterion.backbone.named_modules())["features.34"], nn.Conv2d)
-    assert criterion.granularity == "image" and criterion.kernel == "cosine" and criterion.include_self
+    assert criterion.granularity == "image" and criterion.similarity == "cosine" and criterion.include_self
     assert criterion.queue_size == 224
     torch.testing.assert_close(criterion._extractor.mean.flatten(), torch.tensor([0.4488, 0.4371, 0.4040]))
     torch.testing.assert_close(criterion._extractor.std.flatten(), torch.ones(3))
@@ -560,12 +564,26 @@ def test_paper_preset_configuration():
     assert loss.requires_grad is True or loss.grad_fn is not None
     assert restored.grad.abs().sum() > 0
     assert criterion.queues[0].count == 2
-    override = SemanticStatisticsLoss.paper(pretrained=False, queue_size=16, kernel="softmax")
-    assert override.queue_size == 16 and override.kernel == "softmax"
+    override = SemanticStatisticsLoss.paper(pretrained=False, queue_size=16, similarity="softmax")
+    assert override.queue_size == 16 and override.similarity == "softmax"
+
+
+def test_default_layer_is_vgg19_conv5_4_before_its_relu():
+    """After a ReLU every feature is >= 0, so every cosine is >= 0: the default taps the
+    last convolution of VGG19 before its ReLU, where cosines of real images can be negative."""
+    criterion = SemanticStatisticsLoss(pretrained=False)
+    assert criterion.layers == ["features.34"]
+    assert isinstance(dict(criterion.backbone.named_modules())["features.34"], nn.Conv2d)
+    torch.testing.assert_close(criterion._extractor.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    restored, clean = images(batch=3, size=32)
+    with torch.no_grad():
+        (features,) = criterion.feature_maps(restored)
+    assert (features < 0).any()  # not a post-ReLU map
+    assert make("resnet10t").layers == ["layer4"]  # other backbones: the deepest tap
 
 
 def test_rows_and_statistic_are_the_forward_and_leave_the_queue_alone():
-    criterion = conv_loss(queue_size=5, kernel="softmax")
+    criterion = conv_loss(queue_size=5, similarity="softmax")
     for seed in range(3):  # an empty, a partly filled and a wrapped queue
         restored, clean = images(seed=seed)
         before = {k: v.clone() for k, v in criterion.state_dict().items() if isinstance(v, torch.Tensor)}

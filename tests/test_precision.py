@@ -55,7 +55,7 @@ def value_and_grad(criterion, restored, clean, dtype=None):
 def test_autocast_keeps_value_and_gradient(photos, granularity, dtype):
     noisy, clean = photos
     criterion = SemanticStatisticsLoss(
-        "mobilenetv2_100", layers=[-2], weights=f"package:{WEIGHTS}", granularity=granularity
+        "mobilenetv2_100", layers=[-2], checkpoint=f"package:{WEIGHTS}", granularity=granularity
     )
     want_value, want_grad = value_and_grad(criterion, noisy, clean)
     value, grad = value_and_grad(criterion, noisy, clean, dtype)
@@ -68,7 +68,7 @@ def test_backbone_autocast_opt_in_runs_the_backbone_in_low_precision(photos):
     """With backbone_autocast=True the backbone follows autocast: the features, and so the
     gradient, differ measurably from float32 (the fidelity the option trades for speed)."""
     noisy, clean = photos
-    criterion = SemanticStatisticsLoss("mobilenetv2_100", layers=[-2], weights=f"package:{WEIGHTS}", backbone_autocast=True)
+    criterion = SemanticStatisticsLoss("mobilenetv2_100", layers=[-2], checkpoint=f"package:{WEIGHTS}", backbone_autocast=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         maps = criterion.feature_maps(noisy)
     assert maps[0].dtype == torch.bfloat16

@@ -11,7 +11,7 @@ from d2sm_loss import SemanticStatisticsLoss, gradient_norms, gradient_ratio, su
 def setup():
     torch.manual_seed(0)
     model = nn.Conv2d(3, 3, 3, padding=1)
-    criterion = SemanticStatisticsLoss(nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh()), kernel="softmax")
+    criterion = SemanticStatisticsLoss(nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh()), similarity="softmax")
     clean = torch.rand(4, 3, 29, 31)
     restored = model((clean + 0.2 * torch.randn_like(clean)).clamp(0, 1))
     return model, criterion, restored, clean

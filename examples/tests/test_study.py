@@ -14,7 +14,7 @@ import pytest
 for _module in ("skimage", "sklearn", "matplotlib", "tqdm", "PIL"):
     pytest.importorskip(_module)
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(EXAMPLES))
 
 import study  # noqa: E402

@@ -1,10 +1,11 @@
-"""What a result or a bug report needs to say about where it was obtained.
+"""What a result needs to say about where it was obtained.
 
 :func:`collect_environment` returns one flat dictionary of strings (device, versions,
-commit, date) that the examples and benchmarks write next to every figure, and that a
-bug report about the loss or its kernels should include::
+commit, date) that the examples and the benchmarks write next to every figure. It names
+packages and versions, never a path of the machine. A bug report about the loss or its
+kernels should include it::
 
-    python -c "import d2sm_loss, pprint; pprint.pprint(d2sm_loss.collect_environment('cuda'))"
+    python examples/provenance.py cuda
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ __all__ = ["COMMIT_ENV", "collect_environment", "cpu_model", "device_name", "git
 #: without its ``.git`` folder (``D2SM_COMMIT=$(git rev-parse --short HEAD)`` where the
 #: copy was made).
 COMMIT_ENV = "D2SM_COMMIT"
+
+#: The checkout this file belongs to.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _PACKAGES = ("torch", "torchvision", "timm", "triton", "numpy")
 
@@ -50,12 +54,13 @@ def device_name(device: torch.device | str | None = None) -> str:
 
 def git_commit(repo: str | os.PathLike | None = None) -> str:
     """The commit a result belongs to: ``$D2SM_COMMIT`` when set, else ``git rev-parse
-    --short HEAD`` in ``repo`` (default: the current directory) with ``+dirty`` when
-    tracked files differ from it, else ``"unknown"``."""
+    --short HEAD`` in ``repo`` (default: the checkout this file belongs to, whatever the
+    current directory) with ``+dirty`` when tracked files differ from it, else
+    ``"unknown"``."""
     override = os.environ.get(COMMIT_ENV, "").strip()
     if override:
         return override
-    cwd = Path(repo) if repo is not None else Path.cwd()
+    cwd = Path(repo) if repo is not None else REPO_ROOT
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
@@ -82,7 +87,7 @@ def collect_environment(
 
     Args:
         device: the device the figures were measured on (default: the CPU).
-        repo: a git checkout whose commit to record (default: the current directory);
+        repo: a git checkout whose commit to record (default: this file's checkout);
             see :func:`git_commit`.
 
     Returns:
@@ -90,7 +95,7 @@ def collect_environment(
         "timm", "triton", "numpy", "threads"}``; a package that is not installed reads
         ``"none"``.
     """
-    from . import __version__
+    from d2sm_loss import __version__
 
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -103,3 +108,10 @@ def collect_environment(
     info["torch"] = torch.__version__  # the build suffix (+cpu, +cu130) matters
     info["threads"] = str(torch.get_num_threads())
     return info
+
+
+if __name__ == "__main__":
+    import pprint
+    import sys
+
+    pprint.pprint(collect_environment(sys.argv[1] if len(sys.argv) > 1 else None))

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))  # `benchmarks`; an installed d2sm_loss comes first
 
-from benchmarks import judge, measure, results, statistics_kernel as sk  # noqa: E402
+from benchmarks import judge, measure, results  # noqa: E402
+from benchmarks import statistics_kernel as sk  # noqa: E402
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -39,7 +40,7 @@ def _run(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.
 def test_statistics_kernel_quick_then_judge_and_plot(tmp_path):
     _run("benchmarks/statistics_kernel.py", "--quick", "--out", str(tmp_path), env={"D2SM_COMMIT": "abc1234"})
     rows = _read(tmp_path / "statistics_kernel.csv")
-    assert {row["implementation"] for row in rows} == {"reference", "torch", "baseline"}
+    assert {row["implementation"] for row in rows} == {"reference", "streaming", "baseline"}
     assert {row["mode"] for row in rows} == set(sk.MODES)
     assert len({tuple(row[k] for k in sk.KEY) for row in rows}) == len(rows)  # one row per configuration
     for row in rows:
@@ -51,7 +52,7 @@ def test_statistics_kernel_quick_then_judge_and_plot(tmp_path):
         assert float(row["time_median_ms"]) > 0 and row["mem_method"] == "vmhwm-reset"
         assert row["commit"] == "abc1234" and row["torch"] and row["date"] and row["run_id"]
     out = _run("benchmarks/judge.py", "--results", str(tmp_path)).stdout
-    assert "torch forward+backward: G=1 D=64: N>=1024 (no OOM in sweep)" in out
+    assert "streaming forward+backward: G=1 D=64: N>=1024 (no OOM in sweep)" in out
     assert "streaming vs reference" in out and "not measured" in out
     _run("benchmarks/plot.py", "--results", str(tmp_path))
     assert list(tmp_path.glob("statistics_kernel_*_t1_G1_D64_cosine.png"))
@@ -59,11 +60,11 @@ def test_statistics_kernel_quick_then_judge_and_plot(tmp_path):
 
 _FAILING_DRIVER = """
 import sys
-sys.path.insert(0, {repo!r})
-from benchmarks import statistics_kernel as sk
+sys.path.append({repo!r})
+from benchmarks import statistics_kernel as sk  # noqa: E402
 original = sk.measure_point_cpu
 def measure_point(impl, *args):
-    if impl == "torch":
+    if impl == "streaming":
         raise ValueError("injected failure\\nsecond line")
     return original(impl, *args)
 sk.measure_point_cpu = measure_point
@@ -75,13 +76,13 @@ def test_statistics_kernel_error_becomes_a_row(tmp_path):
     """A non-OOM error at a point is a row (first line of the message) and the sweep goes
     on; rows carry the commit given by --commit (a copy without .git)."""
     _run("-c", _FAILING_DRIVER.format(repo=str(REPO)), "--device", "cpu", "--n", "128", "256", "--d", "32",
-         "--modes", "forward", "--implementations", "reference", "torch", "--repeats", "1",
+         "--modes", "forward", "--implementations", "reference", "streaming", "--repeats", "1",
          "--commit", "feedbee", "--out", str(tmp_path))
     rows = _read(tmp_path / "statistics_kernel.csv")
     status = {(r["implementation"], r["N"]): r["status"] for r in rows}
     assert status == {("reference", "128"): "ok", ("reference", "256"): "ok",
-                      ("torch", "128"): "error: ValueError: injected failure",
-                      ("torch", "256"): "error: ValueError: injected failure"}
+                      ("streaming", "128"): "error: ValueError: injected failure",
+                      ("streaming", "256"): "error: ValueError: injected failure"}
     assert {r["commit"] for r in rows} == {"feedbee"}
 
 
@@ -92,8 +93,8 @@ def _fake_cuda_point(impl, mode, g, n, d, options, repeats):
         return {"status": "OOM"}
     if impl == "triton" and n == 2048:
         return {"status": "error: RuntimeError: injected"}
-    time_ms = {"reference": 40.0, "triton": 8.0, "baseline": 50.0, "torch": 20.0}[impl] * (n / 4096) ** 2
-    memory = {"reference": 4000.0, "triton": 100.0, "baseline": 5000.0, "torch": 300.0}[impl] * (n / 4096)
+    time_ms = {"reference": 40.0, "triton": 8.0, "baseline": 50.0, "streaming": 20.0}[impl] * (n / 4096) ** 2
+    memory = {"reference": 4000.0, "triton": 100.0, "baseline": 5000.0, "streaming": 300.0}[impl] * (n / 4096)
     return {"status": "ok", "time_median_ms": time_ms, "time_iqr_ms": 0.1, "time_min_ms": time_ms,
             "time_max_ms": time_ms, "peak_mem_mb": memory, "mem_method": "fake"}
 
@@ -140,7 +141,7 @@ def test_judge_statistics_not_measured_and_cpu():
     assert len(lines) == 3 and all("not measured" in line for line in lines)
     point = {"mode": "forward+backward", "G": "1", "N": "4096", "D": "64", "status": "ok"}
     rows = [{**point, "implementation": "reference", "time_median_ms": "100.0", "peak_mem_mb": "400.0"},
-            {**point, "implementation": "torch", "time_median_ms": "160.0", "peak_mem_mb": "16.0"}]
+            {**point, "implementation": "streaming", "time_median_ms": "160.0", "peak_mem_mb": "16.0"}]
     (line,) = judge.statistics_targets(rows, on_cuda=False)
     assert "time 1.60x" in line and "memory 0.0400" in line and line.endswith("FAIL")
 
@@ -161,10 +162,10 @@ def test_paper_point_in_default_sweep_only():
         base = {"n": None, "d": None, "g": None, "quick": False, "paper_point": "auto", "modes": list(sk.MODES)}
         return argparse.Namespace(**{**base, **kw})
 
-    impls = ["reference", "torch", "triton", "baseline"]
+    impls = ["reference", "streaming", "triton", "baseline"]
     full = sk.sweep_points(args(), on_cuda=True, impls=impls)
     assert (full[-1].g, full[-1].n, full[-1].d) == (1, 232, 100352)
-    assert full[-1].implementations == ("reference", "torch", "triton") and full[-1].modes == ("forward+backward",)
+    assert full[-1].implementations == ("reference", "streaming", "triton") and full[-1].modes == ("forward+backward",)
     assert all(p.d != 100352 for p in sk.sweep_points(args(quick=True), on_cuda=False, impls=impls))
     assert all(p.d != 100352 for p in sk.sweep_points(args(n=[256]), on_cuda=False, impls=impls))
     only = sk.sweep_points(args(paper_point="only"), on_cuda=False, impls=impls)

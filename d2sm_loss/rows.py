@@ -1,0 +1,66 @@
+"""Rows: the samples the statistic compares, made from images and feature maps.
+
+:func:`image_crops` cuts images into the crops of ``"patch"`` granularity;
+:func:`feature_rows` turns a feature map into rows (one vector per image or crop, or one
+per location); :class:`LayerRows` carries one layer's rows from
+:meth:`~d2sm_loss.SemanticStatisticsLoss.rows` to
+:meth:`~d2sm_loss.SemanticStatisticsLoss.statistic`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["LayerRows", "feature_rows", "image_crops"]
+
+
+def image_crops(images: Tensor, size: int, stride: int) -> Tensor:
+    """``(B, C, H, W)`` images as ``(B * nh * nw, C, size, size)`` crops taken every
+    ``stride`` pixels, image by image in row-major order (a view-based ``unfold``, then
+    one copy)."""
+    channels = images.shape[1]
+    crops = images.unfold(2, size, stride).unfold(3, size, stride)  # B, C, nh, nw, size, size
+    return crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels, size, size)
+
+
+def feature_rows(features: Tensor, granularity: str, pool_size: tuple[int, int] | None = None) -> Tensor:
+    """The rows of a feature map: ``(B, D)`` (``D = C h w``, the flattened map) at
+    ``"image"`` and ``"patch"`` granularity, ``(B, L, C)`` (``L = h w`` locations) at
+    ``"location"`` granularity. ``pool_size`` adaptive-average-pools the map to that grid
+    first (needs a ``(B, C, h, w)`` map). A map that is not 4-d (transformer tokens of a
+    user module, ``(B, L, C)``) is used as it is at location granularity."""
+    if pool_size is not None:
+        if features.dim() != 4:
+            raise ValueError(
+                f"pool_size needs (B, C, h, w) feature maps, but the backbone returned shape "
+                f"{tuple(features.shape)}; set pool_size=None"
+            )
+        features = F.adaptive_avg_pool2d(features, pool_size)
+    if granularity == "location":
+        return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
+    return features.flatten(1)
+
+
+@dataclass
+class LayerRows:
+    """The samples of one layer, ready for the statistic (see :meth:`~d2sm_loss.SemanticStatisticsLoss.rows`).
+
+    Attributes:
+        layer: the layer's name (or index, for a user module with ``layers=None``).
+        weight: its layer weight.
+        restored: the restored rows: ``(N, D)`` at image and patch granularity (this call's
+            rows, gathered over ranks under torch.distributed, followed by the queue's), or
+            ``(B, L, C)`` at location granularity (one group of ``L`` locations per image).
+            Attached to the autograd graph of the restored images.
+        clean: the clean rows, same shape, without a graph.
+        batch_rows: how many leading rows come from this call (the rest from the queue).
+    """
+
+    layer: str
+    weight: float
+    restored: Tensor
+    clean: Tensor
+    batch_rows: int
