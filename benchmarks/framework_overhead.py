@@ -52,8 +52,9 @@ def batches(count: int, batch: int = 4, size: int = 64) -> list[tuple[torch.Tens
 
 
 def basicsr_cases(data) -> list[Case]:
-    import d2sm_loss.integrations.basicsr  # noqa: F401  registers the loss
     from basicsr.models import build_model
+
+    import d2sm_loss.integrations.basicsr  # noqa: F401  registers the loss
 
     def model(with_d2sm: bool):
         train = {

@@ -27,9 +27,9 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..loss import SemanticStatisticsLoss
+from ..queue import FeatureQueue
 from .basicsr_losses import D2SMLoss, D2SMPerceptualLoss
 
 __all__ = ["D2SMLoss", "D2SMPerceptualLoss", "D2SMSRModel", "main", "register"]
@@ -69,7 +69,7 @@ class D2SMSRModel(SRModel):
     loaded if it exists.
     """
 
-    def _d2sm_losses(self) -> dict[str, nn.Module]:
+    def _d2sm_losses(self) -> dict[str, SemanticStatisticsLoss]:
         found = {name: getattr(self, name, None) for name in ("cri_pix", "cri_perceptual")}
         return {name: loss for name, loss in found.items() if isinstance(loss, SemanticStatisticsLoss)}
 
@@ -93,8 +93,10 @@ class D2SMSRModel(SRModel):
             for name, loss in losses.items():
                 if name in state:
                     loss.load_state_dict(state[name])
-                    rows = loss.queues[0].count if loss.queues is not None else 0
-                    get_root_logger().info(f"D2SM loss state of {name} restored from {path} (memory queue: {rows} rows)")
+                    queues = [queue for queue in loss.queues or [] if isinstance(queue, FeatureQueue)]
+                    rows = queues[0].count if queues else 0  # every layer's queue holds as many rows
+                    message = f"D2SM loss state of {name} restored from {path} (memory queue: {rows} rows)"
+                    get_root_logger().info(message)
 
 
 def _register_one(registry: Any, obj: type) -> None:

@@ -92,7 +92,8 @@ class D2SMLoss(SemanticStatisticsLoss):
         """``loss_weight`` times the loss between ``pred`` (restored) and ``target`` (clean)."""
         if weight is not None:
             raise ValueError(
-                "weight: D2SM compares images with each other, so per-pixel weights do not apply; call it without weight"
+                "weight: D2SM compares images with each other, so per-pixel weights do not apply; "
+                "call it without weight"
             )
         return self.loss_weight * super().forward(pred, target)
 

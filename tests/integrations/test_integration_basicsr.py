@@ -131,9 +131,10 @@ def test_broken_basicsr_names_basicsr_fixed(tmp_path):
 
 def test_registered_in_basicsr_registries():
     pytest.importorskip("basicsr", exc_type=ImportError)
-    import d2sm_loss.integrations.basicsr as adapter
     from basicsr.losses import build_loss
     from basicsr.utils.registry import LOSS_REGISTRY, MODEL_REGISTRY
+
+    import d2sm_loss.integrations.basicsr as adapter
 
     assert LOSS_REGISTRY.get("D2SMLoss") is D2SMLoss
     assert LOSS_REGISTRY.get("D2SMPerceptualLoss") is D2SMPerceptualLoss
