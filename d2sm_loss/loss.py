@@ -123,7 +123,11 @@ class SemanticStatisticsLoss(nn.Module):
             one graph break under ``torch.compile``; ``False`` for speed and a single graph.
         distributed: under an initialised torch.distributed with several ranks, gather the
             rows of all ranks (image and patch granularity) so that each rank computes the
-            statistic over the global batch. See :mod:`d2sm_loss.distributed`.
+            statistic over the global batch. Only training calls (training mode with
+            gradients enabled) communicate: a call in ``eval()`` mode or under
+            ``torch.no_grad()`` / ``torch.inference_mode()`` uses this rank's batch alone, so
+            validating on one rank only (``if rank == 0: validate()``) cannot hang. See
+            :mod:`d2sm_loss.distributed`.
         ddp_gradient_scale: multiply the gradient of each rank's own rows by the world size,
             so that DDP's averaging of gradients yields the single-process update (True, the
             default), or give each rank the exact partial derivative of the global loss
@@ -319,7 +323,8 @@ class SemanticStatisticsLoss(nn.Module):
 
         Checks the images, runs the backbone on both batches (the clean one without an
         autograd graph), turns each feature map into rows (pooling and flattening as the
-        granularity asks), gathers them over torch.distributed ranks, and appends the
+        granularity asks), gathers them over torch.distributed ranks (training calls only:
+        a call in eval mode or without gradients never communicates), and appends the
         memory queue's rows. The queue is not changed.
         """
         self._validate(restored, clean)
@@ -337,7 +342,7 @@ class SemanticStatisticsLoss(nn.Module):
             self._layer_rows(name, weight, x_map, y_map, restored.shape[-2:])
             for name, weight, x_map, y_map in zip(names, self.layer_weights, restored_maps, clean_maps)
         ]
-        if self.distributed and self.granularity != "location":
+        if self.distributed and self.granularity != "location" and self._training_call():
             rows = self._gather(rows)
         if self.check_inputs:
             self._check_values(restored, clean, rows)
@@ -393,6 +398,12 @@ class SemanticStatisticsLoss(nn.Module):
         return total
 
     # -- helpers of the steps ---------------------------------------------------------
+
+    def _training_call(self) -> bool:
+        # Training mode with gradients enabled. Any other call (eval(), no_grad, inference_mode:
+        # validation, monitoring) uses this rank's batch alone and never communicates, so a
+        # validation that runs on one rank only cannot wait for the others.
+        return self.training and torch.is_grad_enabled()
 
     def _fills_queue(self) -> bool:
         # The queues take a call's rows only in training with gradients enabled: a
