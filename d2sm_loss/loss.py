@@ -95,7 +95,11 @@ class SemanticStatisticsLoss(nn.Module):
         similarity: ``"cosine"`` (the paper's ``s = (1 + cos) / 2``) or ``"softmax"``
             (``s = exp((cos - 1) / temperature)``, sharper statistics).
         temperature: the softmax similarity's temperature (positive, finite).
-        include_self: whether each sample's distribution includes itself.
+        include_self: whether each sample's distribution includes itself. ``False`` needs
+            at least 3 samples per group (with two, each distribution is the other sample
+            with probability 1 and the loss would be identically 0): fewer is a
+            ``ValueError`` (at construction when ``pool_size`` fixes the number of
+            locations, else at the call).
         queue_size: image and patch granularity: how many rows of earlier batches (restored
             and clean, detached) join the current batch's rows. 0 disables the queue. The
             queue is updated only by calls in training mode with gradients enabled (not
@@ -222,6 +226,15 @@ class SemanticStatisticsLoss(nn.Module):
         self.patch_size = check_int("patch_size", patch_size, minimum=1)
         self.patch_stride = check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
         self.pool_size = check_int_pair("pool_size", pool_size) if pool_size is not None else None
+        if self.granularity == "location" and self.pool_size is not None:
+            locations = self.pool_size[0] * self.pool_size[1]
+            if locations < self._min_rows():
+                raise ValueError(
+                    f"pool_size={pool_size} leaves {locations} location(s) per image at granularity='location'"
+                    + (", and without the diagonal (include_self=False) two locations give a loss that is "
+                       "identically 0" if locations == 2 else ": nothing to compare")
+                    + f"; use a pool_size of at least {self._min_rows()} locations or granularity='image'"
+                )
         if mean is not None:
             mean = check_numbers("mean", mean, length=3)
         if std is not None:
@@ -366,17 +379,20 @@ class SemanticStatisticsLoss(nn.Module):
     def statistic(self, rows: Sequence[LayerRows]) -> Tensor:
         """The weighted sum over layers of the similarity-KL statistic of each layer's rows.
 
-        Sets :attr:`last_implementation`. A layer with a single row has nothing to compare:
-        an error, except in a training call that fills an empty queue (a batch of one at
-        the start of training), which contributes zero attached to the graph.
+        Sets :attr:`last_implementation`. A group needs at least 2 rows, 3 with
+        ``include_self=False`` (with two, each row's distribution is the other row with
+        probability 1 and the statistic is identically 0). Fewer is an error, except in a
+        training call while the queue is still filling (a small batch at the start of
+        training), which contributes zero attached to the graph.
         """
         total: Tensor | None = None
         implementations: list[str] = []
         for layer_rows in rows:
             x, y = layer_rows.restored, layer_rows.clean
-            if x.shape[-2] < 2:
-                if not self._fills_queue():
-                    raise ValueError(self._nothing_to_compare(layer_rows.layer))
+            if x.shape[-2] < self._min_rows():
+                filling = self._fills_queue() and x.shape[-2] - layer_rows.batch_rows < self.queue_size
+                if not filling:
+                    raise ValueError(self._nothing_to_compare(layer_rows.layer, x.shape[-2]))
                 value = x.sum() * 0.0
             else:
                 implementation = resolve_implementation(self.implementation, x.device, x.shape[-1])
@@ -398,6 +414,10 @@ class SemanticStatisticsLoss(nn.Module):
         return total
 
     # -- helpers of the steps ---------------------------------------------------------
+
+    def _min_rows(self) -> int:
+        # Without the diagonal, two rows give each row a one-point distribution: KL = 0 always.
+        return 2 if self.include_self else 3
 
     def _training_call(self) -> bool:
         # Training mode with gradients enabled. Any other call (eval(), no_grad, inference_mode:
@@ -471,7 +491,7 @@ class SemanticStatisticsLoss(nn.Module):
         """Rows of one layer's maps: (B, D) for image/patch, (B, L, C) for location."""
         x, y = feature_rows(x_map, self.granularity, self.pool_size), feature_rows(y_map, self.granularity, self.pool_size)
         # At location granularity x is (B, L, C); a single location is an error in statistic().
-        few = self.granularity == "location" and 2 <= x.shape[-2] < MIN_LOCATIONS
+        few = self.granularity == "location" and self._min_rows() <= x.shape[-2] < MIN_LOCATIONS
         if few and layer not in self._warned_locations and not torch.compiler.is_compiling():
             self._warned_locations.add(layer)
             warn_user(
@@ -513,7 +533,16 @@ class SemanticStatisticsLoss(nn.Module):
             count = layer_rows.batch_rows
             queue.push(layer_rows.restored[:count], layer_rows.clean[:count])
 
-    def _nothing_to_compare(self, layer: str) -> str:
+    def _nothing_to_compare(self, layer: str, count: int) -> str:
+        if count >= 2:  # include_self=False with two rows
+            samples = {"image": "images", "patch": "crops", "location": "locations"}[self.granularity]
+            where = f"layer {layer!r} has {count} {samples} per group"
+            return (
+                f"include_self=False: {where}, so each one's distribution holds the one other sample with "
+                "probability 1 and the loss is identically 0, with no gradient. Use include_self=True, or at least "
+                + ("3 locations (larger images or a shallower layer)." if self.granularity == "location"
+                   else f"3 {samples} per call (a larger batch" + (" or queue_size > 0)." if self.queues is None else ")."))
+            )
         if self.granularity == "location":
             return (
                 f"granularity='location': the feature map of layer {layer!r} has a single location, so there "

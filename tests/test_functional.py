@@ -32,7 +32,7 @@ PROBLEMS = [
     # Small odd shapes.
     *(Problem(shape, F64, "none", 0.3) for shape in ((1, 7, 5), (3, 9, 17), (2, 13, 4))),
     # N and D on both sides of the interpreter's 16-row and 32-column tiles, one or three
-    # groups; N = 1 has only the diagonal, N = 2 without it one column.
+    # groups; N = 1 has only the diagonal (N <= 2 without it is an error).
     *(Problem((g, n, d), F64, "none", 0.1) for n, d, g in itertools.product((1, 2, 33, 70), (3, 17, 65), (1, 3))
       if (n, d, g) != (70, 65, 3)),
     # Every reduction, for (G, N, D) and (N, D) inputs.
@@ -52,8 +52,8 @@ def _agreement_cases():
     for implementation, problem, kernel, include_self in itertools.product(
         ("reference", "streaming", "triton"), PROBLEMS, ("cosine", "softmax"), (True, False)
     ):
-        if problem.shape[-2] < 2 and not include_self:
-            continue  # nothing to compare (an error: test_bad_arguments)
+        if problem.shape[-2] < 3 and not include_self:
+            continue  # nothing to compare, or identically 0 (an error: test_bad_arguments)
         kernel_id = f"softmax{problem.temperature}" if kernel == "softmax" else kernel
         shape_id = "x".join(map(str, problem.shape))
         dtype_id = str(problem.dtype).removeprefix("torch.")
@@ -189,7 +189,9 @@ def test_auto_picks_streaming_torch_on_cpu():
         ({"include_self": 1}, None, TypeError, "include_self must be a bool"),
         ({"reduction": "avg"}, None, ValueError, "reduction must be one of"),
         ({"implementation": "cuda"}, None, ValueError, "implementation must be one of"),
-        ({"include_self": False}, (torch.randn(1, 3), torch.randn(1, 3)), ValueError, "at least 2 rows"),
+        ({"include_self": False}, (torch.randn(1, 3), torch.randn(1, 3)), ValueError, "at least 3 rows"),
+        ({"include_self": False}, (torch.randn(2, 3), torch.randn(2, 3)), ValueError, "identically 0"),
+        ({"include_self": False}, (torch.randn(4, 2, 3), torch.randn(4, 2, 3)), ValueError, "identically 0"),
     ],
 )
 def test_bad_arguments(kwargs, args, error, match):

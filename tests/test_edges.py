@@ -1,0 +1,66 @@
+"""Configurations at the edges: a statistic that would be identically zero is an error,
+never a silent constant; the user's module is not changed in place; the extractor stays
+in eval mode."""
+
+import pytest
+import torch
+from torch import nn
+
+from d2sm_loss import SemanticStatisticsLoss
+
+pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
+
+
+def images(batch=3, size=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.rand(batch, 3, size, size, generator=g)
+    restored = (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    return restored.requires_grad_(), clean
+
+
+def conv_loss(**kwargs):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
+    return SemanticStatisticsLoss(net, **kwargs)
+
+
+# --- never a silent constant -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "no_grad"])
+def test_two_images_without_the_diagonal_is_an_error(mode):
+    criterion = conv_loss(include_self=False, pool_size=2)
+    criterion.train(mode == "train")
+    with pytest.raises(ValueError, match="include_self=False.*2 images.*identically 0"):
+        with torch.set_grad_enabled(mode != "no_grad"):
+            criterion(*images(batch=2))
+    assert criterion(*images(batch=3)) > 0  # three images compare
+
+
+def test_two_crops_without_the_diagonal_is_an_error():
+    criterion = conv_loss(include_self=False, granularity="patch", patch_size=24)
+    restored, clean = images(batch=1, size=48)
+    with pytest.raises(ValueError, match="include_self=False.*2 crops.*identically 0"):
+        criterion(restored[:, :, :24], clean[:, :, :24])  # a 24 x 48 image: two crops
+
+
+def test_two_locations_without_the_diagonal_is_an_error():
+    with pytest.raises(ValueError, match="pool_size.*identically 0"):
+        conv_loss(include_self=False, granularity="location", pool_size=(1, 2))
+    with pytest.raises(ValueError, match="pool_size.*nothing to compare"):
+        conv_loss(granularity="location", pool_size=1)
+    criterion = conv_loss(include_self=False, granularity="location")
+    with pytest.raises(ValueError, match="include_self=False.*2 locations.*identically 0"):
+        criterion(*[t[:, :, :8, :12] for t in images(batch=2)])  # a 1 x 2 map of the stride-4 conv
+
+
+def test_a_filling_queue_lets_a_small_batch_through_but_a_full_one_does_not():
+    criterion = conv_loss(include_self=False, queue_size=1, pool_size=2)
+    first = criterion(*images(batch=2, seed=0))  # the queue is filling: zero, attached to the graph
+    assert first.item() == 0.0 and first.requires_grad
+    restored, clean = images(batch=2, seed=1)
+    second = criterion(restored, clean)  # 2 rows + 1 queued row
+    second.backward()
+    assert second > 0 and restored.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="identically 0"):
+        criterion(*images(batch=1, seed=2))  # 1 row + the full queue's 1 row, forever
