@@ -36,6 +36,7 @@ weights (``pretrained=True``), or are random (``pretrained=False``, with a warni
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import logging
 import warnings
@@ -94,6 +95,19 @@ def _timm_model_or_error(timm: Any, name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def _private_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of a user's module, so that freezing it (``requires_grad_(False)``,
+    ``eval()``) and loading a checkpoint leave the user's own module as it was."""
+    try:
+        return copy.deepcopy(module)
+    except Exception as error:
+        raise TypeError(
+            f"backbone: the module {type(module).__name__} cannot be copied ({type(error).__name__}: {error}); "
+            "the loss keeps a frozen copy of its backbone and never changes yours. Pass a module that "
+            "copy.deepcopy accepts (e.g. the module itself rather than a compiled or scripted wrapper)"
+        ) from None
+
+
 @dataclass(frozen=True)
 class _WeightSource:
     """What ``timm.create_model`` is given: the model name (its pretrained tag may differ from
@@ -134,7 +148,14 @@ class FeatureExtractor(nn.Module):
         weights_source: where the weights came from (a file path, a download, the
             ``checkpoint`` argument, ``"random"`` or ``"user module"``).
 
-    The extractor holds no trainable parameters and always runs in eval mode. Its
+    A user's module is copied (:func:`copy.deepcopy`) and the copy frozen: your module keeps
+    its ``requires_grad`` flags, its mode and its weights (a ``checkpoint`` is loaded into the
+    copy), and later changes to it (training it, loading weights into it) do not reach the
+    extractor. The copy costs the module's memory once more. To use a network that is also
+    being trained (e.g. a discriminator), build the loss again after updating it.
+
+    The extractor holds no trainable parameters and always runs in eval mode, also under a
+    parent module's ``.train()``. Its
     outputs are a list of tensors, one per layer, each ``(B, C, h, w)``: timm models that
     emit channels-last maps (``output_fmt="NHWC"``, e.g. Swin) are permuted, and the
     token sequence of a vision-transformer block chosen by name drops its class /
@@ -169,6 +190,7 @@ class FeatureExtractor(nn.Module):
         self._token_grid: tuple[int, int, int] | None = None  # (prefix tokens, patch h, patch w)
         if isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
+            backbone = _private_copy(backbone)
             if checkpoint is not None:
                 load_checkpoint(backbone, checkpoint)
             self.weights_source = str(checkpoint) if isinstance(checkpoint, Path) else "user module"
@@ -412,6 +434,11 @@ class FeatureExtractor(nn.Module):
             "shape in order), or checkpoint='package:NAME' for the checkpoint file that an installed Python "
             "distribution ships (see d2sm_loss.packaged_weights)."
         )
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        """Stays in eval mode whatever ``mode`` (a parent's ``.train()`` included): the
+        backbone's batch-norm statistics and dropout are frozen with its weights."""
+        return super().train(False)
 
     def min_size(self) -> int:
         """The smallest image side the chosen layers accept (1 when unknown)."""

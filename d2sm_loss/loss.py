@@ -66,7 +66,10 @@ class SemanticStatisticsLoss(nn.Module):
     Args:
         backbone: a timm model name (``"vgg19"``, ``"resnet50"``, ``"convnext_tiny"``,
             ``"vit_small_patch16_224"``...) or an ``nn.Module`` returning feature maps
-            (a tensor, or a list or dict of them).
+            (a tensor, or a list or dict of them). The loss keeps a frozen deep copy of
+            your module, taken at construction: your module itself is left as it was
+            (``requires_grad``, train/eval mode, weights), and later updates to it do not
+            reach the loss.
         layers: which feature maps: timm feature indices (``int``, negative from the end)
             or module / node names (``str``, e.g. ``"features.34"``, conv5_4 of VGG19
             before its ReLU); None takes the backbone's default: for ``"vgg19"`` (and

@@ -64,3 +64,51 @@ def test_a_filling_queue_lets_a_small_batch_through_but_a_full_one_does_not():
     assert second > 0 and restored.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="identically 0"):
         criterion(*images(batch=1, seed=2))  # 1 row + the full queue's 1 row, forever
+
+
+# --- ownership of the user's module ------------------------------------------------------
+
+
+class Probe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.norm(self.conv(x)))
+
+
+def test_the_users_module_is_not_changed_in_place(tmp_path):
+    torch.manual_seed(0)
+    net = Probe().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    other = Probe()
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    criterion = SemanticStatisticsLoss(net, checkpoint=tmp_path / "other.pth")
+    assert net.training and all(m.training for m in net.modules())
+    assert all(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the checkpoint went to the copy
+    assert torch.equal(criterion.backbone.conv.weight, other.conv.weight)
+    assert not criterion.backbone.training and not any(p.requires_grad for p in criterion.backbone.parameters())
+    # The user's network keeps training, e.g. as a discriminator beside the loss.
+    restored, clean = images()
+    (net(restored).mean() + criterion(restored, clean)).backward()
+    assert net.conv.weight.grad is not None and criterion.backbone.conv.weight.grad is None
+
+
+def test_a_stand_alone_feature_extractor_stays_in_eval_mode():
+    from d2sm_loss import FeatureExtractor
+
+    torch.manual_seed(0)
+    extractor = FeatureExtractor(Probe())
+    parent = nn.Sequential(nn.Conv2d(3, 3, 1), extractor)
+    parent.train()
+    assert parent[0].training
+    assert not extractor.training and not any(m.training for m in extractor.modules())
+    extractor.train()
+    assert not any(m.training for m in extractor.modules())
+    x = torch.rand(2, 3, 16, 16)
+    first, second = extractor(x)[0], extractor(x)[0]
+    assert torch.equal(first, second)  # no dropout, no batch statistics
