@@ -8,7 +8,11 @@ Layers are chosen
   so the model is cut after the deepest chosen tap; or
 - by module / graph-node name (``str``, e.g. ``"features.34"``, conv5_4 of VGG19 before
   its ReLU): the model is traced with :func:`timm.models.create_feature_extractor`, and
-  nothing after the deepest chosen node is run.
+  nothing after the deepest chosen node is run. A name that is a feature tap's module
+  (``"blocks.3"`` of a ViT, ``"layer2"`` of a ResNet) is that tap, without tracing. Either
+  way the same size checks apply; a model that torch.fx cannot trace (e.g. a ViT with
+  ``dynamic_img_size=True``, for a name that is not a tap) raises a ``ValueError`` that
+  names ``layers`` and lists the integer taps.
 
 Weights come from a checkpoint (``checkpoint=PATH``, ``checkpoint="package:NAME"`` for the file an
 installed distribution ships, or a state dict; timm's own format or a torchvision-style file
@@ -51,7 +55,16 @@ from torch import Tensor, nn
 from . import _hub
 from .checkpoints import CheckpointSource, checked_checkpoint, load_checkpoint, map_state_dict, read_checkpoint
 from .checks import check_bool, check_numbers
-from .layers import LayerPlan, LayerSpec, checked_layers, default_layers, node_for, reject_duplicate_layers, tap_index
+from .layers import (
+    LayerPlan,
+    LayerSpec,
+    checked_layers,
+    default_layers,
+    describe_taps,
+    node_for,
+    reject_duplicate_layers,
+    tap_index,
+)
 
 __all__ = ["FeatureExtractor"]
 
@@ -93,6 +106,36 @@ def _timm_model_or_error(timm: Any, name: str, **kwargs: Any) -> nn.Module:
         hint = f"; close matches: {close}" if close else ""
         raise ValueError(f"backbone: {name!r} is not a timm model name{hint}")
     return timm.create_model(name, **kwargs)
+
+
+def _required_size(model: nn.Module) -> tuple[int, int] | None:
+    """The exact image size a transformer's patch embedding requires, or None."""
+    for module in model.modules():
+        if getattr(module, "strict_img_size", False) and getattr(module, "img_size", None) is not None:
+            if not getattr(module, "dynamic_img_pad", False):
+                return tuple(module.img_size)  # type: ignore[return-value]
+    return None
+
+
+@contextlib.contextmanager
+def _tracing_explained(name: str, layers: Sequence[LayerSpec], taps: Sequence[Mapping[str, Any]]):
+    """A model that torch.fx cannot trace (control flow on tensor shapes, e.g. a ViT with
+    ``dynamic_img_size=True``) gives an error that names ``layers`` and the feature taps."""
+    try:
+        yield
+    except Exception as error:
+        from torch.fx.proxy import TraceError
+
+        traced = isinstance(error, TraceError) or "Proxy(" in str(error) or type(error).__module__.startswith("torch.fx")
+        if not traced:
+            raise
+        hint = f" Its feature taps by index: {describe_taps(taps)}." if taps else ""
+        raise ValueError(
+            f"layers: backbone {name!r} cannot be traced with torch.fx to take layers by name {list(layers)} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Choose its layers by "
+            f"feature index instead (an integer tap, e.g. layers=[{max(len(taps) - 1, 0)}]), or a layer name that "
+            f"is one of its feature taps.{hint}"
+        ) from None
 
 
 def _private_copy(module: nn.Module) -> nn.Module:
@@ -209,11 +252,8 @@ class FeatureExtractor(nn.Module):
             )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        for module in self.model.modules():  # transformers with a fixed input size
-            if getattr(module, "strict_img_size", False) and getattr(module, "img_size", None) is not None:
-                if not getattr(module, "dynamic_img_pad", False):
-                    self.required_size = tuple(module.img_size)
-                    break
+        if self.required_size is None:  # a user module (timm models: read from the whole model)
+            self.required_size = _required_size(self.model)
         self.model.requires_grad_(False)
         self.model.eval()
 
@@ -243,7 +283,10 @@ class FeatureExtractor(nn.Module):
         return cfg or getattr(blueprint, "pretrained_cfg", None) or {}
 
     def _read_layout(self, blueprint: nn.Module) -> None:
-        """How the model lays out its maps: channels-last, or transformer tokens on a patch grid."""
+        """How the model lays out its maps: channels-last, or transformer tokens on a patch
+        grid; and the image size it requires, read from the whole model (a model traced for
+        layers by name keeps none of its patch embedding's attributes)."""
+        self.required_size = _required_size(blueprint)
         self._channels_last = str(getattr(blueprint, "output_fmt", "NCHW")).upper().endswith("NHWC")
         patch = getattr(getattr(blueprint, "patch_embed", None), "patch_size", None)
         if patch is not None:
@@ -251,19 +294,25 @@ class FeatureExtractor(nn.Module):
             self._token_grid = (int(getattr(blueprint, "num_prefix_tokens", 0) or 0), int(ph), int(pw))
 
     def _plan_layers(self, blueprint: nn.Module, name: str, layers: list[LayerSpec] | None) -> LayerPlan:
-        """Resolve ``layers`` to feature taps (all ints) or graph nodes (any str; ints name
-        their tap's module). Two specs that resolve to the same tap or node are an error."""
+        """Resolve ``layers`` to feature taps (ints, and names of tap modules) or graph nodes
+        (any other str; ints then name their tap's module). Two specs that resolve to the same
+        tap or node are an error."""
         taps = list(getattr(blueprint, "feature_info", []) or [])
         if layers is None:
             layers = default_layers(name, taps)
-        if all(isinstance(layer, int) for layer in layers):
-            indices = [tap_index(layer, taps, name) for layer in layers]  # type: ignore[arg-type]
+        tap_modules = [str(tap["module"]) for tap in taps]
+        if all(isinstance(layer, int) or layer in tap_modules for layer in layers):
+            # A name that is a feature tap's module is that tap: no tracing, the same maps.
+            indices = [
+                tap_modules.index(layer) if isinstance(layer, str) else tap_index(layer, taps, name) for layer in layers
+            ]
             names = [str(taps[i]["module"]) for i in indices]
             reject_duplicate_layers(layers, names, repr(name))
             return LayerPlan(indices, names, [int(taps[i]["reduction"]) for i in indices])
         from timm.models import get_graph_node_names
 
-        nodes = get_graph_node_names(blueprint)[1]
+        with _tracing_explained(name, layers, taps):
+            nodes = get_graph_node_names(blueprint)[1]
         modules = [
             str(taps[tap_index(layer, taps, name)]["module"]) if isinstance(layer, int) else layer for layer in layers
         ]
@@ -370,7 +419,8 @@ class FeatureExtractor(nn.Module):
                 from timm.models import create_feature_extractor
 
                 full = timm.create_model(source.model_name, pretrained=source.pretrained, **kwargs)
-                model = create_feature_extractor(full, return_nodes=plan.names)
+                with _tracing_explained(name, plan.names, list(getattr(full, "feature_info", []) or [])):
+                    model = create_feature_extractor(full, return_nodes=plan.names)
                 cfg = getattr(full, "pretrained_cfg", None)
         # timm drops the classifier when adapting a head; anything else left unset would
         # silently keep random weights.

@@ -34,7 +34,7 @@ def test_two_images_without_the_diagonal_is_an_error(mode):
     with pytest.raises(ValueError, match="include_self=False.*2 images.*identically 0"):
         with torch.set_grad_enabled(mode != "no_grad"):
             criterion(*images(batch=2))
-    assert criterion(*images(batch=3)) > 0  # three images compare
+    assert criterion(images(batch=3, seed=1)[0], images(batch=3, seed=2)[1]) > 1e-4  # three images compare
 
 
 def test_two_crops_without_the_diagonal_is_an_error():
@@ -112,3 +112,41 @@ def test_a_stand_alone_feature_extractor_stays_in_eval_mode():
     x = torch.rand(2, 3, 16, 16)
     first, second = extractor(x)[0], extractor(x)[0]
     assert torch.equal(first, second)  # no dropout, no batch statistics
+
+
+# --- backbones chosen by name behave like integer taps -----------------------------------
+
+
+def timm_loss(name, **kwargs):
+    torch.manual_seed(0)
+    return SemanticStatisticsLoss(name, pretrained=False, **kwargs)
+
+
+@pytest.mark.parametrize("layers", [["blocks.3"], ["blocks.3.mlp.fc2"], [3]])
+def test_a_vit_layer_by_name_checks_the_image_size_like_a_tap(layers):
+    criterion = timm_loss("vit_tiny_patch16_224", layers=layers)
+    with pytest.raises(ValueError, match="takes images of exactly 224x224, got 64x64"):
+        criterion(*images(batch=2, size=64))
+    patches = timm_loss("vit_tiny_patch16_224", layers=layers, granularity="patch", patch_size=32)
+    with pytest.raises(ValueError, match="takes images of exactly 224x224; set patch_size=224"):
+        patches(*images(batch=2, size=64))
+
+
+def test_a_feature_tap_named_by_its_module_is_that_tap():
+    kwargs = {"backbone_kwargs": {"dynamic_img_size": True}}
+    by_name = timm_loss("deit_tiny_distilled_patch16_224", layers=["blocks.3"], **kwargs)
+    by_index = timm_loss("deit_tiny_distilled_patch16_224", layers=[3], **kwargs)
+    restored, clean = images(batch=3, size=64)
+    torch.testing.assert_close(by_name(restored, clean), by_index(restored, clean), rtol=0, atol=0)
+    assert by_name.layers == by_index.layers == ["blocks.3"]
+    resnet_tap = timm_loss("resnet10t", layers=["layer2"])  # the tap, against the traced node of its block
+    resnet_node = timm_loss("resnet10t", layers=["layer2.0"])
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(resnet_tap._extractor(x)[0], resnet_node._extractor(x)[0])
+
+
+def test_a_model_that_cannot_be_traced_names_layers_and_suggests_a_tap():
+    with pytest.raises(ValueError, match=r"layers: .*cannot be traced.*layers=\[\d+\]") as caught:
+        timm_loss("deit_tiny_distilled_patch16_224", layers=["blocks.3.mlp.fc2"],
+                  backbone_kwargs={"dynamic_img_size": True})
+    assert "blocks.3" in str(caught.value)  # the taps are listed

@@ -300,8 +300,10 @@ def test_user_module_returning_several_maps_uses_each_with_its_weight():
 
 
 def test_vit_tokens_by_name_lie_on_the_patch_grid_without_class_token():
-    by_name = make("vit_tiny_patch16_224", layers=["blocks.5"], granularity="location")
+    # The block's last graph node (traced), against the same block as a feature tap.
+    by_name = make("vit_tiny_patch16_224", layers=["blocks.5.add_1"], granularity="location")
     by_index = make("vit_tiny_patch16_224", layers=[5], granularity="location")
+    assert by_name._extractor._select is not None and by_index._extractor._select is None
     x = torch.rand(2, 3, 224, 224)
     named, indexed = by_name._extractor(x)[0], by_index._extractor(x)[0]
     assert named.shape == (2, 192, 14, 14)  # 196 patch tokens, the class token dropped
