@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,51 +52,28 @@ import torch
 from torch import Tensor, nn
 
 from . import _hub
-from .checkpoints import CheckpointSource, checked_checkpoint, load_checkpoint, map_state_dict, read_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    CheckpointSource,
+    check_complete,
+    checked_checkpoint,
+    load_checkpoint,
+    map_state_dict,
+    read_checkpoint,
+)
 from .checks import check_bool, check_numbers
 from .layers import (
     LayerPlan,
     LayerSpec,
     checked_layers,
     default_layers,
-    describe_taps,
     node_for,
     reject_duplicate_layers,
     tap_index,
+    tracing_explained,
 )
 
 __all__ = ["FeatureExtractor"]
-
-
-class _TimmLoadReport(logging.Handler):
-    """Collects timm's report of a non-strict pretrained load (missing keys are only logged
-    at INFO level there) and keeps its expected 'unexpected keys' notice quiet."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.missing: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Missing keys ("):
-            self.missing.extend(message[len("Missing keys (") :].split(")", 1)[0].split(", "))
-
-
-@contextlib.contextmanager
-def _timm_load_report():
-    logger = logging.getLogger("timm.models._builder")
-    report, level = _TimmLoadReport(), logger.level
-    quiet = logging.Filter()
-    quiet.filter = lambda record: not record.getMessage().startswith("Unexpected keys")  # type: ignore[method-assign]
-    logger.addHandler(report)
-    logger.addFilter(quiet)
-    logger.setLevel(logging.INFO)
-    try:
-        yield report
-    finally:
-        logger.removeHandler(report)
-        logger.removeFilter(quiet)
-        logger.setLevel(level)
 
 
 def _timm_model_or_error(timm: Any, name: str, **kwargs: Any) -> nn.Module:
@@ -115,27 +91,6 @@ def _required_size(model: nn.Module) -> tuple[int, int] | None:
             if not getattr(module, "dynamic_img_pad", False):
                 return tuple(module.img_size)  # type: ignore[return-value]
     return None
-
-
-@contextlib.contextmanager
-def _tracing_explained(name: str, layers: Sequence[LayerSpec], taps: Sequence[Mapping[str, Any]]):
-    """A model that torch.fx cannot trace (control flow on tensor shapes, e.g. a ViT with
-    ``dynamic_img_size=True``) gives an error that names ``layers`` and the feature taps."""
-    try:
-        yield
-    except Exception as error:
-        from torch.fx.proxy import TraceError
-
-        traced = isinstance(error, TraceError) or "Proxy(" in str(error) or type(error).__module__.startswith("torch.fx")
-        if not traced:
-            raise
-        hint = f" Its feature taps by index: {describe_taps(taps)}." if taps else ""
-        raise ValueError(
-            f"layers: backbone {name!r} cannot be traced with torch.fx to take layers by name {list(layers)} "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Choose its layers by "
-            f"feature index instead (an integer tap, e.g. layers=[{max(len(taps) - 1, 0)}]), or a layer name that "
-            f"is one of its feature taps.{hint}"
-        ) from None
 
 
 def _private_copy(module: nn.Module) -> nn.Module:
@@ -311,7 +266,7 @@ class FeatureExtractor(nn.Module):
             return LayerPlan(indices, names, [int(taps[i]["reduction"]) for i in indices])
         from timm.models import get_graph_node_names
 
-        with _tracing_explained(name, layers, taps):
+        with tracing_explained(name, layers, taps):
             nodes = get_graph_node_names(blueprint)[1]
         modules = [
             str(taps[tap_index(layer, taps, name)]["module"]) if isinstance(layer, int) else layer for layer in layers
@@ -368,15 +323,23 @@ class FeatureExtractor(nn.Module):
         path = _hub.locate(candidate, cache_dir)
         if path is None:
             return None
-        if candidate.by_position:
-            try:
-                overlay: dict[str, Any] = {"state_dict": map_state_dict(path, blueprint)}
-            except ValueError as error:
-                if candidate.exact:
-                    raise ValueError(f"checkpoint: {str(path)!r} (in {candidate.place}) does not fit: {error}") from None
-                return None  # a stand-in that does not fit this configuration of the model
-        else:  # timm's own checkpoint filter converts it, as after a download of this file
-            overlay = {"state_dict": read_checkpoint(path)}
+        way_out = (
+            f" It was found in {candidate.place} by pretrained=True: delete it (pretrained=True then downloads "
+            "it again) or pass checkpoint=PATH with a good file."
+        )
+        try:
+            if candidate.by_position:
+                try:
+                    overlay: dict[str, Any] = {"state_dict": map_state_dict(path, blueprint)}
+                except CheckpointError as error:
+                    if candidate.exact or "does not fit" not in str(error):
+                        raise
+                    return None  # a stand-in that does not fit this configuration of the model
+            else:  # timm's own checkpoint filter converts it, as after a download of this file
+                overlay = {"state_dict": read_checkpoint(path)}
+                check_complete(overlay["state_dict"], blueprint, repr(str(path)))
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}{way_out}") from None
         if not candidate.exact:  # stand-ins are torchvision's files (see _hub.candidates)
             tagged = "." in candidate.model_name
             warnings.warn(
@@ -405,7 +368,7 @@ class FeatureExtractor(nn.Module):
         kwargs = dict(kwargs)
         if source.overlay:
             kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), **source.overlay}
-        with self._download_errors_explained(name, source), _timm_load_report() as report:
+        with self._download_errors_explained(name, source):
             if plan.indices is not None:
                 model = timm.create_model(
                     source.model_name,
@@ -419,16 +382,9 @@ class FeatureExtractor(nn.Module):
                 from timm.models import create_feature_extractor
 
                 full = timm.create_model(source.model_name, pretrained=source.pretrained, **kwargs)
-                with _tracing_explained(name, plan.names, list(getattr(full, "feature_info", []) or [])):
+                with tracing_explained(name, plan.names, list(getattr(full, "feature_info", []) or [])):
                     model = create_feature_extractor(full, return_nodes=plan.names)
                 cfg = getattr(full, "pretrained_cfg", None)
-        # timm drops the classifier when adapting a head; anything else left unset would
-        # silently keep random weights.
-        head = (getattr(blueprint, "pretrained_cfg", None) or {}).get("classifier") or ()
-        head = (head,) if isinstance(head, str) else tuple(head)
-        unset = [key for key in report.missing if not any(key.startswith(h + ".") for h in head)]
-        if unset:
-            raise ValueError(f"checkpoint: loading into {name!r} left {len(unset)} tensors unset, e.g. {unset[:3]}")
         return model, cfg
 
     @contextlib.contextmanager
@@ -485,7 +441,7 @@ class FeatureExtractor(nn.Module):
             "distribution ships (see d2sm_loss.packaged_weights)."
         )
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         """Stays in eval mode whatever ``mode`` (a parent's ``.train()`` included): the
         backbone's batch-norm statistics and dropout are frozen with its weights."""
         return super().train(False)
