@@ -398,7 +398,9 @@ class SemanticStatisticsLoss(nn.Module):
                     raise ValueError(self._nothing_to_compare(layer_rows.layer, x.shape[-2]))
                 value = x.sum() * 0.0
             else:
-                implementation = resolve_implementation(self.implementation, x.device, x.shape[-1])
+                implementation = resolve_implementation(
+                    self.implementation, x.device, x.shape[-1], torch.promote_types(x.dtype, y.dtype)
+                )
                 value = similarity_kl(
                     x,
                     y,
