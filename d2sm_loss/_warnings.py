@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 
 import torch
 
@@ -13,7 +14,7 @@ __all__ = ["warn_user"]
 #: Frames skipped when a warning looks for the user's line: this package's and torch's own
 #: (``nn.Module.__call__``, and torch.compile's frames around a compiled call).
 _INTERNAL_DIRS = tuple(
-    os.path.dirname(os.path.abspath(module.__file__)) + os.sep  # type: ignore[type-var]
+    os.path.dirname(os.path.abspath(str(module.__file__))) + os.sep
     for module in (sys.modules[__package__], torch)
 )
 
@@ -23,7 +24,8 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """Issue ``message`` as a warning attributed to the user's line: the first caller
     outside this package and torch (so that ``warnings`` filters and the printed location
     point at the call in the user's script, not into the library)."""
-    frame, level = sys._getframe(1), 2
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

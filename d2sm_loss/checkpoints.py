@@ -84,7 +84,7 @@ def packaged_weights(distribution: str) -> Path:
             f"checkpoint: distribution {distribution!r} ships {len(files)} checkpoint files "
             f"({files[:5]}); name the file itself with checkpoint=PATH"
         )
-    return Path(dist.locate_file(files[0]))
+    return Path(str(dist.locate_file(files[0])))
 
 
 def read_checkpoint(checkpoint: CheckpointSource) -> OrderedDict[str, Tensor]:
@@ -101,6 +101,7 @@ def read_checkpoint(checkpoint: CheckpointSource) -> OrderedDict[str, Tensor]:
         CheckpointError: the file is empty, truncated or corrupt, not a PyTorch or
             safetensors checkpoint, or holds no tensors; the message names the file.
     """
+    state: Any  # a state dict, possibly nested in wrappers, or whatever the file holds
     if isinstance(checkpoint, Mapping):
         state = checkpoint
         label = "the state dict"
@@ -117,7 +118,9 @@ def read_checkpoint(checkpoint: CheckpointSource) -> OrderedDict[str, Tensor]:
         if inner is None:
             break
         state = inner
-    tensors = OrderedDict((k, v) for k, v in state.items() if isinstance(v, Tensor)) if isinstance(state, Mapping) else {}
+    tensors = (
+        OrderedDict((k, v) for k, v in state.items() if isinstance(v, Tensor)) if isinstance(state, Mapping) else {}
+    )
     if not tensors:
         what = f"a {type(state).__name__}" if not isinstance(state, Mapping) else f"a mapping of {sorted(state)[:5]}"
         raise CheckpointError(f"checkpoint: {label} holds no tensors ({what}); it is not a state dict of model weights")
@@ -145,7 +148,10 @@ def _load_file(path: Path) -> Any:
         if path.suffix != ".safetensors" and not torch_format:
             what = f"is not a PyTorch or safetensors checkpoint ({size} bytes; {detail})"
         elif isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower().replace("_", " "):
-            what = "holds Python objects that torch.load(weights_only=True) does not load (only tensors and plain containers)"
+            what = (
+                "holds Python objects that torch.load(weights_only=True) does not load (only tensors and plain "
+                "containers)"
+            )
         else:
             what = f"is truncated or corrupt ({size} bytes; {detail})"
         raise CheckpointError(f"checkpoint: {str(path)!r} {what}") from None
@@ -197,7 +203,8 @@ def map_state_dict(source: CheckpointSource, model: nn.Module) -> OrderedDict[st
     )
     src_keys = [k for k, _ in src_items]
     safetensors = not isinstance(source, Mapping) and str(source).endswith(".safetensors")
-    unordered = safetensors or (src_keys == sorted(src_keys) and [k for k, _ in tgt_items] != sorted(k for k, _ in tgt_items))
+    tgt_keys = [k for k, _ in tgt_items]
+    unordered = safetensors or (src_keys == sorted(src_keys) and tgt_keys != sorted(tgt_keys))
     order_hint = (
         " A safetensors file does not keep the order of its tensors (nor does a state dict sorted by name), so "
         "they cannot be matched by position: save the weights with torch.save(model.state_dict()) from the "

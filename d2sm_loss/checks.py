@@ -104,7 +104,11 @@ def _sequence(name: str, value: Any, what: str) -> list[Any]:
             raise ValueError(f"{name} must be a sequence of {what}, got a tensor of shape {tuple(value.shape)}")
         return value.tolist()
     scalar = getattr(value, "ndim", None) == 0  # a NumPy scalar or 0-d array: its tolist() is a number
-    if scalar or isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, range)) and not hasattr(value, "tolist"):
+    if (
+        scalar
+        or isinstance(value, (str, bytes))
+        or not isinstance(value, (Sequence, range)) and not hasattr(value, "tolist")
+    ):
         raise TypeError(f"{name} must be a sequence of {what}, got {_describe(value)} ({type(value).__name__})")
     return list(value.tolist() if hasattr(value, "tolist") else value)
 

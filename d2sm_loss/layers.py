@@ -28,7 +28,7 @@ __all__ = [
     "tracing_explained",
 ]
 
-#: One layer: a feature index or a module / graph-node name.
+#: One layer, by feature index or by module / graph-node name.
 LayerSpec = Union[int, str]
 
 #: Default layers of timm models (by architecture name, without a pretrained tag) whose
@@ -141,7 +141,8 @@ def tracing_explained(name: str, layers: Sequence[LayerSpec], taps: Sequence[Map
     except Exception as error:
         from torch.fx.proxy import TraceError
 
-        traced = isinstance(error, TraceError) or "Proxy(" in str(error) or type(error).__module__.startswith("torch.fx")
+        traced = isinstance(error, TraceError) or "Proxy(" in str(error)
+        traced = traced or type(error).__module__.startswith("torch.fx")
         if not traced:
             raise
         hint = f" Its feature taps by index: {describe_taps(taps)}." if taps else ""

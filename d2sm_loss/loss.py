@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from .rows import LayerRows, feature_rows, image_crops
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
+#: What a sample is.
 Granularity = Literal["image", "patch", "location"]
 GRANULARITIES = ("image", "patch", "location")
 _MODULE_REDUCTIONS = ("mean", "sum")
@@ -174,6 +175,8 @@ class SemanticStatisticsLoss(nn.Module):
     ``forward`` is ``statistic(rows(...))`` followed by the queue update.
     """
 
+    #: The implementation that computed the statistic at the last call (per layer, joined by
+    #: commas, if the layers used different ones); None before the first call.
     last_implementation: str | None
     _extractor: FeatureExtractor
 
@@ -227,7 +230,9 @@ class SemanticStatisticsLoss(nn.Module):
             raise ValueError("queue_size: the memory queue applies to 'image' and 'patch' granularity, not 'location'")
         self.input_range = check_range("input_range", input_range)
         self.patch_size = check_int("patch_size", patch_size, minimum=1)
-        self.patch_stride = check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
+        self.patch_stride = (
+            check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
+        )
         self.pool_size = check_int_pair("pool_size", pool_size) if pool_size is not None else None
         if self.granularity == "location" and self.pool_size is not None:
             locations = self.pool_size[0] * self.pool_size[1]
@@ -249,12 +254,15 @@ class SemanticStatisticsLoss(nn.Module):
             if not any(layer_weights):
                 raise ValueError(f"layer_weights are all 0, which makes the loss identically 0: got {layer_weights}")
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
-            raise TypeError(f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}")
+            raise TypeError(
+                f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}"
+            )
 
         # The backbone is frozen for good: it is kept out of the module tree (not in
         # parameters(), state_dict() or train()/eval()); only device/dtype moves reach it.
         self.__dict__["_extractor"] = FeatureExtractor(
-            backbone, layers, pretrained=pretrained, checkpoint=checkpoint, mean=mean, std=std, backbone_kwargs=backbone_kwargs
+            backbone, layers, pretrained=pretrained, checkpoint=checkpoint, mean=mean, std=std,
+            backbone_kwargs=backbone_kwargs,
         )
         if self._extractor.layers:
             count = len(self._extractor.layers)
@@ -297,7 +305,7 @@ class SemanticStatisticsLoss(nn.Module):
         return self
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "SemanticStatisticsLoss":
+    def paper(cls, **overrides: Any) -> SemanticStatisticsLoss:
         """The published configuration (Mei et al., ECCV 2022, and the released code).
 
         VGG19 features at conv5_4 before its ReLU (``"features.34"``), image
@@ -321,8 +329,12 @@ class SemanticStatisticsLoss(nn.Module):
 
     def reset_queue(self) -> None:
         """Empty the memory queues (e.g. when the image size changes)."""
-        for queue in self.queues or []:
+        for queue in self._queue_list():
             queue.reset()
+
+    def _queue_list(self) -> list[FeatureQueue]:
+        """The layers' memory queues, in layer order (empty without a queue)."""
+        return [queue for queue in self.queues or [] if isinstance(queue, FeatureQueue)]
 
     # -- the steps of a call ----------------------------------------------------------
 
@@ -363,7 +375,7 @@ class SemanticStatisticsLoss(nn.Module):
         if self.check_inputs:
             self._check_values(restored, clean, rows)
         if self.queues is not None:
-            rows = [self._with_queue(layer_rows, queue) for layer_rows, queue in zip(rows, self.queues)]
+            rows = [self._with_queue(layer_rows, queue) for layer_rows, queue in zip(rows, self._queue_list())]
         return rows
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
@@ -404,18 +416,19 @@ class SemanticStatisticsLoss(nn.Module):
                 value = similarity_kl(
                     x,
                     y,
-                    similarity=self.similarity,
+                    similarity=cast(Similarity, self.similarity),
                     temperature=self.temperature,
                     include_self=self.include_self,
                     reduction=self.reduction,
-                    implementation=implementation,
+                    implementation=cast(Implementation, implementation),
                 )
                 implementations.append(implementation)
             total = layer_rows.weight * value if total is None else total + layer_rows.weight * value
         if total is None:
             raise ValueError("rows must hold at least one layer")
         if implementations:
-            self.last_implementation = ",".join(implementations) if len(set(implementations)) > 1 else implementations[0]
+            distinct = len(set(implementations)) > 1
+            self.last_implementation = ",".join(implementations) if distinct else implementations[0]
         return total
 
     # -- helpers of the steps ---------------------------------------------------------
@@ -456,7 +469,9 @@ class SemanticStatisticsLoss(nn.Module):
         need = self.patch_size if self.granularity == "patch" else self._extractor.min_size()
         if min(height, width) < need:
             what = f"patch_size={self.patch_size}" if self.granularity == "patch" else f"layers {self.layers}"
-            raise ValueError(f"images of size {height}x{width} are too small for {what}: each side must be at least {need}")
+            raise ValueError(
+                f"images of size {height}x{width} are too small for {what}: each side must be at least {need}"
+            )
         required = self._extractor.required_size
         if required is not None and self.granularity != "patch" and (height, width) != required:
             raise ValueError(
@@ -494,7 +509,8 @@ class SemanticStatisticsLoss(nn.Module):
 
     def _layer_rows(self, layer: str, weight: float, x_map: Tensor, y_map: Tensor, image_size) -> LayerRows:
         """Rows of one layer's maps: (B, D) for image/patch, (B, L, C) for location."""
-        x, y = feature_rows(x_map, self.granularity, self.pool_size), feature_rows(y_map, self.granularity, self.pool_size)
+        x = feature_rows(x_map, self.granularity, self.pool_size)
+        y = feature_rows(y_map, self.granularity, self.pool_size)
         # At location granularity x is (B, L, C); a single location is an error in statistic().
         few = self.granularity == "location" and self._min_rows() <= x.shape[-2] < MIN_LOCATIONS
         if few and layer not in self._warned_locations and not torch.compiler.is_compiling():
@@ -515,7 +531,10 @@ class SemanticStatisticsLoss(nn.Module):
         sizes = gather_batch_sizes(rows[0].restored.shape[0], rows[0].restored.device)  # one sync for all layers
         scale = world[1] if self.ddp_gradient_scale else 1.0
         return [
-            LayerRows(r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes), sum(sizes))
+            LayerRows(
+                r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes),
+                sum(sizes),
+            )
             for r in rows
         ]
 
@@ -534,7 +553,7 @@ class SemanticStatisticsLoss(nn.Module):
     def _push(self, rows: Sequence[LayerRows]) -> None:
         """This call's rows into the queues, after every layer succeeded: all advance or none."""
         assert self.queues is not None
-        for layer_rows, queue in zip(rows, self.queues):
+        for layer_rows, queue in zip(rows, self._queue_list()):
             count = layer_rows.batch_rows
             queue.push(layer_rows.restored[:count], layer_rows.clean[:count])
 
@@ -545,8 +564,10 @@ class SemanticStatisticsLoss(nn.Module):
             return (
                 f"include_self=False: {where}, so each one's distribution holds the one other sample with "
                 "probability 1 and the loss is identically 0, with no gradient. Use include_self=True, or at least "
-                + ("3 locations (larger images or a shallower layer)." if self.granularity == "location"
-                   else f"3 {samples} per call (a larger batch" + (" or queue_size > 0)." if self.queues is None else ")."))
+                + (
+                    "3 locations (larger images or a shallower layer)." if self.granularity == "location"
+                    else f"3 {samples} per call (a larger batch{' or queue_size > 0' if self.queues is None else ''})."
+                )
             )
         if self.granularity == "location":
             return (

@@ -93,7 +93,9 @@ class FeatureQueue(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         extra = state_dict.get(prefix + "_extra_state")
         if isinstance(extra, Mapping) and extra.get("size") != self.size:
-            raise ValueError(f"state_dict: the saved queue holds {extra.get('size')} rows, this loss's queue_size is {self.size}")
+            raise ValueError(
+                f"state_dict: the saved queue holds {extra.get('size')} rows, this loss's queue_size is {self.size}"
+            )
         # The buffers' shape is the fill count and feature size: take the saved one (in this
         # queue's dtype, which follows .double()).
         for name in ("restored", "clean"):

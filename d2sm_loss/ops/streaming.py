@@ -76,7 +76,7 @@ __all__ = ["TILE_ELEMENTS", "TILE_ELEMENTS_GPU", "similarity_kl_streaming", "def
 #: the last-level cache while the elementwise passes run over them).
 TILE_ELEMENTS = 1 << 20
 
-#: The tile budget on a GPU: 2**24 values (64 MiB in float32, about 200 MiB for the three
+#: The tile budget on a GPU, 2**24 values (64 MiB in float32, about 200 MiB for the three
 #: buffers). A GPU needs large tiles to amortise its kernel launches: with the CPU budget a
 #: (G=8, N=16384) problem would walk 8-row blocks, about 2000 blocks of a dozen launches each
 #: per pass. Chosen from that launch count, not yet tuned on hardware.
@@ -273,7 +273,8 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         # in two steps: |x| itself may not be representable.
         big = (x_norm >= NORM_EPS).unsqueeze(-1)
         radial = (xh * grad_unit).sum(dim=-1, keepdim=True)
-        grad_x = torch.where(big, grad_unit - xh * radial, grad_unit) / x_norm.clamp_min(NORM_EPS).unsqueeze(-1) / x_scale
+        grad_x = torch.where(big, grad_unit - xh * radial, grad_unit)
+        grad_x = grad_x / x_norm.clamp_min(NORM_EPS).unsqueeze(-1) / x_scale
         return grad_x, None, None, None, None, None
 
 
