@@ -146,7 +146,7 @@ class FeatureExtractor(nn.Module):
         weights_source: where the weights came from (a file path, a download, the
             ``checkpoint`` argument, ``"random"`` or ``"user module"``).
 
-    A user's module is copied (:func:`copy.deepcopy`) and the copy frozen: your module keeps
+    A user's module is copied (``copy.deepcopy``) and the copy frozen: your module keeps
     its ``requires_grad`` flags, its mode and its weights (a ``checkpoint`` is loaded into the
     copy), and later changes to it (training it, loading weights into it) do not reach the
     extractor. The copy costs the module's memory once more. To use a network that is also

@@ -158,7 +158,7 @@ def resolve_implementation(
 
     ``"auto"`` picks Triton for CUDA tensors when Triton is importable, its kernels pass a
     self-check for this launch configuration (dtype, block configuration, TF32 or exact
-    products; once each, see :func:`_triton_self_check`) and ``features`` is at most
+    products; once each, on rows of the real width) and ``features`` is at most
     :data:`TRITON_AUTO_MAX_FEATURES` (None: not known, no limit); else the streaming
     PyTorch path. While :func:`torch.compile` traces, ``"auto"`` always takes the streaming
     path: the self-check cannot run inside a trace, and the Triton kernels have not yet been
