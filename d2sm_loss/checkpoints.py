@@ -8,8 +8,12 @@ torchvision-style file whose names differ from timm's; :func:`load_checkpoint` l
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import os
+import pickle
+import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,8 +23,10 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "CheckpointSource",
     "PACKAGE_PREFIX",
+    "CheckpointError",
+    "CheckpointSource",
+    "check_complete",
     "checked_checkpoint",
     "load_checkpoint",
     "map_state_dict",
@@ -33,6 +39,16 @@ CheckpointSource = Union[str, os.PathLike, Mapping[str, Tensor]]
 
 _NESTED_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module", "params")
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+#: The role of a tensor, from the last component of its key: matching by position requires
+#: equal roles, so that e.g. a BatchNorm's four (C,) tensors cannot be swapped.
+_ROLES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model. The message names the
+    file (or "the state dict") and says what is wrong with it."""
+
 
 #: ``checkpoint="package:NAME"`` loads the checkpoint file that the installed Python
 #: distribution ``NAME`` ships (see :func:`packaged_weights`).
@@ -77,24 +93,26 @@ def read_checkpoint(checkpoint: CheckpointSource) -> OrderedDict[str, Tensor]:
     ``checkpoint`` is a path, ``"package:NAME"`` (the file an installed distribution ships,
     see :func:`packaged_weights`) or a state dict. Files are read with
     ``torch.load(weights_only=True)``, or as safetensors when their name ends in ``.safetensors``.
-    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and the ``module.``
-    prefix that DataParallel/DDP adds are removed.
+    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and the prefixes that
+    DataParallel/DDP and ``torch.compile`` add are removed (:func:`timm.models.clean_state_dict`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is empty, truncated or corrupt, not a PyTorch or
+            safetensors checkpoint, or holds no tensors; the message names the file.
     """
     state: Any  # a state dict, possibly nested in wrappers, or whatever the file holds
     if isinstance(checkpoint, Mapping):
         state = checkpoint
+        label = "the state dict"
     else:
         if isinstance(checkpoint, str) and checkpoint.startswith(PACKAGE_PREFIX):
             checkpoint = packaged_weights(checkpoint[len(PACKAGE_PREFIX) :])
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint: no checkpoint file at {str(path)!r}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        label = repr(str(path))
+        state = _load_file(path)
     while isinstance(state, Mapping) and not any(isinstance(v, Tensor) for v in state.values()):
         inner = next((state[k] for k in _NESTED_KEYS if k in state and isinstance(state[k], Mapping)), None)
         if inner is None:
@@ -104,11 +122,44 @@ def read_checkpoint(checkpoint: CheckpointSource) -> OrderedDict[str, Tensor]:
         OrderedDict((k, v) for k, v in state.items() if isinstance(v, Tensor)) if isinstance(state, Mapping) else {}
     )
     if not tensors:
-        where = "the state dict" if isinstance(checkpoint, Mapping) else checkpoint
-        raise ValueError(f"checkpoint: found no tensors in {where}")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = OrderedDict((k[len("module."):], v) for k, v in tensors.items())
-    return OrderedDict(tensors)
+        what = f"a {type(state).__name__}" if not isinstance(state, Mapping) else f"a mapping of {sorted(state)[:5]}"
+        raise CheckpointError(f"checkpoint: {label} holds no tensors ({what}); it is not a state dict of model weights")
+    from timm.models import clean_state_dict
+
+    return OrderedDict(clean_state_dict(tensors))
+
+
+def _load_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` or safetensors, with errors that name the file."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint: {str(path)!r} is empty (0 bytes): an interrupted download or copy")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        with open(path, "rb") as file:
+            head = file.read(4)
+        torch_format = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch's zip, or a legacy pickle
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+        if path.suffix != ".safetensors" and not torch_format:
+            what = f"is not a PyTorch or safetensors checkpoint ({size} bytes; {detail})"
+        elif isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower().replace("_", " "):
+            what = (
+                "holds Python objects that torch.load(weights_only=True) does not load (only tensors and plain "
+                "containers)"
+            )
+        else:
+            what = f"is truncated or corrupt ({size} bytes; {detail})"
+        raise CheckpointError(f"checkpoint: {str(path)!r} {what}") from None
+
+
+def _role(key: str) -> str | None:
+    last = key.rsplit(".", 1)[-1]
+    return last if last in _ROLES else None
 
 
 def _layout_matches(source: Tensor, target_shape: torch.Size) -> bool:
@@ -126,41 +177,66 @@ def map_state_dict(source: CheckpointSource, model: nn.Module) -> OrderedDict[st
 
     By name when every key of the model is in the checkpoint with the same shape;
     otherwise by position: the checkpoint's tensors, in order, must match the model's
-    in number and shape (a tensor with the same leading size and number of elements,
+    in number, shape (a tensor with the same leading size and number of elements,
     such as a torchvision Linear weight for timm's equivalent 1x1 or 7x7 convolution,
-    is reshaped). This is how a torchvision VGG19 or MobileNetV2 file loads into timm's
-    ``vgg19`` or ``mobilenetv2_100``.
+    is reshaped, with :func:`timm.models.remap_state_dict`) and role (the key's last
+    component: ``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``), so tensors of equal shape cannot be swapped silently. This is
+    how a torchvision VGG19 or MobileNetV2 file loads into timm's ``vgg19`` or
+    ``mobilenetv2_100``.
 
     Raises:
-        ValueError: naming the first entry that does not fit.
+        CheckpointError: naming the file, the first entry that does not fit and why (a
+            different architecture, or a file whose tensors are not in the model's order,
+            e.g. a safetensors file, which stores them sorted by name).
     """
     tensors = read_checkpoint(source)
     target = model.state_dict()
     if all(k in tensors and tensors[k].shape == v.shape for k, v in target.items()):
         return OrderedDict((k, tensors[k]) for k in target)
-    src_items = list(tensors.items())
-    tgt_items = list(target.items())
+    label = "the state dict" if isinstance(source, Mapping) else repr(str(source))
+    src_items, tgt_items = list(tensors.items()), list(target.items())
+    shared = sum(k in tensors for k in target)
+    why = (
+        f"its names match {shared} of the model's {len(target)} tensors, so it was matched by position"
+        if shared else "its names differ from the model's, so it was matched by position"
+    )
+    src_keys = [k for k, _ in src_items]
+    safetensors = not isinstance(source, Mapping) and str(source).endswith(".safetensors")
+    tgt_keys = [k for k, _ in tgt_items]
+    unordered = safetensors or (src_keys == sorted(src_keys) and tgt_keys != sorted(tgt_keys))
+    order_hint = (
+        " A safetensors file does not keep the order of its tensors (nor does a state dict sorted by name), so "
+        "they cannot be matched by position: save the weights with torch.save(model.state_dict()) from the "
+        "architecture they belong to, or under timm's names." if unordered else ""
+    )
+    head = f"checkpoint: {label} does not fit {type(model).__name__}: {why}, and"
     for position, ((src_key, src), (tgt_key, tgt)) in enumerate(zip(src_items, tgt_items)):
+        role, want = _role(src_key), _role(tgt_key)
+        problem = None
         if not _layout_matches(src, tgt.shape):
-            raise ValueError(
-                f"checkpoint does not fit {type(model).__name__}: entry {position} of the checkpoint, "
-                f"{src_key!r} with shape {tuple(src.shape)}, does not match the model's entry "
-                f"{tgt_key!r} with shape {tuple(tgt.shape)} (matched by position because the names differ)"
+            problem = f"shape {tuple(src.shape)} against {tuple(tgt.shape)}"
+        elif role != want and (role is not None or want is not None):
+            problem = f"role {role or src_key.rsplit('.', 1)[-1]!r} against {want or tgt_key.rsplit('.', 1)[-1]!r}"
+        if problem is not None:
+            raise CheckpointError(
+                f"{head} entry {position}, {src_key!r}, does not match the model's {tgt_key!r}: {problem}. "
+                f"It holds weights of another architecture or configuration.{order_hint}"
             )
     if len(src_items) != len(tgt_items):
         first = tgt_items[len(src_items)][0] if len(src_items) < len(tgt_items) else src_items[len(tgt_items)][0]
-        raise ValueError(
-            f"checkpoint does not fit {type(model).__name__}: the checkpoint has {len(src_items)} tensors and "
-            f"the model {len(tgt_items)}; the first unmatched entry is {first!r}"
+        raise CheckpointError(
+            f"{head} it has {len(src_items)} tensors where the model has {len(tgt_items)}; the first unmatched entry "
+            f"is {first!r}. It holds weights of another architecture or configuration.{order_hint}"
         )
-    return OrderedDict(
-        (tgt_key, src.reshape(tgt.shape)) for (_, src), (tgt_key, tgt) in zip(src_items, tgt_items)
-    )
+    from timm.models import remap_state_dict
+
+    return OrderedDict(remap_state_dict(tensors, model))
 
 
 def load_checkpoint(model: nn.Module, checkpoint: CheckpointSource) -> None:
     """Load a checkpoint (path or state dict) into ``model`` by name or by position
-    (see :func:`map_state_dict`)."""
+    (see :func:`map_state_dict`); errors name the file (:class:`CheckpointError`)."""
     model.load_state_dict(map_state_dict(checkpoint, model))
 
 
@@ -189,3 +265,33 @@ def checked_checkpoint(checkpoint: Any) -> CheckpointSource | None:
         f"checkpoint must be a checkpoint path, 'package:NAME' or a state dict, got {type(checkpoint).__name__} "
         f"{checkpoint!r}{hint}"
     )
+
+
+def check_complete(state: Mapping[str, Tensor], blueprint: nn.Module, label: str) -> None:
+    """Raise if a checkpoint in timm's format would leave tensors of the model unset (they
+    would keep their random initialisation). Checked on the shape-only blueprint with
+    ``load_state_dict(strict=False)``'s report of missing keys, after the model's own
+    checkpoint filter (timm's ``checkpoint_filter_fn``) where it has one; the classifier,
+    which the loss never runs, may be missing."""
+    filter_fn = getattr(sys.modules.get(type(blueprint).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(dict(state), blueprint)
+        except Exception:  # a filter for other formats: the names are compared as they are
+            pass
+    probe = copy.deepcopy(blueprint)  # meta tensors: nothing is copied or allocated
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op"
+            missing = probe.load_state_dict(state, strict=False).missing_keys
+    except RuntimeError as error:  # shapes that differ
+        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise CheckpointError(f"checkpoint: {label} does not fit {type(blueprint).__name__}: {detail}") from None
+    head = (getattr(blueprint, "pretrained_cfg", None) or {}).get("classifier") or ()
+    head = (head,) if isinstance(head, str) else tuple(head)
+    unset = [key for key in missing if not any(key.startswith(h + ".") for h in head)]
+    if unset:
+        raise CheckpointError(
+            f"checkpoint: {label} would leave {len(unset)} of the model's tensors unset (random), e.g. {unset[:3]}: "
+            f"it holds weights of another architecture or configuration than {type(blueprint).__name__}"
+        )

@@ -8,7 +8,11 @@ Layers are chosen
   so the model is cut after the deepest chosen tap; or
 - by module / graph-node name (``str``, e.g. ``"features.34"``, conv5_4 of VGG19 before
   its ReLU): the model is traced with :func:`timm.models.create_feature_extractor`, and
-  nothing after the deepest chosen node is run.
+  nothing after the deepest chosen node is run. A name that is a feature tap's module
+  (``"blocks.3"`` of a ViT, ``"layer2"`` of a ResNet) is that tap, without tracing. Either
+  way the same size checks apply; a model that torch.fx cannot trace (e.g. a ViT with
+  ``dynamic_img_size=True``, for a name that is not a tap) raises a ``ValueError`` that
+  names ``layers`` and lists the integer taps.
 
 Weights come from a checkpoint (``checkpoint=PATH``, ``checkpoint="package:NAME"`` for the file an
 installed distribution ships, or a state dict; timm's own format or a torchvision-style file
@@ -36,8 +40,8 @@ weights (``pretrained=True``), or are random (``pretrained=False``, with a warni
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
-import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,42 +52,28 @@ import torch
 from torch import Tensor, nn
 
 from . import _hub
-from .checkpoints import CheckpointSource, checked_checkpoint, load_checkpoint, map_state_dict, read_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    CheckpointSource,
+    check_complete,
+    checked_checkpoint,
+    load_checkpoint,
+    map_state_dict,
+    read_checkpoint,
+)
 from .checks import check_bool, check_numbers
-from .layers import LayerPlan, LayerSpec, checked_layers, default_layers, node_for, reject_duplicate_layers, tap_index
+from .layers import (
+    LayerPlan,
+    LayerSpec,
+    checked_layers,
+    default_layers,
+    node_for,
+    reject_duplicate_layers,
+    tap_index,
+    tracing_explained,
+)
 
 __all__ = ["FeatureExtractor"]
-
-
-class _TimmLoadReport(logging.Handler):
-    """Collects timm's report of a non-strict pretrained load (missing keys are only logged
-    at INFO level there) and keeps its expected 'unexpected keys' notice quiet."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.missing: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Missing keys ("):
-            self.missing.extend(message[len("Missing keys (") :].split(")", 1)[0].split(", "))
-
-
-@contextlib.contextmanager
-def _timm_load_report():
-    logger = logging.getLogger("timm.models._builder")
-    report, level = _TimmLoadReport(), logger.level
-    quiet = logging.Filter()
-    quiet.filter = lambda record: not record.getMessage().startswith("Unexpected keys")  # type: ignore[method-assign]
-    logger.addHandler(report)
-    logger.addFilter(quiet)
-    logger.setLevel(logging.INFO)
-    try:
-        yield report
-    finally:
-        logger.removeHandler(report)
-        logger.removeFilter(quiet)
-        logger.setLevel(level)
 
 
 def _timm_model_or_error(timm: Any, name: str, **kwargs: Any) -> nn.Module:
@@ -92,6 +82,28 @@ def _timm_model_or_error(timm: Any, name: str, **kwargs: Any) -> nn.Module:
         hint = f"; close matches: {close}" if close else ""
         raise ValueError(f"backbone: {name!r} is not a timm model name{hint}")
     return timm.create_model(name, **kwargs)
+
+
+def _required_size(model: nn.Module) -> tuple[int, int] | None:
+    """The exact image size a transformer's patch embedding requires, or None."""
+    for module in model.modules():
+        if getattr(module, "strict_img_size", False) and getattr(module, "img_size", None) is not None:
+            if not getattr(module, "dynamic_img_pad", False):
+                return tuple(module.img_size)  # type: ignore[arg-type, return-value]
+    return None
+
+
+def _private_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of a user's module, so that freezing it (``requires_grad_(False)``,
+    ``eval()``) and loading a checkpoint leave the user's own module as it was."""
+    try:
+        return copy.deepcopy(module)
+    except Exception as error:
+        raise TypeError(
+            f"backbone: the module {type(module).__name__} cannot be copied ({type(error).__name__}: {error}); "
+            "the loss keeps a frozen copy of its backbone and never changes yours. Pass a module that "
+            "copy.deepcopy accepts (e.g. the module itself rather than a compiled or scripted wrapper)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,14 @@ class FeatureExtractor(nn.Module):
         weights_source: where the weights came from (a file path, a download, the
             ``checkpoint`` argument, ``"random"`` or ``"user module"``).
 
-    The extractor holds no trainable parameters and always runs in eval mode. Its
+    A user's module is copied (``copy.deepcopy``) and the copy frozen: your module keeps
+    its ``requires_grad`` flags, its mode and its weights (a ``checkpoint`` is loaded into the
+    copy), and later changes to it (training it, loading weights into it) do not reach the
+    extractor. The copy costs the module's memory once more. To use a network that is also
+    being trained (e.g. a discriminator), build the loss again after updating it.
+
+    The extractor holds no trainable parameters and always runs in eval mode, also under a
+    parent module's ``.train()``. Its
     outputs are a list of tensors, one per layer, each ``(B, C, h, w)``: timm models that
     emit channels-last maps (``output_fmt="NHWC"``, e.g. Swin) are permuted, and the
     token sequence of a vision-transformer block chosen by name drops its class /
@@ -172,6 +191,7 @@ class FeatureExtractor(nn.Module):
         self._token_grid: tuple[int, int, int] | None = None  # (prefix tokens, patch h, patch w)
         if isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
+            backbone = _private_copy(backbone)
             if checkpoint is not None:
                 load_checkpoint(backbone, checkpoint)
             self.weights_source = str(checkpoint) if isinstance(checkpoint, Path) else "user module"
@@ -192,11 +212,8 @@ class FeatureExtractor(nn.Module):
             )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        for module in self.model.modules():  # transformers with a fixed input size
-            if getattr(module, "strict_img_size", False) and getattr(module, "img_size", None) is not None:
-                if not getattr(module, "dynamic_img_pad", False):
-                    self.required_size = tuple(module.img_size)  # type: ignore[arg-type]
-                    break
+        if self.required_size is None:  # a user module (timm models: read from the whole model)
+            self.required_size = _required_size(self.model)
         self.model.requires_grad_(False)
         self.model.eval()
 
@@ -226,7 +243,10 @@ class FeatureExtractor(nn.Module):
         return cfg or getattr(blueprint, "pretrained_cfg", None) or {}
 
     def _read_layout(self, blueprint: nn.Module) -> None:
-        """How the model lays out its maps: channels-last, or transformer tokens on a patch grid."""
+        """How the model lays out its maps: channels-last, or transformer tokens on a patch
+        grid; and the image size it requires, read from the whole model (a model traced for
+        layers by name keeps none of its patch embedding's attributes)."""
+        self.required_size = _required_size(blueprint)
         self._channels_last = str(getattr(blueprint, "output_fmt", "NCHW")).upper().endswith("NHWC")
         patch = getattr(getattr(blueprint, "patch_embed", None), "patch_size", None)
         if patch is not None:
@@ -234,19 +254,25 @@ class FeatureExtractor(nn.Module):
             self._token_grid = (int(getattr(blueprint, "num_prefix_tokens", 0) or 0), int(ph), int(pw))
 
     def _plan_layers(self, blueprint: nn.Module, name: str, layers: list[LayerSpec] | None) -> LayerPlan:
-        """Resolve ``layers`` to feature taps (all ints) or graph nodes (any str; ints name
-        their tap's module). Two specs that resolve to the same tap or node are an error."""
+        """Resolve ``layers`` to feature taps (ints, and names of tap modules) or graph nodes
+        (any other str; ints then name their tap's module). Two specs that resolve to the same
+        tap or node are an error."""
         taps = list(getattr(blueprint, "feature_info", []) or [])
         if layers is None:
             layers = default_layers(name, taps)
-        if all(isinstance(layer, int) for layer in layers):
-            indices = [tap_index(layer, taps, name) for layer in layers]  # type: ignore[arg-type]
+        tap_modules = [str(tap["module"]) for tap in taps]
+        if all(isinstance(layer, int) or layer in tap_modules for layer in layers):
+            # A name that is a feature tap's module is that tap: no tracing, the same maps.
+            indices = [
+                tap_modules.index(layer) if isinstance(layer, str) else tap_index(layer, taps, name) for layer in layers
+            ]
             names = [str(taps[i]["module"]) for i in indices]
             reject_duplicate_layers(layers, names, repr(name))
             return LayerPlan(indices, names, [int(taps[i]["reduction"]) for i in indices])
         from timm.models import get_graph_node_names
 
-        nodes = get_graph_node_names(blueprint)[1]
+        with tracing_explained(name, layers, taps):
+            nodes = get_graph_node_names(blueprint)[1]
         modules = [
             str(taps[tap_index(layer, taps, name)]["module"]) if isinstance(layer, int) else layer for layer in layers
         ]
@@ -302,17 +328,23 @@ class FeatureExtractor(nn.Module):
         path = _hub.locate(candidate, cache_dir)
         if path is None:
             return None
-        if candidate.by_position:
-            try:
-                overlay: dict[str, Any] = {"state_dict": map_state_dict(path, blueprint)}
-            except ValueError as error:
-                if candidate.exact:
-                    raise ValueError(
-                        f"checkpoint: {str(path)!r} (in {candidate.place}) does not fit: {error}"
-                    ) from None
-                return None  # a stand-in that does not fit this configuration of the model
-        else:  # timm's own checkpoint filter converts it, as after a download of this file
-            overlay = {"state_dict": read_checkpoint(path)}
+        way_out = (
+            f" It was found in {candidate.place} by pretrained=True: delete it (pretrained=True then downloads "
+            "it again) or pass checkpoint=PATH with a good file."
+        )
+        try:
+            if candidate.by_position:
+                try:
+                    overlay: dict[str, Any] = {"state_dict": map_state_dict(path, blueprint)}
+                except CheckpointError as error:
+                    if candidate.exact or "does not fit" not in str(error):
+                        raise
+                    return None  # a stand-in that does not fit this configuration of the model
+            else:  # timm's own checkpoint filter converts it, as after a download of this file
+                overlay = {"state_dict": read_checkpoint(path)}
+                check_complete(overlay["state_dict"], blueprint, repr(str(path)))
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}{way_out}") from None
         if not candidate.exact:  # stand-ins are torchvision's files (see _hub.candidates)
             tagged = "." in candidate.model_name
             warnings.warn(
@@ -341,7 +373,7 @@ class FeatureExtractor(nn.Module):
         kwargs = dict(kwargs)
         if source.overlay:
             kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), **source.overlay}
-        with self._download_errors_explained(name, source), _timm_load_report() as report:
+        with self._download_errors_explained(name, source):
             if plan.indices is not None:
                 model = timm.create_model(
                     source.model_name,
@@ -355,15 +387,9 @@ class FeatureExtractor(nn.Module):
                 from timm.models import create_feature_extractor
 
                 full = timm.create_model(source.model_name, pretrained=source.pretrained, **kwargs)
-                model = create_feature_extractor(full, return_nodes=plan.names)
+                with tracing_explained(name, plan.names, list(getattr(full, "feature_info", []) or [])):
+                    model = create_feature_extractor(full, return_nodes=plan.names)
                 cfg = getattr(full, "pretrained_cfg", None)
-        # timm drops the classifier when adapting a head; anything else left unset would
-        # silently keep random weights.
-        head = (getattr(blueprint, "pretrained_cfg", None) or {}).get("classifier") or ()
-        head = (head,) if isinstance(head, str) else tuple(head)
-        unset = [key for key in report.missing if not any(key.startswith(h + ".") for h in head)]
-        if unset:
-            raise ValueError(f"checkpoint: loading into {name!r} left {len(unset)} tensors unset, e.g. {unset[:3]}")
         return model, cfg
 
     @contextlib.contextmanager
@@ -419,6 +445,11 @@ class FeatureExtractor(nn.Module):
             "shape in order), or checkpoint='package:NAME' for the checkpoint file that an installed Python "
             "distribution ships (see d2sm_loss.packaged_weights)."
         )
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Stays in eval mode whatever ``mode`` (a parent's ``.train()`` included): the
+        backbone's batch-norm statistics and dropout are frozen with its weights."""
+        return super().train(False)
 
     def min_size(self) -> int:
         """The smallest image side the chosen layers accept (1 when unknown)."""

@@ -58,62 +58,107 @@ def _triton_error() -> str | None:
     return None
 
 
-_SELF_CHECKS: dict[torch.device, bool] = {}
+#: Self-check results by launch configuration: (device, dtype, block configuration, precision).
+_SELF_CHECKS: dict[tuple, bool] = {}
+
+#: (rtol, atol) of the self-check's values; gradients get ``rtol * max |gradient|`` as
+#: absolute tolerance. Exact products (float64; float32 with "ieee") against looser ones
+#: (TF32's 10-bit products; float16 / bfloat16 gradients returned in their own dtype).
+_SELF_CHECK_TOLERANCES = {"float64": (1e-7, 1e-9), "ieee": (1e-3, 1e-5), "low": (5e-2, 5e-3)}
 
 
-def _triton_self_check(device: torch.device) -> bool:
-    """Once per device: do the Triton kernels compile and agree with the reference there?
+def _launch_configuration(device: torch.device, dtype: torch.dtype, features: int) -> tuple:
+    """What the Triton path launches for rows of ``features`` values of ``dtype``: the
+    kernels' compiled variant is fixed by the dtype, the block configuration
+    (:func:`~d2sm_loss.ops.triton_kernels.choose_block_config`) and the tile products'
+    precision (TF32 or exact, read from PyTorch's switch at this moment)."""
+    from .ops.triton_kernels import _dot_precision, choose_block_config
 
-    ``implementation="auto"`` uses Triton only if this tiny forward + backward (both kernels,
-    exact float32 products whatever the TF32 setting) matches the float64 reference;
-    otherwise it warns once and uses the streaming PyTorch path, so that a GPU or Triton
-    build the kernels do not support degrades to a slower exact path instead of failing.
-    It runs with gradients enabled even when the first call comes under ``torch.no_grad()``
-    or ``torch.inference_mode()`` (a validation pass). Running out of memory is not
-    cached as a failure. ``implementation="triton"`` skips this check.
+    return (device, dtype, choose_block_config(features, dtype), _dot_precision(dtype))
+
+
+def _triton_self_check(device: torch.device, dtype: torch.dtype = torch.float32, features: int | None = None) -> bool:
+    """Once per launch configuration: do the Triton kernels compile and agree with the
+    streaming path there?
+
+    ``implementation="auto"`` uses Triton for rows of ``features`` values of ``dtype`` only
+    if a small forward + backward of that configuration (the same dtype, block
+    configuration and precision (TF32 or exact) as the real launch, on rows of the same
+    width, both similarities) matches the streaming path, computed in float64 on the same
+    rounded inputs; otherwise it warns once for that configuration and uses the streaming
+    path, so that a GPU, Triton build, dtype or block configuration the kernels do not
+    support degrades to a slower exact path instead of failing or returning wrong numbers.
+    The results are cached per (device, dtype, block configuration, precision); a new
+    configuration (another dtype, another feature bucket, TF32 switched on) is checked at
+    its first use. It runs with gradients enabled even when the first call comes under
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (a validation pass). Running out of
+    memory is not cached as a failure. ``implementation="triton"`` skips this check.
     """
-    if device not in _SELF_CHECKS:
+    features = 19 if features is None else int(features)
+    try:
+        key = _launch_configuration(device, dtype, features)
+    except Exception:  # the kernels do not import: not this function's to report
+        return False
+    if key not in _SELF_CHECKS:
+        _, _, _, precision = key
+        exact_float32 = dtype == torch.float32 and precision == "ieee"
+        level = "float64" if dtype == torch.float64 else ("ieee" if exact_float32 else "low")
+        rtol, atol = _SELF_CHECK_TOLERANCES[level]
         try:
+            from .ops.streaming import similarity_kl_streaming
             from .ops.triton_kernels import similarity_kl_triton
 
             with torch.inference_mode(False), torch.enable_grad():
                 generator = torch.Generator().manual_seed(0)
-                x = torch.randn(2, 37, 19, generator=generator, dtype=torch.float64)
+                x = torch.randn(2, 37, features, generator=generator, dtype=torch.float64)
                 y = x + 0.5 * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+                x, y = x.to(dtype), y.to(dtype)  # the rounded inputs both paths see
                 upstream = torch.rand(2, 37, generator=generator, dtype=torch.float64)
                 for kernel in ("cosine", "softmax"):
-                    ref_x = x.clone().requires_grad_()
-                    want = similarity_kl_reference(ref_x, y, kernel=kernel, temperature=0.1, include_self=True)
+                    ref_x = x.double().clone().requires_grad_()
+                    want = similarity_kl_streaming(ref_x, y.double(), kernel=kernel, temperature=0.1, include_self=True)
                     (want * upstream).sum().backward()
-                    got_x = x.float().to(device).requires_grad_()
+                    got_x = x.to(device).clone().requires_grad_()
                     got = similarity_kl_triton(
-                        got_x, y.float().to(device), kernel=kernel, temperature=0.1, include_self=True, allow_tf32=False
+                        got_x, y.to(device), kernel=kernel, temperature=0.1, include_self=True,
+                        allow_tf32=precision == "tf32",
                     )
-                    (got * upstream.float().to(device)).sum().backward()
-                    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-3, atol=1e-5)
-                    assert got_x.grad is not None
-                    torch.testing.assert_close(got_x.grad.double().cpu(), ref_x.grad, rtol=1e-3, atol=1e-5)
-            _SELF_CHECKS[device] = True
+                    (got * upstream.to(device, got.dtype)).sum().backward()
+                    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=rtol, atol=atol)
+                    assert got_x.grad is not None and ref_x.grad is not None
+                    grad_atol = rtol * float(ref_x.grad.abs().max())
+                    torch.testing.assert_close(got_x.grad.double().cpu(), ref_x.grad, rtol=rtol, atol=grad_atol)
+            _SELF_CHECKS[key] = True
         except torch.cuda.OutOfMemoryError:
             return False  # transient: use the streaming path for this call, check again next time
         except Exception as error:  # compilation, launch or accuracy failure
+            _, _, config, precision = key
             warnings.warn(
-                f"d2sm_loss: the Triton kernels failed a self-check on {device} ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); implementation='auto' uses the "
-                "streaming PyTorch path instead. Please report this with your GPU and Triton versions.",
+                f"d2sm_loss: the Triton kernels failed a self-check on {device} for {dtype} rows of {features} "
+                f"features ({config}, {precision} products; {type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); implementation='auto' uses the streaming "
+                "PyTorch path for this configuration instead. Please report this with your GPU and Triton versions.",
                 RuntimeWarning,
                 stacklevel=4,
             )
-            _SELF_CHECKS[device] = False
-    return _SELF_CHECKS[device]
+            _SELF_CHECKS[key] = False
+    return _SELF_CHECKS[key]
 
 
-def resolve_implementation(implementation: str, device: torch.device, features: int | None = None) -> str:
+def _gpu(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def resolve_implementation(
+    implementation: str, device: torch.device, features: int | None = None, dtype: torch.dtype | None = None
+) -> str:
     """The concrete implementation (``"triton"``, ``"streaming"`` or ``"reference"``) that
-    ``implementation`` selects for rows of ``features`` values on ``device``.
+    ``implementation`` selects for rows of ``features`` values of ``dtype`` (None: float32)
+    on ``device``.
 
     ``"auto"`` picks Triton for CUDA tensors when Triton is importable, its kernels pass a
-    one-time self-check on that device and ``features`` is at most
+    self-check for this launch configuration (dtype, block configuration, TF32 or exact
+    products; once each, on rows of the real width) and ``features`` is at most
     :data:`TRITON_AUTO_MAX_FEATURES` (None: not known, no limit); else the streaming
     PyTorch path. While :func:`torch.compile` traces, ``"auto"`` always takes the streaming
     path: the self-check cannot run inside a trace, and the Triton kernels have not yet been
@@ -124,11 +169,11 @@ def resolve_implementation(implementation: str, device: torch.device, features: 
     check_choice("implementation", implementation, IMPLEMENTATIONS)
     if implementation == "auto":
         if (
-            device.type == "cuda"
+            _gpu(device)
             and not torch.compiler.is_compiling()
             and (features is None or features <= TRITON_AUTO_MAX_FEATURES)
             and _triton_error() is None
-            and _triton_self_check(device)
+            and _triton_self_check(device, dtype or torch.float32, features)
         ):
             return "triton"
         return "streaming"
@@ -170,7 +215,9 @@ def similarity_kl(
             ``s = exp((c - 1) / temperature)``.
         temperature: temperature of the softmax similarity, a positive finite number
             (checked, but unused, with the cosine similarity).
-        include_self: whether ``j = i`` takes part in each row's distribution.
+        include_self: whether ``j = i`` takes part in each row's distribution. ``False``
+            needs ``N >= 3``: with two rows each distribution is the other row with
+            probability 1, and the statistic would be identically 0 (a ``ValueError``).
         reduction: ``"mean"`` over all rows of all groups, ``"sum"``, or ``"none"`` for
             the per-row values of shape ``(N,)`` or ``(G, N)``.
         implementation: ``"auto"`` (Triton on CUDA when available and D is at most
@@ -205,11 +252,15 @@ def similarity_kl(
         raise ValueError(
             f"restored must have at least one group, one row and one feature, got shape {tuple(restored.shape)}"
         )
-    if not include_self and n < 2:
+    if not include_self and n < 3:
         raise ValueError(
-            f"include_self=False needs at least 2 rows per group to compare, got N={n}"
+            f"include_self=False needs at least 3 rows per group, got N={n}: without the diagonal, "
+            + ("a single row has nothing to compare" if n < 2 else
+               "each row's distribution holds the one other row with probability 1, so the statistic is "
+               "identically 0 and has no gradient")
+            + "; use include_self=True or more rows per group"
         )
-    impl = resolve_implementation(implementation, restored.device, d)
+    impl = resolve_implementation(implementation, restored.device, d, torch.promote_types(restored.dtype, clean.dtype))
 
     squeeze = restored.dim() == 2
     x = restored.unsqueeze(0) if squeeze else restored

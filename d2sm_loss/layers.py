@@ -8,6 +8,7 @@ layers with them.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import operator
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ __all__ = [
     "node_for",
     "reject_duplicate_layers",
     "tap_index",
+    "tracing_explained",
 ]
 
 #: One layer, by feature index or by module / graph-node name.
@@ -128,3 +130,25 @@ def node_for(layer: str, nodes: list[str], model_name: str) -> str:
         return inside[-1]
     close = difflib.get_close_matches(layer, nodes, n=5)
     raise ValueError(f"layers: {layer!r} is not a module or node of {model_name!r}; close matches: {close}")
+
+
+@contextlib.contextmanager
+def tracing_explained(name: str, layers: Sequence[LayerSpec], taps: Sequence[Mapping[str, Any]]):
+    """A model that torch.fx cannot trace (control flow on tensor shapes, e.g. a ViT with
+    ``dynamic_img_size=True``) gives an error that names ``layers`` and the feature taps."""
+    try:
+        yield
+    except Exception as error:
+        from torch.fx.proxy import TraceError
+
+        traced = isinstance(error, TraceError) or "Proxy(" in str(error)
+        traced = traced or type(error).__module__.startswith("torch.fx")
+        if not traced:
+            raise
+        hint = f" Its feature taps by index: {describe_taps(taps)}." if taps else ""
+        raise ValueError(
+            f"layers: backbone {name!r} cannot be traced with torch.fx to take layers by name {list(layers)} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Choose its layers by "
+            f"feature index instead (an integer tap, e.g. layers=[{max(len(taps) - 1, 0)}]), or a layer name that "
+            f"is one of its feature taps.{hint}"
+        ) from None

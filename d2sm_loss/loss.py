@@ -68,7 +68,10 @@ class SemanticStatisticsLoss(nn.Module):
     Args:
         backbone: a timm model name (``"vgg19"``, ``"resnet50"``, ``"convnext_tiny"``,
             ``"vit_small_patch16_224"``...) or an ``nn.Module`` returning feature maps
-            (a tensor, or a list or dict of them).
+            (a tensor, or a list or dict of them). The loss keeps a frozen deep copy of
+            your module, taken at construction: your module itself is left as it was
+            (``requires_grad``, train/eval mode, weights), and later updates to it do not
+            reach the loss.
         layers: which feature maps: timm feature indices (``int``, negative from the end)
             or module / node names (``str``, e.g. ``"features.34"``, conv5_4 of VGG19
             before its ReLU); None takes the backbone's default: for ``"vgg19"`` (and
@@ -97,7 +100,11 @@ class SemanticStatisticsLoss(nn.Module):
         similarity: ``"cosine"`` (the paper's ``s = (1 + cos) / 2``) or ``"softmax"``
             (``s = exp((cos - 1) / temperature)``, sharper statistics).
         temperature: the softmax similarity's temperature (positive, finite).
-        include_self: whether each sample's distribution includes itself.
+        include_self: whether each sample's distribution includes itself. ``False`` needs
+            at least 3 samples per group (with two, each distribution is the other sample
+            with probability 1 and the loss would be identically 0): fewer is a
+            ``ValueError`` (at construction when ``pool_size`` fixes the number of
+            locations, else at the call).
         queue_size: image and patch granularity: how many rows of earlier batches (restored
             and clean, detached) join the current batch's rows. 0 disables the queue. The
             queue is updated only by calls in training mode with gradients enabled (not
@@ -125,7 +132,11 @@ class SemanticStatisticsLoss(nn.Module):
             one graph break under ``torch.compile``; ``False`` for speed and a single graph.
         distributed: under an initialised torch.distributed with several ranks, gather the
             rows of all ranks (image and patch granularity) so that each rank computes the
-            statistic over the global batch. See :mod:`d2sm_loss.distributed`.
+            statistic over the global batch. Only training calls (training mode with
+            gradients enabled) communicate: a call in ``eval()`` mode or under
+            ``torch.no_grad()`` / ``torch.inference_mode()`` uses this rank's batch alone, so
+            validating on one rank only (``if rank == 0: validate()``) cannot hang. See
+            :mod:`d2sm_loss.distributed`.
         ddp_gradient_scale: multiply the gradient of each rank's own rows by the world size,
             so that DDP's averaging of gradients yields the single-process update (True, the
             default), or give each rank the exact partial derivative of the global loss
@@ -224,6 +235,15 @@ class SemanticStatisticsLoss(nn.Module):
             check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
         )
         self.pool_size = check_int_pair("pool_size", pool_size) if pool_size is not None else None
+        if self.granularity == "location" and self.pool_size is not None:
+            locations = self.pool_size[0] * self.pool_size[1]
+            if locations < self._min_rows():
+                raise ValueError(
+                    f"pool_size={pool_size} leaves {locations} location(s) per image at granularity='location'"
+                    + (", and without the diagonal (include_self=False) two locations give a loss that is "
+                       "identically 0" if locations == 2 else ": nothing to compare")
+                    + f"; use a pool_size of at least {self._min_rows()} locations or granularity='image'"
+                )
         if mean is not None:
             mean = check_numbers("mean", mean, length=3)
         if std is not None:
@@ -332,7 +352,8 @@ class SemanticStatisticsLoss(nn.Module):
 
         Checks the images, runs the backbone on both batches (the clean one without an
         autograd graph), turns each feature map into rows (pooling and flattening as the
-        granularity asks), gathers them over torch.distributed ranks, and appends the
+        granularity asks), gathers them over torch.distributed ranks (training calls only:
+        a call in eval mode or without gradients never communicates), and appends the
         memory queue's rows. The queue is not changed.
         """
         self._validate(restored, clean)
@@ -350,7 +371,7 @@ class SemanticStatisticsLoss(nn.Module):
             self._layer_rows(name, weight, x_map, y_map, restored.shape[-2:])
             for name, weight, x_map, y_map in zip(names, self.layer_weights, restored_maps, clean_maps)
         ]
-        if self.distributed and self.granularity != "location":
+        if self.distributed and self.granularity != "location" and self._training_call():
             rows = self._gather(rows)
         if self.check_inputs:
             self._check_values(restored, clean, rows)
@@ -374,20 +395,25 @@ class SemanticStatisticsLoss(nn.Module):
     def statistic(self, rows: Sequence[LayerRows]) -> Tensor:
         """The weighted sum over layers of the similarity-KL statistic of each layer's rows.
 
-        Sets :attr:`last_implementation`. A layer with a single row has nothing to compare:
-        an error, except in a training call that fills an empty queue (a batch of one at
-        the start of training), which contributes zero attached to the graph.
+        Sets :attr:`last_implementation`. A group needs at least 2 rows, 3 with
+        ``include_self=False`` (with two, each row's distribution is the other row with
+        probability 1 and the statistic is identically 0). Fewer is an error, except in a
+        training call while the queue is still filling (a small batch at the start of
+        training), which contributes zero attached to the graph.
         """
         total: Tensor | None = None
         implementations: list[str] = []
         for layer_rows in rows:
             x, y = layer_rows.restored, layer_rows.clean
-            if x.shape[-2] < 2:
-                if not self._fills_queue():
-                    raise ValueError(self._nothing_to_compare(layer_rows.layer))
+            if x.shape[-2] < self._min_rows():
+                filling = self._fills_queue() and x.shape[-2] - layer_rows.batch_rows < self.queue_size
+                if not filling:
+                    raise ValueError(self._nothing_to_compare(layer_rows.layer, x.shape[-2]))
                 value = x.sum() * 0.0
             else:
-                implementation = resolve_implementation(self.implementation, x.device, x.shape[-1])
+                implementation = resolve_implementation(
+                    self.implementation, x.device, x.shape[-1], torch.promote_types(x.dtype, y.dtype)
+                )
                 value = similarity_kl(
                     x,
                     y,
@@ -407,6 +433,16 @@ class SemanticStatisticsLoss(nn.Module):
         return total
 
     # -- helpers of the steps ---------------------------------------------------------
+
+    def _min_rows(self) -> int:
+        # Without the diagonal, two rows give each row a one-point distribution: KL = 0 always.
+        return 2 if self.include_self else 3
+
+    def _training_call(self) -> bool:
+        # Training mode with gradients enabled. Any other call (eval(), no_grad, inference_mode:
+        # validation, monitoring) uses this rank's batch alone and never communicates, so a
+        # validation that runs on one rank only cannot wait for the others.
+        return self.training and torch.is_grad_enabled()
 
     def _fills_queue(self) -> bool:
         # The queues take a call's rows only in training with gradients enabled: a
@@ -475,7 +511,7 @@ class SemanticStatisticsLoss(nn.Module):
         x = feature_rows(x_map, self.granularity, self.pool_size)
         y = feature_rows(y_map, self.granularity, self.pool_size)
         # At location granularity x is (B, L, C); a single location is an error in statistic().
-        few = self.granularity == "location" and 2 <= x.shape[-2] < MIN_LOCATIONS
+        few = self.granularity == "location" and self._min_rows() <= x.shape[-2] < MIN_LOCATIONS
         if few and layer not in self._warned_locations and not torch.compiler.is_compiling():
             self._warned_locations.add(layer)
             warn_user(
@@ -520,7 +556,18 @@ class SemanticStatisticsLoss(nn.Module):
             count = layer_rows.batch_rows
             queue.push(layer_rows.restored[:count], layer_rows.clean[:count])
 
-    def _nothing_to_compare(self, layer: str) -> str:
+    def _nothing_to_compare(self, layer: str, count: int) -> str:
+        if count >= 2:  # include_self=False with two rows
+            samples = {"image": "images", "patch": "crops", "location": "locations"}[self.granularity]
+            where = f"layer {layer!r} has {count} {samples} per group"
+            return (
+                f"include_self=False: {where}, so each one's distribution holds the one other sample with "
+                "probability 1 and the loss is identically 0, with no gradient. Use include_self=True, or at least "
+                + (
+                    "3 locations (larger images or a shallower layer)." if self.granularity == "location"
+                    else f"3 {samples} per call (a larger batch{' or queue_size > 0' if self.queues is None else ''})."
+                )
+            )
         if self.granularity == "location":
             return (
                 f"granularity='location': the feature map of layer {layer!r} has a single location, so there "

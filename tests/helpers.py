@@ -7,7 +7,7 @@ GPU is present, so importing the Triton kernels after this module is safe.
 The oracle (:func:`loop_kl` for values, :func:`kl_gradient` for gradients) is written from
 the definition, independently of :mod:`d2sm_loss.ops`:
 
-    xh_i = x_i / max(|x_i|, NORM_EPS)         c_ij = xh_i . xh_j   (d_ij likewise from y)
+    xh_i = x_i / |x_i|  (0 for an all-zero row)   c_ij = xh_i . xh_j   (d_ij likewise from y)
     log s(c) = log((1 + c) / 2 + COSINE_ETA)  (cosine)   or   (c - 1) / tau  (softmax)
     px(j | i) = s(c_ij) / sum_j s(c_ij)       py from d  (j != i when include_self=False)
     KL_i = sum_j py_ij (log py_ij - log px_ij)
@@ -115,6 +115,8 @@ def loop_kl(x: Tensor, y: Tensor, kernel: str, temperature: float, include_self:
     def unit_rows(rows: list) -> list:
         out = []
         for v in rows:
+            top = max(abs(a) for a in v)  # scaled first: any finite magnitude
+            v = [a / top for a in v] if top > 0 else v
             norm = max(math.sqrt(sum(a * a for a in v)), NORM_EPS)
             out.append([a / norm for a in v])
         return out
@@ -141,12 +143,20 @@ def kl_gradient(x: Tensor, y: Tensor, upstream: Tensor, kernel: str, temperature
     """``d sum_i upstream_i KL_i / dx`` for one group ``x``, ``y`` (N, D), in closed form:
 
         G_ij = upstream_i (px_ij - py_ij) d log s / dc (c_ij)      dXh = (G + G^T) Xh
-        dx_i = (dxh_i - xh_i (xh_i . dxh_i)) / |x_i|  if |x_i| > NORM_EPS,  else  dxh_i / NORM_EPS
+        dx_i = (dxh_i - xh_i (xh_i . dxh_i)) / |x_i|  for a nonzero row,  else  dxh_i / NORM_EPS
+
+    Rows are divided by their largest magnitude first, so any finite magnitude works.
     """
     x, y, upstream = x.double(), y.double(), upstream.double()
-    norms = x.norm(dim=-1, keepdim=True)
-    xh = x / norms.clamp_min(NORM_EPS)
-    yh = y / y.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+    def top(t: Tensor) -> Tensor:
+        m = t.abs().amax(dim=-1, keepdim=True)
+        return torch.where(m > 0, m, torch.ones_like(m))
+
+    x_top, y_top = top(x), top(y)
+    norms = (x / x_top).norm(dim=-1, keepdim=True)  # |x_i| / x_top_i
+    xh = x / x_top / norms.clamp_min(NORM_EPS)
+    yh = y / y_top / (y / y_top).norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     c, d = xh @ xh.T, yh @ yh.T
     if kernel == "cosine":
         log_s = lambda t: torch.log((1 + t) / 2 + COSINE_ETA)  # noqa: E731
@@ -161,8 +171,8 @@ def kl_gradient(x: Tensor, y: Tensor, upstream: Tensor, kernel: str, temperature
     py = torch.softmax(log_s(d).masked_fill(~keep, -math.inf), dim=-1)
     g = upstream[:, None] * (px - py) * dlog_s * keep
     dxh = (g + g.T) @ xh
-    projected = (dxh - xh * (xh * dxh).sum(-1, keepdim=True)) / norms
-    return torch.where(norms > NORM_EPS, projected, dxh / NORM_EPS)
+    projected = (dxh - xh * (xh * dxh).sum(-1, keepdim=True)) / norms / x_top
+    return torch.where(norms > 0, projected, dxh / NORM_EPS)
 
 
 # --- tolerances and the comparison -----------------------------------------------------

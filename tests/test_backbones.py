@@ -310,7 +310,7 @@ def test_weights_load_into_a_user_module(tmp_path):
     net, trained = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
     torch.save(trained.state_dict(), tmp_path / "conv.pth")
     extractor = FeatureExtractor(net, checkpoint=tmp_path / "conv.pth")
-    torch.testing.assert_close(net.weight, trained.weight)
+    torch.testing.assert_close(extractor.model.weight, trained.weight)  # loaded into the extractor's copy
     assert extractor.weights_source == str(tmp_path / "conv.pth")
 
 

@@ -27,7 +27,7 @@ SIZES = [3, 2]  # unequal per-rank batches; 5 rows a step wrap a queue of 7
 def make_loss(**kwargs):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
-    return SemanticStatisticsLoss(net, queue_size=7, pool_size=2, similarity="softmax", **kwargs)
+    return SemanticStatisticsLoss(net, **{"queue_size": 7, "pool_size": 2, "similarity": "softmax", **kwargs})
 
 
 def batch(step, size=sum(SIZES)):
@@ -160,3 +160,63 @@ def test_ddp_example_runs_under_torchrun(tmp_path):
     assert result["world_size"] == 2 and result["steps"] == 4
     assert result["queues_identical_across_ranks"] is True
     assert all(torch.isfinite(torch.tensor([h["l1"], h["d2sm"]])).all() for h in result["history"])
+
+
+# --- validation on one rank only ---------------------------------------------------------
+
+
+def rank0_validates_worker(rank, init_file, out_dir):
+    """Both ranks train a step; then rank 0 alone computes the loss in eval mode, under
+    no_grad, and in training mode under no_grad (what a rank-0-only validation loop does),
+    while rank 1 waits at a barrier. A collective in those calls would never be matched."""
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30)
+    )
+    try:
+        criterion = make_loss(queue_size=0)
+        restored, clean = batch(0, size=4)
+        own = slice(2 * rank, 2 * rank + 2)
+        criterion(restored[own].clone().requires_grad_(), clean[own]).backward()
+        values = {}
+        if rank == 0:
+            val_restored, val_clean = batch(7, size=3)
+            criterion.eval()
+            values["eval"] = criterion(val_restored, val_clean)
+            with torch.no_grad():
+                values["eval_no_grad"] = criterion(val_restored, val_clean)
+            criterion.train()
+            with torch.no_grad():
+                values["train_no_grad"] = criterion(val_restored, val_clean)
+            with torch.inference_mode():
+                values["train_inference_mode"] = criterion(val_restored, val_clean)
+            values = {k: v.detach().clone() for k, v in values.items()}
+        dist.barrier()
+        torch.save(values, os.path.join(out_dir, f"validate{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_validation_on_rank_zero_only_does_not_communicate(tmp_path):
+    context = mp.start_processes(
+        rank0_validates_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
+        start_method="spawn",
+    )
+    import time
+
+    deadline = time.monotonic() + 120
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail("rank-0-only validation hung: a non-training call waited for the other rank")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    values = torch.load(tmp_path / "validate0.pt")
+    val_restored, val_clean = batch(7, size=3)
+    want = make_loss(queue_size=0, distributed=False)(val_restored, val_clean)
+    assert want > 1e-3
+    for name, value in values.items():  # rank 0's batch alone, as in a single process
+        torch.testing.assert_close(value, want.detach(), rtol=1e-6, atol=0, msg=name)

@@ -43,7 +43,7 @@ PROBLEMS = [
     # Small odd shapes.
     *(Problem(shape, F64, "none", 0.3) for shape in ((1, 7, 5), (3, 9, 17), (2, 13, 4))),
     # N and D on both sides of the interpreter's 16-row and 32-column tiles, one or three
-    # groups; N = 1 has only the diagonal, N = 2 without it one column.
+    # groups; N = 1 has only the diagonal (N <= 2 without it is an error).
     *(Problem((g, n, d), F64, "none", 0.1) for n, d, g in itertools.product((1, 2, 33, 70), (3, 17, 65), (1, 3))
       if (n, d, g) != (70, 65, 3)),
     # Every reduction, for (G, N, D) and (N, D) inputs.
@@ -63,8 +63,8 @@ def _agreement_cases():
     for implementation, problem, kernel, include_self in itertools.product(
         ("reference", "streaming", "triton"), PROBLEMS, ("cosine", "softmax"), (True, False)
     ):
-        if problem.shape[-2] < 2 and not include_self:
-            continue  # nothing to compare (an error: test_bad_arguments)
+        if problem.shape[-2] < 3 and not include_self:
+            continue  # nothing to compare, or identically 0 (an error: test_bad_arguments)
         kernel_id = f"softmax{problem.temperature}" if kernel == "softmax" else kernel
         shape_id = "x".join(map(str, problem.shape))
         dtype_id = str(problem.dtype).removeprefix("torch.")
@@ -200,7 +200,9 @@ def test_auto_picks_streaming_torch_on_cpu():
         ({"include_self": 1}, None, TypeError, "include_self must be a bool"),
         ({"reduction": "avg"}, None, ValueError, "reduction must be one of"),
         ({"implementation": "cuda"}, None, ValueError, "implementation must be one of"),
-        ({"include_self": False}, (torch.randn(1, 3), torch.randn(1, 3)), ValueError, "at least 2 rows"),
+        ({"include_self": False}, (torch.randn(1, 3), torch.randn(1, 3)), ValueError, "at least 3 rows"),
+        ({"include_self": False}, (torch.randn(2, 3), torch.randn(2, 3)), ValueError, "identically 0"),
+        ({"include_self": False}, (torch.randn(4, 2, 3), torch.randn(4, 2, 3)), ValueError, "identically 0"),
     ],
 )
 def test_bad_arguments(kwargs, args, error, match):
@@ -254,14 +256,14 @@ def test_self_check_out_of_memory_is_not_cached(fresh_self_checks, monkeypatch):
     functional = fresh_self_checks
     monkeypatch.setattr(triton_kernels, "similarity_kl_triton", out_of_memory)
     assert functional._triton_self_check(torch.device("cpu")) is False
-    assert torch.device("cpu") not in functional._SELF_CHECKS
+    assert not functional._SELF_CHECKS
 
 
 def test_auto_keeps_wide_rows_on_the_streaming_path(monkeypatch):
     import d2sm_loss.functional as functional
 
     monkeypatch.setattr(functional, "_triton_error", lambda: None)
-    monkeypatch.setattr(functional, "_triton_self_check", lambda device: True)
+    monkeypatch.setattr(functional, "_triton_self_check", lambda *args, **kwargs: True)
     cuda = torch.device("cuda", 0)
     limit = functional.TRITON_AUTO_MAX_FEATURES
     assert functional.resolve_implementation("auto", cuda, limit) == "triton"
@@ -272,7 +274,10 @@ def test_auto_keeps_wide_rows_on_the_streaming_path(monkeypatch):
 def test_tf32_setting_is_read_through_either_api():
     from d2sm_loss._compat import tf32_allowed
 
-    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        before = torch.backends.cuda.matmul.fp32_precision
+    except AttributeError:  # torch < 2.9: only the legacy switch, read by the same function
+        pytest.skip(f"torch {torch.__version__} has no torch.backends.cuda.matmul.fp32_precision (new in torch 2.9)")
     try:
         torch.backends.cuda.matmul.fp32_precision = "tf32"  # the new API: the legacy getter raises now
         assert tf32_allowed() is True
@@ -280,3 +285,77 @@ def test_tf32_setting_is_read_through_either_api():
         assert tf32_allowed() is False
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
+
+
+# --- the Triton self-check, per launch configuration --------------------------------------
+
+
+@pytest.fixture
+def auto_on_cpu(fresh_self_checks, monkeypatch):
+    """``implementation="auto"`` treating the CPU as a GPU (the kernels run through the
+    interpreter), with every self-check launch recorded as (dtype, D, allow_tf32)."""
+    if triton_skip_reason():
+        pytest.skip(triton_skip_reason())
+    from d2sm_loss.ops import triton_kernels
+
+    functional = fresh_self_checks
+    launches = []
+    original = triton_kernels.similarity_kl_triton
+
+    def recorded(x, y, **kwargs):
+        launches.append((x.dtype, x.shape[-1], kwargs.get("allow_tf32")))
+        return original(x, y, **kwargs)
+
+    monkeypatch.setattr(triton_kernels, "similarity_kl_triton", recorded)
+    monkeypatch.setattr(functional, "_gpu", lambda device: True)
+    monkeypatch.setattr(functional, "_triton_error", lambda: None)
+    return functional, launches
+
+
+def test_the_self_check_runs_once_per_launch_configuration(auto_on_cpu, monkeypatch):
+    from d2sm_loss.ops import triton_kernels
+
+    functional, launches = auto_on_cpu
+    cpu = torch.device("cpu")
+    resolve = functional.resolve_implementation
+    assert resolve("auto", cpu, 20, torch.float32) == "triton"
+    assert launches == [(torch.float32, 20, False)] * 2  # both similarities, on rows of the real width
+    assert resolve("auto", cpu, 24, torch.float32) == "triton"  # the same block configuration: cached
+    assert len(launches) == 2
+    assert resolve("auto", cpu, 10, torch.float32) == "triton"  # another block configuration (BLOCK_K 16)
+    assert launches[2:] == [(torch.float32, 10, False)] * 2
+    assert resolve("auto", cpu, 20, torch.float64) == "triton"  # another dtype
+    assert launches[4:] == [(torch.float64, 20, False)] * 2
+    # TF32 switched on changes the products, hence the configuration (the interpreter computes
+    # in IEEE whatever it is asked: simulated by the precision the launch would use).
+    monkeypatch.setattr(triton_kernels, "_dot_precision", lambda dtype, allow_tf32=None: "tf32" if allow_tf32 in (None, True) and dtype == torch.float32 else "ieee")
+    assert resolve("auto", cpu, 20, torch.float32) == "triton"
+    assert launches[6:] == [(torch.float32, 20, True)] * 2
+    assert len(functional._SELF_CHECKS) == 4 and all(functional._SELF_CHECKS.values())
+
+
+def test_a_configuration_that_disagrees_falls_back_alone(auto_on_cpu, monkeypatch):
+    """Wrong numbers (not only a failed launch) in one configuration turn Triton off for that
+    configuration only, with a warning that names it."""
+    from d2sm_loss.ops import triton_kernels
+
+    functional, _ = auto_on_cpu
+    checked = triton_kernels.similarity_kl_triton
+
+    def wrong_in_float16(x, y, **kwargs):
+        out = checked(x, y, **kwargs)
+        return out * 1.2 if x.dtype == torch.float16 else out
+
+    monkeypatch.setattr(triton_kernels, "similarity_kl_triton", wrong_in_float16)
+    cpu = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match="self-check on cpu for torch.float16 rows of 20 features"):
+        assert functional.resolve_implementation("auto", cpu, 20, torch.float16) == "streaming"
+    assert functional.resolve_implementation("auto", cpu, 20, torch.float32) == "triton"
+    assert functional.resolve_implementation("auto", cpu, 20, torch.float16) == "streaming"  # cached, no new warning
+
+
+def test_similarity_kl_checks_the_dtype_it_launches(auto_on_cpu):
+    functional, launches = auto_on_cpu
+    x, y = torch.randn(2, 21, 12, dtype=torch.float64), torch.randn(2, 21, 12, dtype=torch.float64)
+    functional.similarity_kl(x, y, implementation="auto")
+    assert launches[:2] == [(torch.float64, 12, False)] * 2  # the self-check, in float64

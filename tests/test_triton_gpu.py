@@ -135,7 +135,9 @@ def test_auto_first_call_without_grad_still_picks_triton(fresh_self_checks, cont
             value = functional.similarity_kl(x, y, implementation="auto")
     assert not [w for w in caught if "self-check" in str(w.message)], [str(w.message) for w in caught]
     assert torch.isfinite(value)
-    assert functional._SELF_CHECKS.get(x.device) is True, functional._SELF_CHECKS
+    assert functional._SELF_CHECKS.get(functional._launch_configuration(x.device, torch.float32, 48)) is True, (
+        functional._SELF_CHECKS
+    )
     limit = functional.TRITON_AUTO_MAX_FEATURES
     assert functional.resolve_implementation("auto", x.device, 48) == "triton"
     assert functional.resolve_implementation("auto", x.device, limit) == "triton"

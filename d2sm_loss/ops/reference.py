@@ -6,7 +6,7 @@ matrices, one such pair per group). Each row is normalised, the cosine similarit
 every pair of rows are mapped to positive similarities, and row i's similarities,
 normalised to sum to one, are a distribution over the other rows ``j``::
 
-    xh_i = x_i / max(|x_i|, NORM_EPS)
+    xh_i = x_i / |x_i|   (0 for an all-zero row)
     c_ij = xh_i . xh_j                 d_ij = yh_i . yh_j
     log s(c) = log(max((1 + c) / 2, 0) + COSINE_ETA)   kernel "cosine"
     log s(c) = (c - 1) / temperature                     kernel "softmax"
@@ -18,12 +18,27 @@ with j over all rows, or over j != i when ``include_self`` is False. ``KL_i >= 0
 equality when the two similarity structures agree. The clean side is a constant: its
 gradient is never computed.
 
-The ``max(., 0)`` only guards against rounding: a cosine of unit vectors is never below
+Any finite magnitude: each row is first divided by a power of two near its largest entry
+(:func:`row_scale`, exact in floating point, no autograd graph), then by its norm, so rows
+of 1e30 or 1e-30 (float32) neither overflow nor underflow to a zero norm: the statistic is
+scale-invariant per row, as the cosine is. Only an all-zero row keeps the fallback
+``x / max(|x|, NORM_EPS)``: it gets ``xh = 0`` (cosine 0 with every row), a finite value
+and the gradient ``dxh / NORM_EPS``. A nonzero row's gradient is the exact derivative of
+``x / |x|``, of order ``1 / |x_i|``.
+
+Conditioning: ``d log s / dc = 1 / (2 s)`` reaches ``1 / (2 COSINE_ETA)`` at ``c = -1``,
+so near exactly antipodal rows a cosine rounded by ``~1e-7`` (float32) moves their
+gradient entries by a few per cent (values by ~1e-7); float64 agrees with exact arithmetic
+to ~1e-11 there. Every path computes ``(1 + c) / 2`` before adding ``COSINE_ETA``, so none
+adds a rounding of its own.
+
+The ``max(., 0)`` guards against rounding: a cosine of unit vectors is never below
 -1, but a computed one can be (by ~1e-7 in float32, ~1e-3 with TF32 or float16
-products), and below ``-1 - 2 COSINE_ETA`` the logarithm would be NaN. The streaming and
-Triton paths hold the similarity at the same bound (giving such entries the derivative
-at the bound, where autograd of ``clamp`` here gives 0: the two differ only on entries
-that exact arithmetic cannot produce).
+products), and below ``-1 - 2 COSINE_ETA`` the logarithm would be NaN. At and beyond
+``c = -1`` every path takes the derivative of ``log s`` as 0: at exactly antipodal rows
+the pair's term in the gradient is radial (``xh_j = -xh_i``) and vanishes after the
+normalisation's projection, exactly so; keeping its large factor ``1 / (2 COSINE_ETA)``
+would only leave rounding behind.
 
 Memory is O(N^2) per group (several (G, N, N) matrices, kept for the backward); the
 streaming and Triton implementations compute the same numbers without them. They use
@@ -35,12 +50,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["COSINE_ETA", "NORM_EPS", "KERNELS", "log_similarity", "similarity_kl_reference", "similarity_kl_vjp"]
+__all__ = [
+    "COSINE_ETA",
+    "NORM_EPS",
+    "KERNELS",
+    "log_similarity",
+    "row_scale",
+    "similarity_kl_reference",
+    "similarity_kl_vjp",
+]
 
 #: Added to the cosine kernel's similarity so that ``log s`` stays finite at c = -1.
 COSINE_ETA = 1e-6
-#: Rows shorter than this are divided by it instead of their norm (an all-zero row
-#: gets a finite value and gradient instead of NaN).
+#: After :func:`row_scale` every nonzero row has norm >= 1: only an all-zero row is divided
+#: by this instead of its norm (a finite value and gradient instead of NaN).
 NORM_EPS = 1e-6
 #: The similarity kernels.
 KERNELS = ("cosine", "softmax")
@@ -49,10 +72,36 @@ KERNELS = ("cosine", "softmax")
 def log_similarity(cos: Tensor, kernel: str, temperature: float) -> Tensor:
     """``log s(c)`` for a tensor of cosine similarities ``cos``."""
     if kernel == "cosine":
-        return torch.log(((1.0 + cos) * 0.5).clamp_min(0.0) + COSINE_ETA)
+        half = (1.0 + cos) * 0.5
+        # Held at 0 at and beyond c = -1, with derivative 0 there (where(), not clamp, whose
+        # derivative at the tie is 1): an exactly antipodal pair's derivative is radial.
+        return torch.log(torch.where(half > 0.0, half, torch.zeros_like(half)) + COSINE_ETA)
     if kernel == "softmax":
         return (cos - 1.0) / temperature
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def row_scale(features: Tensor) -> Tensor:
+    """A power of two near each row's largest magnitude, shape (..., 1), dtype of
+    ``features``, without a graph; 1 for an all-zero row.
+
+    ``features / row_scale(features)`` has its largest entry in [1, 2) per row and is exact
+    (a power of two only shifts exponents), so its norm neither overflows nor underflows
+    for any finite input. Dividing by it leaves ``x / |x|`` and its derivative unchanged.
+    Written with ``log2`` / ``floor`` / ``exp2`` (no ``frexp``) for :func:`torch.compile`.
+    """
+    with torch.no_grad():
+        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        top = features.detach().abs().amax(dim=-1, keepdim=True).to(acc)
+        scale = torch.exp2(torch.floor(torch.log2(top)))
+        return torch.where(top > 0, scale, torch.ones_like(scale)).to(features.dtype)
+
+
+def unit_rows(features: Tensor) -> Tensor:
+    """``features / |row|`` per row at any finite magnitude (0 for an all-zero row),
+    differentiable (see the module docstring)."""
+    scaled = features / row_scale(features)
+    return scaled / _row_norms(scaled).clamp_min(NORM_EPS)
 
 
 def _row_norms(features: Tensor) -> Tensor:
@@ -70,7 +119,7 @@ def _row_norms(features: Tensor) -> Tensor:
 
 def _log_conditional(features: Tensor, kernel: str, temperature: float, include_self: bool) -> Tensor:
     """``log p(j | i)`` for every pair of rows of ``features`` (G, N, D) -> (G, N, N)."""
-    unit = features / _row_norms(features).clamp_min(NORM_EPS)
+    unit = unit_rows(features)
     logits = log_similarity(unit @ unit.transpose(-1, -2), kernel, temperature)
     if not include_self:
         eye = torch.eye(features.shape[-2], dtype=torch.bool, device=features.device)

@@ -12,7 +12,7 @@ Forward, per row block ``I`` (all G groups at once)::
     log Zx_I = logsumexp_j log S_x     log Zy_I likewise       (j != i if not include_self)
     KL_I = sum_j py_ij (log py_ij - log px_ij)
 
-Saved for backward: the inputs ``X``, ``Y`` themselves (references, no copies), the row
+Saved for backward: the inputs ``X``, ``Y`` themselves (references, no copies), the row scales and
 norms ``|x_i|`` and the log-normalisers ``log Zx``, ``log Zy`` (G, N): no N x N matrix.
 The backward recomputes the unit rows (O(G N D)) and then, per row block, both tiles::
 
@@ -20,9 +20,10 @@ The backward recomputes the unit rows (O(G N D)) and then, per row block, both t
     dXh_I += Gm Xh                (the rows of the block)
     dXh   += Gm^T Xh_I            (the columns, since c is symmetric)
 
-and finally ``dx_i = (dxh_i - xh_i (xh_i . dxh_i)) / |x_i|`` for rows with
-``|x_i| >= NORM_EPS``, else ``dxh_i / NORM_EPS`` (the derivative of
-``x / max(|x|, NORM_EPS)``, as autograd takes it for the reference).
+and finally ``dx_i = (dxh_i - xh_i (xh_i . dxh_i)) / |x_i|`` for nonzero rows, else
+``dxh_i / NORM_EPS`` (as autograd takes it for the reference). Rows are divided by a power
+of two near their largest entry before their norm is taken
+(:func:`~d2sm_loss.ops.reference.row_scale`), so any finite magnitude works.
 
 Cost per group (N rows, D features):
 
@@ -61,7 +62,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import COSINE_ETA, KERNELS, NORM_EPS, similarity_kl_vjp
+from .reference import COSINE_ETA, KERNELS, NORM_EPS, row_scale, similarity_kl_vjp
 
 __all__ = ["TILE_ELEMENTS", "TILE_ELEMENTS_GPU", "similarity_kl_streaming", "default_block_size"]
 
@@ -87,10 +88,14 @@ def default_block_size(groups: int, rows: int, tile_elements: int = TILE_ELEMENT
     return max(1, min(rows, tile_elements // max(1, groups * rows)))
 
 
-def _unit_rows(features: Tensor) -> tuple[Tensor, Tensor]:
-    """``(features / max(|row|, NORM_EPS), |row|)``."""
-    norms = torch.linalg.vector_norm(features, dim=-1)
-    return features / norms.clamp_min(NORM_EPS).unsqueeze(-1), norms
+def _unit_rows(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(unit rows, |scaled row|, scale)``: rows divided by a power of two near their largest
+    entry (:func:`~d2sm_loss.ops.reference.row_scale`; (..., 1)), then by their norm (any
+    finite magnitude; 0 for an all-zero row)."""
+    scale = row_scale(features)
+    scaled = features / scale
+    norms = torch.linalg.vector_norm(scaled, dim=-1)
+    return scaled / norms.clamp_min(NORM_EPS).unsqueeze(-1), norms, scale
 
 
 def _kernel_tile(unit_block: Tensor, unit_t: Tensor, kernel: str, temperature: float, out: Tensor) -> Tensor:
@@ -100,13 +105,16 @@ def _kernel_tile(unit_block: Tensor, unit_t: Tensor, kernel: str, temperature: f
     kernel: its logarithm ``(c - 1) / temperature``. One fused matmul-and-scale.
     """
     if kernel == "cosine":
-        offset, scale = 0.5 + COSINE_ETA, 0.5
+        offset, scale = 0.5, 0.5
     else:
         offset, scale = -1.0 / temperature, 1.0 / temperature
     base = unit_block.new_full((1, 1, 1), offset).expand(out.shape)
     torch.baddbmm(base, unit_block, unit_t, beta=1.0, alpha=scale, out=out)
     if kernel == "cosine":
-        out.clamp_min_(COSINE_ETA)  # rounding can push a cosine below -1 (see .reference)
+        # (1 + c) / 2 first, exact near c = -1 (0.5 + 0.5 c cancels without rounding), then
+        # eta: adding 0.5 + eta in one step would round eta by ~1% in float32. The clamp:
+        # rounding can push a cosine below -1 (see .reference).
+        out.clamp_min_(0.0).add_(COSINE_ETA)
     return out
 
 
@@ -160,8 +168,8 @@ def _log_normaliser(tile: Tensor, kernel: str, scratch: Tensor) -> Tensor:
 class _StreamingSimilarityKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, block_size: int):
-        xh, x_norm = _unit_rows(x.contiguous())
-        yh, _ = _unit_rows(y.contiguous())
+        xh, x_norm, x_scale = _unit_rows(x.contiguous())
+        yh, _, _ = _unit_rows(y.contiguous())
         xh_t, yh_t = xh.transpose(-1, -2), yh.transpose(-1, -2)
         groups, n, _ = x.shape
         log_zx = x.new_empty(groups, n)
@@ -198,7 +206,7 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         del buffers
         # The inputs themselves (no copies; the backward recomputes the unit rows): a
         # second-order backward needs the tensor the caller's graph continues from.
-        ctx.save_for_backward(x, y, x_norm, log_zx, log_zy)
+        ctx.save_for_backward(x, y, x_norm, x_scale, log_zx, log_zy)
         ctx.options = (kernel, temperature, include_self, block_size)
         return kl
 
@@ -206,21 +214,23 @@ class _StreamingSimilarityKL(torch.autograd.Function):
     def backward(ctx, grad_kl: Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
-        x, y, x_norm, log_zx, log_zy = ctx.saved_tensors
+        x, y, x_norm, x_scale, log_zx, log_zy = ctx.saved_tensors
         kernel, temperature, include_self, block_size = ctx.options
         if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
             grad_x = similarity_kl_vjp(x, y, grad_kl, kernel=kernel, temperature=temperature, include_self=include_self)
             return grad_x, None, None, None, None, None
         # In the inputs' dtype, as the forward, even when backward is called inside autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _StreamingSimilarityKL._gradient(x, y, x_norm, log_zx, log_zy, grad_kl, ctx.options)
+            return _StreamingSimilarityKL._gradient(x, y, x_norm, x_scale, log_zx, log_zy, grad_kl, ctx.options)
 
     @staticmethod
-    def _gradient(x: Tensor, y: Tensor, x_norm: Tensor, log_zx: Tensor, log_zy: Tensor, grad_kl: Tensor, options):
+    def _gradient(
+        x: Tensor, y: Tensor, x_norm: Tensor, x_scale: Tensor, log_zx: Tensor, log_zy: Tensor, grad_kl: Tensor, options
+    ):
         """The streamed first derivative ``dKL / dx`` (see the module docstring)."""
         kernel, temperature, include_self, block_size = options
-        xh = x.contiguous() / x_norm.clamp_min(NORM_EPS).unsqueeze(-1)  # as in the forward
-        yh, _ = _unit_rows(y.contiguous())
+        xh = (x.contiguous() / x_scale) / x_norm.clamp_min(NORM_EPS).unsqueeze(-1)  # as in the forward
+        yh, _, _ = _unit_rows(y.contiguous())
         xh_t, yh_t = xh.transpose(-1, -2), yh.transpose(-1, -2)
         n = xh.shape[1]
         grad_kl = grad_kl.to(xh.dtype).contiguous()
@@ -241,6 +251,9 @@ class _StreamingSimilarityKL(torch.autograd.Function):
                 torch.mul(a, inv_zx[:, start:stop].unsqueeze(-1), out=gm)
                 gm.sub_(b)
                 gm.div_(a)
+                # At and beyond c = -1 (s held at COSINE_ETA) the derivative is 0, as the
+                # reference's: an exactly antipodal pair's term is purely radial.
+                gm.masked_fill_(a <= COSINE_ETA, 0.0)
                 if not include_self:
                     _fill_block_diagonal(gm, start, 0.0)  # 0 / 0 on the excluded diagonal
             else:
@@ -256,10 +269,12 @@ class _StreamingSimilarityKL(torch.autograd.Function):
             grad_unit.baddbmm_(gm.transpose(-1, -2), xh[:, start:stop] * scale)
             del gm
         del buffers
-        # Through xh = x / max(|x|, NORM_EPS).
+        # Through xh = (x / scale) / max(|x / scale|, NORM_EPS); the scale is a constant. Divided
+        # in two steps: |x| itself may not be representable.
         big = (x_norm >= NORM_EPS).unsqueeze(-1)
         radial = (xh * grad_unit).sum(dim=-1, keepdim=True)
-        grad_x = torch.where(big, grad_unit - xh * radial, grad_unit) / x_norm.clamp_min(NORM_EPS).unsqueeze(-1)
+        grad_x = torch.where(big, grad_unit - xh * radial, grad_unit)
+        grad_x = grad_x / x_norm.clamp_min(NORM_EPS).unsqueeze(-1) / x_scale
         return grad_x, None, None, None, None, None
 
 

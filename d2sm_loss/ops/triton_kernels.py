@@ -5,6 +5,7 @@ The statistic is the one :mod:`.reference` defines: per row ``i``,
 ``s`` of the cosines of rows ``i`` and ``j``. For one group with restored features ``X``
 and clean features ``Y`` (``N x D`` each)::
 
+    x_i     <- x_i / 2^k_i, 2^k_i near max|x_i|       (exact; any finite magnitude, see .reference)
     rinv_i   = 1 / max(|x_i|, NORM_EPS)               (a cheap O(N D) norm pass in torch)
     c_ij     = (x_i . x_j) * rinv_i * rinv_j          (= xh_i . xh_j; no normalised copy of X)
     lx_ij    = log s(c_ij),  ly_ij = log s(d_ij)      (-inf on the excluded diagonal)
@@ -21,8 +22,9 @@ Forward (``_similarity_kl_fwd_kernel()``)
     as in flash attention) for ``Zx`` and ``Zy``, and ``A_i = sum_j exp(ly_ij - m_i)
     (ly_ij - lx_ij)`` rescaled with the same running maximum ``m_i`` as ``Zy``. Nothing of
     size N x N is ever stored, and the softmax kernel with a small temperature and
-    ``include_self=False`` cannot underflow to ``log 0``. Saved for backward: the inputs
-    (references, no copies) and ``log Zx``, ``log Zy`` and the reciprocal row norms (O(N)).
+    ``include_self=False`` cannot underflow to ``log 0``. Saved for backward: the restored
+    input (a reference), the scaled clean rows (a copy), ``log Zx``, ``log Zy``, the row
+    scales and the reciprocal row norms (O(N)).
 
 Backward (``_similarity_kl_bwd_kernel()``)
     With ``g_i`` the incoming gradient of ``KL_i``, ``G_ij = g_i (px_ij - py_ij) dlogs/dc(c_ij)``
@@ -82,7 +84,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._compat import tf32_allowed, triton_interpreted
-from .reference import COSINE_ETA, KERNELS, NORM_EPS, similarity_kl_vjp
+from .reference import COSINE_ETA, KERNELS, NORM_EPS, row_scale, similarity_kl_vjp
 
 __all__ = ["similarity_kl_triton", "BlockConfig", "ForwardConfig", "BackwardConfig", "choose_block_config"]
 
@@ -334,7 +336,10 @@ def _similarity_kl_bwd_kernel(
         own = grad_k[:, None] * (tl.exp(lx - log_zx_k[:, None]) - tl.exp(ly - log_zy_k[:, None]))
         mirrored = grad_j[None, :] * (tl.exp(lx - log_zx_j[None, :]) - tl.exp(ly - log_zy_j[None, :]))
         if COSINE:
-            dlog_dc = 0.5 / (tl.maximum((1.0 + c) * 0.5, 0.0) + eta)
+            # Zero at and beyond c = -1, as the reference: an exactly antipodal pair's
+            # derivative is radial (u_j = -u_k) and the projection below removes it exactly.
+            half = (1.0 + c) * 0.5
+            dlog_dc = tl.where(half > 0.0, 0.5 / (tl.maximum(half, 0.0) + eta), 0.0)
         else:
             dlog_dc = 1.0 / temperature
         h = tl.where(valid, (own + mirrored) * dlog_dc, 0.0)
@@ -479,8 +484,16 @@ def _dot_native(dtype: torch.dtype) -> bool:
     return True  # float32 and float64 are their own accumulation dtype
 
 
+def _scaled(features: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows divided by a power of two near their largest entry (exact; any finite
+    magnitude then has a representable norm and products) and that scale, (G, N, 1)."""
+    scale = row_scale(features)
+    return (features / scale).contiguous(), scale
+
+
 def _reciprocal_norms(features: Tensor, acc_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``1 / max(|f_i|, NORM_EPS)`` and the norms themselves, shape (G, N), ``acc_dtype``."""
+    """``1 / max(|f_i|, NORM_EPS)`` and the norms themselves, shape (G, N), ``acc_dtype``,
+    of rows already scaled by :func:`_scaled` (nonzero rows have norm >= 1)."""
     norms = torch.linalg.vector_norm(features, dim=-1, dtype=acc_dtype)
     return norms.clamp_min(NORM_EPS).reciprocal(), norms
 
@@ -498,8 +511,9 @@ class _SimilarityKLFunction(torch.autograd.Function):
         ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, precision: str
     ) -> Tensor:
         x_in = x  # saved as given: a second-order backward continues the caller's graph from it
-        x = x.contiguous()
-        y = y.detach().contiguous()
+        with torch.no_grad():
+            x, x_scale = _scaled(x)
+            y, _ = _scaled(y.detach())
         groups, n, d = x.shape
         acc_dtype = _accumulation_dtype(x.dtype)
         config = choose_block_config(d, x.dtype).forward
@@ -537,7 +551,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
             )
         # >= as autograd differentiates the reference's clamp_min (the tie passes through).
         project_x = (norms_x >= NORM_EPS).to(acc_dtype)
-        ctx.save_for_backward(x_in, y, rinv_x, rinv_y, project_x, log_zx, log_zy)
+        ctx.save_for_backward(x_in, y, x_scale, rinv_x, rinv_y, project_x, log_zx, log_zy)
         ctx.kernel = kernel
         ctx.temperature = float(temperature)
         ctx.include_self = bool(include_self)
@@ -548,13 +562,13 @@ class _SimilarityKLFunction(torch.autograd.Function):
     def backward(ctx, grad_kl: Tensor):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
-        x, y, rinv_x, rinv_y, project_x, log_zx, log_zy = ctx.saved_tensors
+        x, y, x_scale, rinv_x, rinv_y, project_x, log_zx, log_zy = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
             grad_x = similarity_kl_vjp(
                 x, y, grad_kl, kernel=ctx.kernel, temperature=ctx.temperature, include_self=ctx.include_self
             )
             return grad_x, None, None, None, None, None
-        x = x.contiguous()
+        x = (x / x_scale).contiguous()  # the scaled rows of the forward (y was saved scaled)
         groups, n, d = x.shape
         acc_dtype = rinv_x.dtype
         config = choose_block_config(d, x.dtype).backward
@@ -587,7 +601,8 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
-        return dx.to(x.dtype), None, None, None, None, None
+        # dx above is the derivative with respect to the scaled rows x / scale.
+        return (dx / x_scale.to(acc_dtype)).to(x.dtype), None, None, None, None, None
 
 
 def similarity_kl_triton(
