@@ -26,6 +26,7 @@ from .distributed import distributed_world, gather_batch_sizes, gather_rows
 from .features import FeatureExtractor
 from .functional import IMPLEMENTATIONS, SIMILARITIES, Implementation, Similarity, resolve_implementation, similarity_kl
 from .layers import LayerSpec
+from .ops.incremental import Blocks
 from .queue import FeatureQueue
 from .rows import LayerRows, feature_rows, image_crops
 
@@ -97,10 +98,14 @@ class SemanticStatisticsLoss(nn.Module):
         temperature: the softmax similarity's temperature (positive, finite).
         include_self: whether each sample's distribution includes itself.
         queue_size: image and patch granularity: how many rows of earlier batches (restored
-            and clean, detached) join the current batch's rows. 0 disables the queue. The
-            queue is updated only by calls in training mode with gradients enabled (not
-            under ``torch.no_grad()`` or ``torch.inference_mode()``, e.g. validation), and
-            is saved in the state dict.
+            and clean, detached) join the current batch's rows in training calls. 0
+            disables the queue. A step costs ``O(B (B + queue_size) D)`` plus
+            ``O(queue_size^2)``, not ``O((B + queue_size)^2 D)``: the queue caches its rows'
+            pairwise similarities (:class:`~d2sm_loss.queue.FeatureQueue`).
+        save_queue: keep the queue's rows in ``state_dict()`` (False by default: ``paper()``
+            at 224 x 224 holds 224 x 100352 x 2 floats, about 180 MB). Loading works either
+            way: a state dict with queue rows restores them, one without leaves the queue
+            empty, and it refills in ``ceil(queue_size / global batch)`` training steps.
         input_range: the range of the input images' values, e.g. ``(0, 1)`` or
             ``(0, 255)`` or ``(-1, 1)``; it is mapped to [0, 1], then normalised by
             ``mean``/``std``. Values outside give one warning (per loss object).
@@ -141,6 +146,15 @@ class SemanticStatisticsLoss(nn.Module):
         ``restored`` and ``clean``: ``(B, C, H, W)`` with ``B >= 1`` and ``C`` 1 (repeated
         to RGB) or 3. Output: a scalar.
 
+    Training and evaluation: a call trains when the module is in training mode and
+    gradients are enabled. Only such calls use the memory queue (read and write it) and
+    gather rows across torch.distributed ranks. A call that does not train (``eval()``,
+    ``torch.no_grad()``, ``torch.inference_mode()``: validation) computes the statistic over
+    its own batch only: it never reads or changes the queue and never communicates, so its
+    value does not depend on training history, images of another size work, and rank-0-only
+    validation cannot hang. Such a call with a single image (or crop) has nothing to compare
+    and returns 0, with a warning the first time.
+
     Restored images come first. A call whose ``clean`` images require grad while the
     ``restored`` ones do not warns once: the arguments are probably swapped, and the loss
     would send no gradient to the network.
@@ -179,6 +193,7 @@ class SemanticStatisticsLoss(nn.Module):
         temperature: float = 0.1,
         include_self: bool = True,
         queue_size: int = 0,
+        save_queue: bool = False,
         input_range: tuple[float, float] = (0.0, 1.0),
         reduction: Literal["mean", "sum"] = "mean",
         implementation: Implementation = "auto",
@@ -250,10 +265,22 @@ class SemanticStatisticsLoss(nn.Module):
                 f"patch_size={self.patch_size} is too small for layers {self.layers} of {self._extractor.name!r}: "
                 f"each crop side must be at least {self._extractor.min_size()}"
             )
-        self.queues = nn.ModuleList([FeatureQueue(self.queue_size) for _ in range(count)]) if self.queue_size else None
+        save_queue = check_bool("save_queue", save_queue)
+        self.queues = (
+            nn.ModuleList(
+                FeatureQueue(
+                    self.queue_size, kernel=self.similarity, temperature=self.temperature,
+                    include_self=self.include_self, save=save_queue,
+                )
+                for _ in range(count)
+            )
+            if self.queue_size
+            else None
+        )
         self.last_implementation = None
         self._warned_range = False
         self._warned_order = False
+        self._warned_single = False
         self._warned_locations: set[str] = set()
 
     @property
@@ -309,9 +336,10 @@ class SemanticStatisticsLoss(nn.Module):
     def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
         """The loss between ``restored`` (receives the gradient) and ``clean`` images."""
         rows = self.rows(restored, clean)
-        value = self.statistic(rows)
-        if self._fills_queue():
-            self._push(rows)
+        value, blocks = self._statistic(rows)
+        for layer_rows, layer_blocks in zip(rows, blocks):  # after every layer succeeded
+            if layer_rows.queue is not None and layer_blocks is not None:
+                layer_rows.queue.push(layer_rows.restored, layer_rows.clean, layer_blocks)
         return value
 
     def rows(self, restored: Tensor, clean: Tensor) -> list[LayerRows]:
@@ -319,8 +347,9 @@ class SemanticStatisticsLoss(nn.Module):
 
         Checks the images, runs the backbone on both batches (the clean one without an
         autograd graph), turns each feature map into rows (pooling and flattening as the
-        granularity asks), gathers them over torch.distributed ranks, and appends the
-        memory queue's rows. The queue is not changed.
+        granularity asks) and, in a training call, gathers them over torch.distributed
+        ranks and attaches the memory queue (:attr:`LayerRows.queue`). The queue is not
+        changed.
         """
         self._validate(restored, clean)
         restored_maps = self.feature_maps(restored)
@@ -337,12 +366,14 @@ class SemanticStatisticsLoss(nn.Module):
             self._layer_rows(name, weight, x_map, y_map, restored.shape[-2:])
             for name, weight, x_map, y_map in zip(names, self.layer_weights, restored_maps, clean_maps)
         ]
-        if self.distributed and self.granularity != "location":
+        trains = self._trains()
+        if self.distributed and self.granularity != "location" and trains:
             rows = self._gather(rows)
         if self.check_inputs:
             self._check_values(restored, clean, rows)
-        if self.queues is not None:
-            rows = [self._with_queue(layer_rows, queue) for layer_rows, queue in zip(rows, self.queues)]
+        if self.queues is not None and trains:
+            for layer_rows, queue in zip(rows, self.queues):
+                layer_rows.queue = queue
         return rows
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
@@ -361,18 +392,35 @@ class SemanticStatisticsLoss(nn.Module):
     def statistic(self, rows: Sequence[LayerRows]) -> Tensor:
         """The weighted sum over layers of the similarity-KL statistic of each layer's rows.
 
-        Sets :attr:`last_implementation`. A layer with a single row has nothing to compare:
-        an error, except in a training call that fills an empty queue (a batch of one at
-        the start of training), which contributes zero attached to the graph.
+        A layer with a memory queue attached (a training call) takes the incremental path
+        over its rows and the queue's (:meth:`FeatureQueue.forward
+        <d2sm_loss.queue.FeatureQueue.forward>`; equal to
+        :func:`~d2sm_loss.functional.similarity_kl` over :meth:`LayerRows.all_rows`), other
+        layers :func:`~d2sm_loss.functional.similarity_kl` over their rows. Sets
+        :attr:`last_implementation` (``"incremental"`` for the queue's path). A layer with a
+        single row has nothing to compare: an error in a training call without a queue,
+        0 (warned once) in a call that does not train.
         """
+        return self._statistic(rows)[0]
+
+    def _statistic(self, rows: Sequence[LayerRows]) -> tuple[Tensor, list[Blocks | None]]:
+        """:meth:`statistic` and, per layer, the blocks a queue push reuses."""
         total: Tensor | None = None
         implementations: list[str] = []
+        blocks: list[Blocks | None] = []
         for layer_rows in rows:
             x, y = layer_rows.restored, layer_rows.clean
-            if x.shape[-2] < 2:
-                if not self._fills_queue():
+            layer_blocks = None
+            if layer_rows.queue is not None:
+                kl_batch, kl_queue, count, layer_blocks = layer_rows.queue(x, y, layer_rows.layer)
+                value = kl_batch.sum() + kl_queue.sum()
+                value = value / count if self.reduction == "mean" else value
+                implementations.append("incremental")
+            elif x.shape[-2] < 2:
+                if self._trains() or self.granularity == "location":
                     raise ValueError(self._nothing_to_compare(layer_rows.layer))
-                value = x.sum() * 0.0
+                self._warn_single()
+                value = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)).detach()
             else:
                 implementation = resolve_implementation(self.implementation, x.device, x.shape[-1])
                 value = similarity_kl(
@@ -385,19 +433,30 @@ class SemanticStatisticsLoss(nn.Module):
                     implementation=implementation,
                 )
                 implementations.append(implementation)
+            blocks.append(layer_blocks)
             total = layer_rows.weight * value if total is None else total + layer_rows.weight * value
         if total is None:
             raise ValueError("rows must hold at least one layer")
         if implementations:
             self.last_implementation = ",".join(implementations) if len(set(implementations)) > 1 else implementations[0]
-        return total
+        return total, blocks
 
     # -- helpers of the steps ---------------------------------------------------------
 
-    def _fills_queue(self) -> bool:
-        # The queues take a call's rows only in training with gradients enabled: a
-        # validation or monitoring call (no_grad / inference_mode) leaves them untouched.
-        return self.queues is not None and self.training and torch.is_grad_enabled()
+    def _trains(self) -> bool:
+        """A training call: training mode with gradients enabled. Only such calls use the
+        queue and gather across ranks."""
+        return self.training and torch.is_grad_enabled()
+
+    def _warn_single(self) -> None:
+        if not self._warned_single and not torch.compiler.is_compiling():
+            self._warned_single = True
+            what = "image" if self.granularity == "image" else "crop"
+            warn_user(
+                f"SemanticStatisticsLoss: this call does not train (eval() or no_grad) and has a single {what}: "
+                f"the statistic compares the {what}s of the call's own batch, so there is nothing to compare and "
+                "the loss is 0. (Warned once.)",
+            )
 
     def _validate(self, restored: Tensor, clean: Tensor) -> None:
         check_images("restored", restored)
@@ -483,25 +542,6 @@ class SemanticStatisticsLoss(nn.Module):
             for r in rows
         ]
 
-    def _with_queue(self, layer_rows: LayerRows, queue: FeatureQueue) -> LayerRows:
-        """The layer's rows followed by its queue's rows, in their promoted dtype."""
-        x, y = layer_rows.restored, layer_rows.clean
-        queue.check_feature_size(x.shape[1], layer_rows.layer)
-        past_x, past_y = queue.rows()
-        if not past_x.shape[0]:
-            return layer_rows
-        dtype = torch.promote_types(x.dtype, past_x.dtype)  # float16 features + float32 queue
-        x = torch.cat([x.to(dtype), past_x.to(x.device, dtype)])
-        y = torch.cat([y.to(dtype), past_y.to(y.device, dtype)])
-        return LayerRows(layer_rows.layer, layer_rows.weight, x, y, layer_rows.batch_rows)
-
-    def _push(self, rows: Sequence[LayerRows]) -> None:
-        """This call's rows into the queues, after every layer succeeded: all advance or none."""
-        assert self.queues is not None
-        for layer_rows, queue in zip(rows, self.queues):
-            count = layer_rows.batch_rows
-            queue.push(layer_rows.restored[:count], layer_rows.clean[:count])
-
     def _nothing_to_compare(self, layer: str) -> str:
         if self.granularity == "location":
             return (
@@ -509,16 +549,10 @@ class SemanticStatisticsLoss(nn.Module):
                 "is nothing to compare. Use larger images, a shallower layer, or pool_size of at least 2."
             )
         what = "image" if self.granularity == "image" else "crop"
-        queue = (
-            "queue_size=0" if self.queues is None
-            else "the memory queue is empty and is only filled by training-mode calls with gradients enabled"
-        )
         return (
-            f"granularity={self.granularity!r} compares the {what}s of a batch with each other, but this call "
-            f"has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, {queue}): "
-            "nothing to compare. Use a larger batch"
-            + (", queue_size > 0," if self.queues is None else "")
-            + " or 'location' granularity."
+            f"granularity={self.granularity!r} compares the {what}s of a batch with each other, but this training "
+            f"call has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, "
+            "queue_size=0): nothing to compare. Use a larger batch, queue_size > 0 or 'location' granularity."
         )
 
     def extra_repr(self) -> str:

@@ -10,9 +10,14 @@ per location); :class:`LayerRows` carries one layer's rows from
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .queue import FeatureQueue
 
 __all__ = ["LayerRows", "feature_rows", "image_crops"]
 
@@ -51,12 +56,14 @@ class LayerRows:
     Attributes:
         layer: the layer's name (or index, for a user module with ``layers=None``).
         weight: its layer weight.
-        restored: the restored rows: ``(N, D)`` at image and patch granularity (this call's
-            rows, gathered over ranks under torch.distributed, followed by the queue's), or
+        restored: the restored rows: ``(B, D)`` at image and patch granularity (this call's
+            rows, gathered over ranks under torch.distributed in a training call), or
             ``(B, L, C)`` at location granularity (one group of ``L`` locations per image).
             Attached to the autograd graph of the restored images.
         clean: the clean rows, same shape, without a graph.
-        batch_rows: how many leading rows come from this call (the rest from the queue).
+        batch_rows: how many rows come from this call (``restored.shape[0]``).
+        queue: the memory queue whose rows join this call's in the statistic (a training
+            call with ``queue_size > 0``), else None.
     """
 
     layer: str
@@ -64,3 +71,17 @@ class LayerRows:
     restored: Tensor
     clean: Tensor
     batch_rows: int
+    queue: FeatureQueue | None = None
+
+    def all_rows(self) -> tuple[Tensor, Tensor]:
+        """This call's rows followed by the queue's filled rows, in their promoted dtype:
+        the rows the statistic compares, for the full computation
+        (:func:`~d2sm_loss.functional.similarity_kl`). Reads the queue's fill count (a
+        device synchronisation)."""
+        if self.queue is None or self.queue.count == 0:
+            return self.restored, self.clean
+        past_x, past_y = self.queue.rows()
+        dtype = torch.promote_types(self.restored.dtype, past_x.dtype)
+        x = torch.cat([self.restored.to(dtype), past_x.to(self.restored.device, dtype)])
+        y = torch.cat([self.clean.to(dtype), past_y.to(self.clean.device, dtype)])
+        return x, y
