@@ -22,13 +22,13 @@ from .checks import (
     check_range,
     check_values,
 )
-from .distributed import distributed_world, gather_batch_sizes, gather_rows
+from .distributed import gather_layer_rows
 from .features import FeatureExtractor
 from .functional import IMPLEMENTATIONS, SIMILARITIES, Implementation, Similarity, resolve_implementation, similarity_kl
 from .layers import LayerSpec
 from .ops.incremental import Blocks
 from .queue import FeatureQueue
-from .rows import LayerRows, feature_rows, image_crops
+from .rows import LayerRows, feature_rows, image_crops, single_row_message
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
@@ -266,17 +266,8 @@ class SemanticStatisticsLoss(nn.Module):
                 f"each crop side must be at least {self._extractor.min_size()}"
             )
         save_queue = check_bool("save_queue", save_queue)
-        self.queues = (
-            nn.ModuleList(
-                FeatureQueue(
-                    self.queue_size, kernel=self.similarity, temperature=self.temperature,
-                    include_self=self.include_self, save=save_queue,
-                )
-                for _ in range(count)
-            )
-            if self.queue_size
-            else None
-        )
+        queue = {"kernel": self.similarity, "temperature": self.temperature, "include_self": self.include_self, "save": save_queue}
+        self.queues = nn.ModuleList(FeatureQueue(self.queue_size, **queue) for _ in range(count)) if self.queue_size else None
         self.last_implementation = None
         self._warned_range = False
         self._warned_order = False
@@ -368,7 +359,7 @@ class SemanticStatisticsLoss(nn.Module):
         ]
         trains = self._trains()
         if self.distributed and self.granularity != "location" and trains:
-            rows = self._gather(rows)
+            rows = gather_layer_rows(rows, self.ddp_gradient_scale)
         if self.check_inputs:
             self._check_values(restored, clean, rows)
         if self.queues is not None and trains:
@@ -418,7 +409,7 @@ class SemanticStatisticsLoss(nn.Module):
                 implementations.append("incremental")
             elif x.shape[-2] < 2:
                 if self._trains() or self.granularity == "location":
-                    raise ValueError(self._nothing_to_compare(layer_rows.layer))
+                    raise ValueError(single_row_message(self.granularity, layer_rows.layer))
                 self._warn_single()
                 value = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)).detach()
             else:
@@ -451,12 +442,7 @@ class SemanticStatisticsLoss(nn.Module):
     def _warn_single(self) -> None:
         if not self._warned_single and not torch.compiler.is_compiling():
             self._warned_single = True
-            what = "image" if self.granularity == "image" else "crop"
-            warn_user(
-                f"SemanticStatisticsLoss: this call does not train (eval() or no_grad) and has a single {what}: "
-                f"the statistic compares the {what}s of the call's own batch, so there is nothing to compare and "
-                "the loss is 0. (Warned once.)",
-            )
+            warn_user(single_row_message(self.granularity, None))
 
     def _validate(self, restored: Tensor, clean: Tensor) -> None:
         check_images("restored", restored)
@@ -529,31 +515,6 @@ class SemanticStatisticsLoss(nn.Module):
                 "layer, or granularity='image' with queue_size > 0. (Warned once per layer.)",
             )
         return LayerRows(layer, weight, x, y, x.shape[0])
-
-    def _gather(self, rows: list[LayerRows]) -> list[LayerRows]:
-        """Every rank's rows, in rank order, under torch.distributed (else unchanged)."""
-        world = distributed_world()
-        if world is None:
-            return rows
-        sizes = gather_batch_sizes(rows[0].restored.shape[0], rows[0].restored.device)  # one sync for all layers
-        scale = world[1] if self.ddp_gradient_scale else 1.0
-        return [
-            LayerRows(r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes), sum(sizes))
-            for r in rows
-        ]
-
-    def _nothing_to_compare(self, layer: str) -> str:
-        if self.granularity == "location":
-            return (
-                f"granularity='location': the feature map of layer {layer!r} has a single location, so there "
-                "is nothing to compare. Use larger images, a shallower layer, or pool_size of at least 2."
-            )
-        what = "image" if self.granularity == "image" else "crop"
-        return (
-            f"granularity={self.granularity!r} compares the {what}s of a batch with each other, but this training "
-            f"call has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, "
-            "queue_size=0): nothing to compare. Use a larger batch, queue_size > 0 or 'location' granularity."
-        )
 
     def extra_repr(self) -> str:
         return (

@@ -48,6 +48,13 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
     clean: Tensor
     filled: Tensor
     position: Tensor
+    log_x: Tensor
+    log_y: Tensor
+    inverse_x: Tensor
+    inverse_y: Tensor
+    log_zx: Tensor
+    log_zy: Tensor
+    w: Tensor
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .queue import FeatureQueue
 
-__all__ = ["LayerRows", "feature_rows", "image_crops"]
+__all__ = ["LayerRows", "feature_rows", "image_crops", "single_row_message"]
 
 
 def image_crops(images: Tensor, size: int, stride: int) -> Tensor:
@@ -47,6 +47,28 @@ def feature_rows(features: Tensor, granularity: str, pool_size: tuple[int, int] 
     if granularity == "location":
         return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
     return features.flatten(1)
+
+
+def single_row_message(granularity: str, layer: str | None) -> str:
+    """Why a group of one row has nothing to compare: the error of a training call
+    (``layer`` given), or the warning of a call that does not train (``layer=None``, 0)."""
+    if granularity == "location":
+        return (
+            f"granularity='location': the feature map of layer {layer!r} has a single location, so there "
+            "is nothing to compare. Use larger images, a shallower layer, or pool_size of at least 2."
+        )
+    what = "image" if granularity == "image" else "crop"
+    if layer is None:
+        return (
+            f"SemanticStatisticsLoss: this call does not train (eval() or no_grad) and has a single {what}: "
+            f"such a call compares the {what}s of its own batch, so there is nothing to compare and the "
+            "loss is 0. (Warned once.)"
+        )
+    return (
+        f"granularity={granularity!r} compares the {what}s of a batch with each other, but this training "
+        f"call has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, "
+        "queue_size=0): nothing to compare. Use a larger batch, queue_size > 0 or 'location' granularity."
+    )
 
 
 @dataclass

@@ -104,7 +104,7 @@ def test_float32_incremental_statistic_is_as_close_to_float64_as_the_float32_ref
         x, y = rows(4, seed=step)
         want, want_grad = full(queue64, x, y, similarity, True)
         x32 = x.detach().float().requires_grad_()
-        ref32, ref32_grad = full(queue32, x32, y.float(), similarity, True)
+        ref32, _ = full(queue32, x32, y.float(), similarity, True)
         got, got_grad = incremental(queue32, x32, y.float())
         incremental(queue64, x, y)
         # Within float32's tolerance, and no worse than a few times the float32 reference's error.
@@ -276,7 +276,7 @@ def test_checkpoints_of_the_earlier_queue_format_load():
         queue = criterion.queues[0]
         assert queue.count == count and int(queue.position) == position
         torch.testing.assert_close(queue.rows()[0], old["queues.0.restored"])
-        got, got_grad, want, want_grad = loss_step(criterion, *images(seed=1))
+        got, _, want, _ = loss_step(criterion, *images(seed=1))
         assert abs(got - want) <= 1e-5 * want
         assert queue.count == min(count + 3, 6) and int(queue.position) == (position + 3) % 6
     with pytest.raises(ValueError, match="queue_size"):
