@@ -9,7 +9,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .ops.incremental import Blocks, QueueSums, inverse_norms, pairwise_log_similarities, queue_statistic, queue_sums
+import torch.nn.functional as F
+
+from .ops.incremental import (
+    Blocks,
+    Journal,
+    QueueSums,
+    block_size,
+    block_sums,
+    combine_blocks,
+    inverse_norms,
+    pairwise_log_similarities,
+    queue_statistic,
+)
 
 __all__ = ["FeatureQueue"]
 
@@ -55,6 +67,9 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
     log_zx: Tensor
     log_zy: Tensor
     w: Tensor
+    block_zx: Tensor
+    block_zy: Tensor
+    block_w: Tensor
 
     def __init__(
         self,
@@ -71,8 +86,13 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         self.register_buffer("clean", torch.zeros(size, 0), persistent=False)
         self.register_buffer("filled", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("position", torch.zeros((), dtype=torch.long), persistent=False)
-        for name in ("log_x", "log_y"):
-            self.register_buffer(name, torch.zeros(size, size), persistent=False)
+        self._journal = Journal()
+        self.block = block_size(size)
+        self.blocks = -(-size // self.block)
+        for name in ("log_x", "log_y"):  # columns padded to whole blocks (never filled)
+            self.register_buffer(name, torch.zeros(size, self.blocks * self.block), persistent=False)
+        for name in ("block_zx", "block_zy", "block_w"):
+            self.register_buffer(name, torch.zeros(size, self.blocks), persistent=False)
         for name in ("inverse_x", "inverse_y", "log_zx", "log_zy", "w"):
             self.register_buffer(name, torch.zeros(size), persistent=False)
 
@@ -122,6 +142,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
             del self._initialize_hook, self._load_hook
 
     def _allocate(self, width: int) -> None:
+        self._journal = Journal()  # pending backward passes keep the old rows, which no push writes
         self.restored = torch.zeros(self.size, width, dtype=self.log_x.dtype, device=self.log_x.device)
         self.clean = torch.zeros_like(self.restored)
 
@@ -139,17 +160,28 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
     def rebuild(self) -> None:
         """Recompute the cache from the stored rows: ``O(size^2 D)``."""
         valid = torch.arange(self.size, device=self.filled.device) < self.filled
-        if self.feature_size is None:
-            for name in ("log_x", "log_y", "inverse_x", "inverse_y"):
-                getattr(self, name).zero_()
-        else:
+        for name in ("log_x", "log_y", "inverse_x", "inverse_y"):
+            getattr(self, name).zero_()
+        if self.feature_size is not None:
             for rows, log, inverse in ((self.restored, self.log_x, self.inverse_x), (self.clean, self.log_y, self.inverse_y)):
-                log.copy_(pairwise_log_similarities(rows, self.kernel, self.temperature).masked_fill(~valid, 0.0))
+                pairs = pairwise_log_similarities(rows, self.kernel, self.temperature).masked_fill(~valid, 0.0)
+                log[:, : self.size] = pairs
                 inverse.copy_(inverse_norms(rows))
-        self._refresh_sums(valid)
+        rows = torch.arange(self.size, device=self.filled.device)
+        self._refresh_sums(rows, torch.arange(self.blocks, device=rows.device), rows)
 
-    def _refresh_sums(self, valid: Tensor) -> None:
-        self.log_zx, self.log_zy, self.w = queue_sums(self.log_x, self.log_y, valid, self.include_self)
+    def _refresh_sums(self, rows: Tensor, blocks: Tensor, all_rows: Tensor) -> None:
+        """Recompute the block sums of ``all_rows`` over ``blocks`` and of ``rows`` over
+        every block, then combine them."""
+        every = torch.arange(self.blocks, device=blocks.device)
+        args = (self.block, self.filled, self.include_self)
+        for target, value in zip((self.block_zx, self.block_zy, self.block_w),
+                                 block_sums(self.log_x, self.log_y, all_rows, blocks, *args)):
+            target.index_copy_(1, blocks, value)
+        for target, value in zip((self.block_zx, self.block_zy, self.block_w),
+                                 block_sums(self.log_x[rows], self.log_y[rows], rows, every, *args)):
+            target.index_copy_(0, rows, value)
+        self.log_zx, self.log_zy, self.w = combine_blocks(self.block_zx, self.block_zy, self.block_w)
 
     # -- a call and a push ----------------------------------------------------------------
 
@@ -174,6 +206,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
                 kernel=self.kernel,
                 temperature=self.temperature,
                 include_self=self.include_self,
+                journal=None if torch.compiler.is_compiling() else self._journal,
             )
         return kl_batch, kl_queue, self.filled + restored.shape[0], blocks
 
@@ -181,40 +214,46 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
     def push(self, restored: Tensor, clean: Tensor, blocks: Blocks) -> None:
         """Write this call's rows (the last ``size`` of them), overwriting the oldest once
         full, and update the cache from ``blocks`` (of the :meth:`forward` call on the
-        same rows, before the push): ``O(B size)`` writes, one copy of the ``(size, D)``
-        restored rows and ``O(size^2)`` for the sums."""
+        same rows, before the push): ``O(B size)`` writes and ``O(size (B + 3 block))`` for
+        the sums (under ``torch.compile`` also one copy of the rows)."""
         n = min(restored.shape[0], self.size)
         dtype = self.restored.dtype
         restored, clean = restored.detach()[-n:].to(dtype), clean.detach()[-n:].to(dtype)
         index = (self.position + torch.arange(n, device=self.position.device)) % self.size
-        # Copy on write for what the call's backward may read: the restored rows and their
-        # norms (saved by autograd), and under torch.compile every buffer the forward read
-        # (its partitioner may recompute from them in the backward); in eager calls the
-        # clean side is written in place.
-        self.restored = self.restored.index_copy(0, index, restored)
+        # A pending backward must see the rows of its forward. In eager calls the rows are
+        # written in place and the overwritten restored rows go to the journal; under
+        # torch.compile every buffer the forward read is copied on write (the partitioner
+        # may recompute from them in the backward).
         self.inverse_x = self.inverse_x.index_copy(0, index, inverse_norms(restored))
         if torch.compiler.is_compiling():
+            self.restored = self.restored.index_copy(0, index, restored)
             self.clean = self.clean.index_copy(0, index, clean)
             self.inverse_y = self.inverse_y.index_copy(0, index, inverse_norms(clean))
         else:
+            self._journal = self._journal.record(index, self.restored[index])
+            self.restored.index_copy_(0, index, restored)
             self.clean.index_copy_(0, index, clean)
             self.inverse_y.index_copy_(0, index, inverse_norms(clean))
         for log, own, cross in ((self.log_x, blocks.xx, blocks.xq), (self.log_y, blocks.yy, blocks.yq)):
             # Rows of the written slots: new row vs every slot after the push (surviving
             # rows from the cross block, rewritten slots from the batch block).
             rows = cross[-n:].to(dtype).index_copy(1, index, own[-n:, -n:].to(dtype))
-            log.index_copy_(0, index, rows)
+            log.index_copy_(0, index, F.pad(rows, (0, log.shape[1] - self.size)))
             log.index_copy_(1, index, rows.transpose(0, 1))
+        start = self.position // self.block
         self.filled = torch.clamp(self.filled + n, max=self.size)
         self.position = (self.position + n) % self.size
-        self._refresh_sums(torch.arange(self.size, device=self.filled.device) < self.filled)
+        # The written columns lie in at most n // block + 3 consecutive blocks (mod blocks).
+        touched = min(self.blocks, n // self.block + 3)
+        blocks = (start + torch.arange(touched, device=start.device)) % self.blocks
+        self._refresh_sums(index, blocks, torch.arange(self.size, device=index.device))
 
     # -- moves and checkpoints -------------------------------------------------------------
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):  # type: ignore[override]
         """Moves follow the module; float rows stay float32 (float64 after ``.double()``).
         A change of dtype or device rebuilds the cache."""
-        before = (self.restored.dtype, self.restored.device)
+        before, rows = (self.restored.dtype, self.restored.device), self.restored
         probe = fn(torch.zeros((), dtype=self.restored.dtype, device=self.restored.device))
         keep = probe.dtype in (torch.float32, torch.float64)
         for name, buffer in list(self._buffers.items()):
@@ -224,6 +263,8 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
                 self._buffers[name] = buffer.to(probe.device, torch.float32)
             else:
                 self._buffers[name] = fn(buffer)
+        if self.restored is not rows:
+            self._journal = Journal()  # no push writes the rows a pending backward holds
         if (self.restored.dtype, self.restored.device) != before:
             self.rebuild()
         return self

@@ -144,7 +144,8 @@ def test_unfilled_slots_are_ignored_exactly():
     queue.clean[5:] = -7.0
     queue.log_x[5:] = 1e6
     queue.log_y[:, 5:] = float("nan")
-    queue._refresh_sums(torch.arange(10) < queue.filled)
+    every = torch.arange(10)
+    queue._refresh_sums(every, torch.arange(queue.blocks), every)  # the sums from the garbage cache
     x, y = rows(4, seed=1)
     got, got_grad = incremental(queue, x, y, push=False)
     want, want_grad = incremental(clean, x, y, push=False)
@@ -335,8 +336,33 @@ def test_the_refill_after_a_resume_without_the_queue_takes_ceil_size_over_batch_
     assert steps == math.ceil(10 / 4)
 
 
-def test_pairwise_cache_memory_is_two_size_squared():
+def test_cache_memory():
+    """Two size x size matrices (columns padded to whole blocks of about sqrt(size)), three
+    block sums a row and block, five size-vectors."""
     queue = FeatureQueue(37)
+    assert (queue.block, queue.blocks) == (6, 7)
     cache = sum(b.numel() for n, b in queue._buffers.items() if n not in ("restored", "clean", "filled", "position"))
-    assert cache == 2 * 37 * 37 + 5 * 37
+    assert cache == 2 * 37 * 42 + 3 * 37 * 7 + 5 * 37
     assert pairwise_log_similarities(torch.randn(5, 3), "cosine", 0.1).shape == (5, 5)
+
+
+def test_backward_after_later_pushes_uses_the_rows_of_its_forward():
+    """Pushes write the rows in place; a backward that runs after one or several later
+    pushes (two calls summed before one backward) still differentiates its own forward."""
+    queue = FeatureQueue(6).double()
+    reference = FeatureQueue(6).double()
+    for step in range(3):
+        for q in (queue, reference):
+            incremental(q, *rows(4, seed=step))
+    values, grads_of = [], []
+    x1, y1 = rows(4, seed=10)
+    x2, y2 = rows(3, seed=11)
+    for x, y in ((x1, y1), (x2, y2)):
+        kl_batch, kl_queue, count, blocks = queue(x, y)
+        values.append((kl_batch.sum() + kl_queue.sum()) / count)
+        queue.push(x, y, blocks)
+    g1, g2 = torch.autograd.grad(values[0] + values[1], (x1, x2))
+    want1 = incremental(reference, x1, y1)[1]
+    want2 = incremental(reference, x2, y2)[1]
+    assert_relative(g1, want1, 1e-12)
+    assert_relative(g2, want2, 1e-12)

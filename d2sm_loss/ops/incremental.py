@@ -18,8 +18,11 @@ per side)::
     LZx^Q_q = log sum_{j in Q} exp(l_qj)     LZy^Q_q = log sum_{j in Q} exp(m_qj)
     W^Q_q   = sum_{j in Q} exp(m_qj - LZy^Q_q) (m_qj - l_qj)
 
-(:func:`queue_sums`). A call then needs only the new blocks, batch x batch and
-batch x queue: for a batch row, the plain statistic over its ``B + K`` columns with the
+kept per column block of ``b ~ sqrt(K)`` columns (the same three sums over the block's
+columns, :func:`block_sums`) and combined over blocks (:func:`combine_blocks`): a push
+recomputes only the blocks that hold a written column and the written rows, so no sum
+accumulates rounding from step to step (nothing is ever subtracted). A call then needs
+only the new blocks, batch x batch and batch x queue: for a batch row, the plain statistic over its ``B + K`` columns with the
 unfilled queue columns masked out; for a queue row ``q``, the cached sums merged with its
 ``B`` batch columns::
 
@@ -35,15 +38,17 @@ fallback.
 
 Cost per call, with ``D`` features: forward ``2 B (B + K) D`` multiply-adds for the two
 similarity blocks, backward ``B (B + K) D`` more for the restored side, plus
-``O(B (B + K))`` elementwise work; after a push the queue refreshes its cached sums from
-the ``K x K`` matrices, ``O(K^2)`` elementwise work and no product over ``D``. The full
-computation costs ``O((B + M)^2 D)`` per call. Memory: the two ``K x K`` matrices and a
-few ``K``-vectors beside the queue's own ``2 K D`` rows; the per-call blocks are
+``O(B (B + K))`` elementwise work; a push updates the cache from those blocks and
+refreshes the sums, ``O(K (B + 3 b))`` elementwise work and no product over ``D``. The
+full computation costs ``O((B + M)^2 D)`` per call. Memory: the two ``K x K`` matrices
+(padded to a multiple of ``b`` columns), ``3 K K / b`` block sums and a few
+``K``-vectors beside the queue's own ``2 K D`` rows; the per-call blocks are
 ``O(B (B + K))``. On a GPU the two block products are cuBLAS matrix products.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -51,7 +56,10 @@ from torch import Tensor
 
 from .reference import NORM_EPS, _row_norms, log_similarity
 
-__all__ = ["Blocks", "QueueSums", "inverse_norms", "pairwise_log_similarities", "queue_statistic", "queue_sums"]
+__all__ = [
+    "Blocks", "Journal", "QueueSums", "block_size", "block_sums", "combine_blocks", "inverse_norms", "pairwise_log_similarities",
+    "queue_statistic",
+]
 
 
 class QueueSums(NamedTuple):
@@ -72,6 +80,53 @@ class Blocks(NamedTuple):
     yq: Tensor
 
 
+class Journal:
+    """The rows a queue's push overwrote, linked in push order: a pending backward that
+    holds the entry open at its forward recovers the rows it was computed from, so that
+    pushes may write the queue's rows in place (no copy of the ``K x D`` rows a step)."""
+
+    __slots__ = ("index", "old", "next")
+
+    def __init__(self) -> None:
+        self.index: Tensor | None = None
+        self.old: Tensor | None = None
+        self.next: Journal | None = None
+
+    def record(self, index: Tensor, old: Tensor) -> Journal:
+        """Fill this entry with the overwritten rows; returns the next open entry."""
+        self.index, self.old, self.next = index, old, Journal()
+        return self.next
+
+
+class _QueueProduct(torch.autograd.Function):
+    """``(u @ Q^T) * inverse``, with the gradient of ``u`` only; ``Q`` as it was at the
+    forward, from the live rows and the journal of the pushes since."""
+
+    @staticmethod
+    def forward(ctx, unit: Tensor, queue: Tensor, inverse: Tensor, journal: Journal) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        ctx.queue, ctx.journal = queue, journal  # not saved: pushes write it in place
+        return (unit @ queue.transpose(0, 1)) * inverse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        queue, entry = ctx.queue, ctx.journal
+        scaled = grad * inverse
+        patches = []
+        while entry is not None and entry.index is not None:
+            patches.append((entry.index, entry.old))
+            entry = entry.next
+        if len(patches) == 1:  # the usual case: this call's own push
+            index, old = patches[0]
+            return scaled @ queue + scaled[:, index] @ (old - queue[index]), None, None, None
+        if patches:  # several pushes before this backward: rebuild the rows of the forward
+            queue = queue.clone()
+            for index, old in reversed(patches):
+                queue[index] = old
+        return scaled @ queue, None, None, None
+
+
 def inverse_norms(rows: Tensor) -> Tensor:
     """``1 / max(|r_i|, NORM_EPS)`` of each row, shape ``(K,)``."""
     return 1.0 / _row_norms(rows).clamp_min(NORM_EPS).squeeze(-1)
@@ -83,27 +138,42 @@ def pairwise_log_similarities(rows: Tensor, kernel: str, temperature: float) -> 
     return log_similarity(unit @ unit.transpose(-1, -2), kernel, temperature)
 
 
-def _columns(valid: Tensor, include_self: bool) -> Tensor:
-    """The (K, K) mask of the columns each queue row sums over."""
-    columns = valid.unsqueeze(0).expand(valid.shape[0], -1)
+def block_size(size: int) -> int:
+    """The column block of the cached sums for a queue of ``size`` rows: about ``sqrt(size)``."""
+    return max(1, math.isqrt(size))
+
+
+def block_sums(
+    log_x: Tensor, log_y: Tensor, rows: Tensor, blocks: Tensor, block: int, filled: Tensor, include_self: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-block sums of the queue rows ``rows`` (R,) over the column blocks ``blocks`` (M,)
+    of the cached (R, size_padded) log-similarities: ``(R, M)`` each, ``log sum exp l``,
+    ``log sum exp m`` and ``sum exp(m - log sum exp m) (m - l)`` over the block's filled
+    columns (``j != row`` without ``include_self``); ``-inf, -inf, 0`` for a block without
+    such columns. ``O(R M block)``."""
+    columns = blocks.unsqueeze(-1) * block + torch.arange(block, device=blocks.device)  # (M, b)
+    keep = (columns < filled).unsqueeze(0)  # (1, M, b)
     if not include_self:
-        columns = columns & ~torch.eye(valid.shape[0], dtype=torch.bool, device=valid.device)
-    return columns
+        keep = keep & (columns.unsqueeze(0) != rows.view(-1, 1, 1))
+    shape = (log_x.shape[0], -1, block)
+    lx = log_x.view(shape).index_select(1, blocks)
+    ly = log_y.view(shape).index_select(1, blocks)
+    zx = torch.logsumexp(lx.masked_fill(~keep, float("-inf")), dim=-1)
+    zy = torch.logsumexp(ly.masked_fill(~keep, float("-inf")), dim=-1)
+    p = torch.exp(ly - torch.where(torch.isfinite(zy), zy, 0.0).unsqueeze(-1))
+    w = torch.where(keep, p * (ly - lx), 0.0).sum(dim=-1)
+    return zx, zy, w
 
 
-def queue_sums(log_x: Tensor, log_y: Tensor, valid: Tensor, include_self: bool) -> QueueSums:
-    """The queue rows' sums over the queue's valid columns from the cached (K, K)
-    log-similarity matrices; ``O(K^2)``. A row without columns gets ``-inf`` log-sums
-    and ``w = 0`` (it then compares with the batch rows only)."""
-    columns = _columns(valid, include_self)
-    lx = log_x.masked_fill(~columns, float("-inf"))
-    ly = log_y.masked_fill(~columns, float("-inf"))
-    log_zx = torch.logsumexp(lx, dim=-1)
-    log_zy = torch.logsumexp(ly, dim=-1)
-    has = columns.any(dim=-1)
-    p = torch.exp(ly - torch.where(has, log_zy, 0.0).unsqueeze(-1))
-    w = torch.where(columns, p * (log_y - log_x), 0.0).sum(dim=-1)
-    return QueueSums(log_zx, log_zy, w)
+def combine_blocks(zx: Tensor, zy: Tensor, w: Tensor) -> QueueSums:
+    """The queue rows' sums over all their columns from the per-block sums (R, M):
+    ``O(R M)``. A row without columns gets ``-inf`` log-sums and ``w = 0`` (it then
+    compares with the batch rows only)."""
+    log_zx = torch.logsumexp(zx, dim=-1)
+    log_zy = torch.logsumexp(zy, dim=-1)
+    finite = torch.isfinite(zy) & torch.isfinite(log_zy).unsqueeze(-1)
+    weight = torch.exp(torch.where(finite, zy - log_zy.unsqueeze(-1), float("-inf")))
+    return QueueSums(log_zx, log_zy, (weight * w).sum(dim=-1))
 
 
 def _batch_rows_kl(lx: Tensor, ly: Tensor, columns: Tensor) -> Tensor:
@@ -130,12 +200,15 @@ def queue_statistic(
     kernel: str,
     temperature: float,
     include_self: bool,
+    journal: Journal | None = None,
 ) -> tuple[Tensor, Tensor, Blocks]:
     """Per-row KL of the batch rows ``x``, ``y`` (B, D) and of the queue rows.
 
     ``queue_x``, ``queue_y`` (K, D) are the queue's buffers with their inverse row norms,
     of which the first ``count`` (a 0-d tensor) are filled; ``sums`` their cached sums
-    (:func:`queue_sums`). All tensors in one floating dtype. Returns the batch rows' KL
+    (:func:`combine_blocks`). All tensors in one floating dtype. With a ``journal``
+    (the queue's open :class:`Journal` entry) the backward may run after pushes that wrote
+    ``queue_x`` in place; without one, ``queue_x`` must not change before the backward. Returns the batch rows' KL
     ``(B,)``, the queue rows' KL ``(K,)`` (0 for unfilled slots) and the detached
     :class:`Blocks`. The gradient flows into ``x`` only.
     """
@@ -146,7 +219,11 @@ def queue_statistic(
         yy = log_similarity(unit_y @ unit_y.transpose(0, 1), kernel, temperature)
         yq = log_similarity((unit_y @ queue_y.transpose(0, 1)) * inverse_y, kernel, temperature)
     xx = log_similarity(unit_x @ unit_x.transpose(0, 1), kernel, temperature)
-    xq = log_similarity((unit_x @ queue_x.transpose(0, 1)) * inverse_x, kernel, temperature)
+    if journal is None:
+        cosine_xq = (unit_x @ queue_x.transpose(0, 1)) * inverse_x
+    else:
+        cosine_xq = _QueueProduct.apply(unit_x, queue_x, inverse_x, journal)
+    xq = log_similarity(cosine_xq, kernel, temperature)
     valid = torch.arange(slots, device=x.device) < count
 
     own = torch.ones(batch, batch, dtype=torch.bool, device=x.device)
