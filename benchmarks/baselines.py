@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2sm_loss import SemanticStatisticsLoss
-from d2sm_loss import LayerRows
+from d2sm_loss import LayerRows, SemanticStatisticsLoss
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -29,9 +29,9 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
 
 from benchmarks import results  # noqa: E402
 from benchmarks.results import as_float  # noqa: E402

@@ -32,8 +32,7 @@ from torch import nn
 
 from benchmarks.baselines import ContextualLoss, DenseKL, PerceptualLoss
 from benchmarks.measure import Case
-from d2sm_loss import SemanticStatisticsLoss
-from d2sm_loss import LayerRows
+from d2sm_loss import LayerRows, SemanticStatisticsLoss
 
 AUX_WEIGHT = 0.1
 CONFIGS = {

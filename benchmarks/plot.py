@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
 
 from benchmarks import results  # noqa: E402
 from benchmarks.judge import STATS_KEY, groups, is_cpu, precision_of  # noqa: E402

@@ -27,8 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "examples"))  # provenance: flat module
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
+sys.path.append(str(Path(__file__).resolve().parent.parent / "examples"))  # provenance: flat module
 
 from provenance import COMMIT_ENV, collect_environment  # noqa: E402
 

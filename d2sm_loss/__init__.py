@@ -14,7 +14,7 @@ from .queue import FeatureQueue
 from .rows import LayerRows
 from .weighting import gradient_norms, gradient_ratio, suggest_weight
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SemanticStatisticsLoss",

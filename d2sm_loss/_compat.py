@@ -32,7 +32,7 @@ def tf32_allowed() -> bool:
     try:
         precision = torch.backends.cuda.matmul.fp32_precision
         if precision == "none":
-            precision = torch.backends.fp32_precision
+            precision = torch.backends.fp32_precision  # type: ignore[attr-defined]
         return precision == "tf32"
     except (AttributeError, RuntimeError):
         return torch.get_float32_matmul_precision() != "highest"

@@ -228,8 +228,8 @@ def download_blocker(cfg: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_S) -
     if hf is not None and huggingface_hub is not None:  # timm downloads from the Hugging Face hub
         repo, revision, names = hf
         try:
-            url = huggingface_hub.hf_hub_url(repo, names[0], revision=revision)
-            huggingface_hub.get_hf_file_metadata(url, timeout=timeout)
+            file_url = huggingface_hub.hf_hub_url(repo, names[0], revision=revision)
+            huggingface_hub.get_hf_file_metadata(file_url, timeout=timeout)
         except _hf_http_error():
             return None
         except Exception as error:  # connection, timeout, proxy or offline-mode errors

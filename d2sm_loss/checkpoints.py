@@ -68,10 +68,10 @@ def packaged_weights(distribution: str) -> Path:
             f"checkpoint: distribution {distribution!r} ships {len(files)} checkpoint files "
             f"({files[:5]}); name the file itself with checkpoint=PATH"
         )
-    return Path(dist.locate_file(files[0]))
+    return Path(str(dist.locate_file(files[0])))
 
 
-def read_checkpoint(checkpoint: CheckpointSource) -> "OrderedDict[str, Tensor]":
+def read_checkpoint(checkpoint: CheckpointSource) -> OrderedDict[str, Tensor]:
     """Read a checkpoint file (or take a state dict) and return its tensors in order.
 
     ``checkpoint`` is a path, ``"package:NAME"`` (the file an installed distribution ships,
@@ -80,6 +80,7 @@ def read_checkpoint(checkpoint: CheckpointSource) -> "OrderedDict[str, Tensor]":
     Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and the ``module.``
     prefix that DataParallel/DDP adds are removed.
     """
+    state: Any  # a state dict, possibly nested in wrappers, or whatever the file holds
     if isinstance(checkpoint, Mapping):
         state = checkpoint
     else:
@@ -99,9 +100,12 @@ def read_checkpoint(checkpoint: CheckpointSource) -> "OrderedDict[str, Tensor]":
         if inner is None:
             break
         state = inner
-    tensors = OrderedDict((k, v) for k, v in state.items() if isinstance(v, Tensor)) if isinstance(state, Mapping) else {}
+    tensors = (
+        OrderedDict((k, v) for k, v in state.items() if isinstance(v, Tensor)) if isinstance(state, Mapping) else {}
+    )
     if not tensors:
-        raise ValueError(f"checkpoint: found no tensors in {checkpoint if not isinstance(checkpoint, Mapping) else 'the state dict'}")
+        where = "the state dict" if isinstance(checkpoint, Mapping) else checkpoint
+        raise ValueError(f"checkpoint: found no tensors in {where}")
     if all(k.startswith("module.") for k in tensors):
         tensors = OrderedDict((k[len("module."):], v) for k, v in tensors.items())
     return OrderedDict(tensors)
@@ -117,7 +121,7 @@ def _layout_matches(source: Tensor, target_shape: torch.Size) -> bool:
     return source.numel() == torch.Size(target_shape).numel()
 
 
-def map_state_dict(source: CheckpointSource, model: nn.Module) -> "OrderedDict[str, Tensor]":
+def map_state_dict(source: CheckpointSource, model: nn.Module) -> OrderedDict[str, Tensor]:
     """Map a checkpoint onto ``model``'s state-dict keys.
 
     By name when every key of the model is in the checkpoint with the same shape;

@@ -92,6 +92,8 @@ def gather_layer_rows(rows: list[LayerRows], ddp_gradient_scale: bool) -> list[L
     sizes = gather_batch_sizes(rows[0].restored.shape[0], rows[0].restored.device)
     scale = world[1] if ddp_gradient_scale else 1.0
     return [
-        LayerRows(r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes), sum(sizes))
+        LayerRows(
+            r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes), sum(sizes)
+        )
         for r in rows
     ]

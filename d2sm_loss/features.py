@@ -142,6 +142,9 @@ class FeatureExtractor(nn.Module):
     may return other shapes, e.g. ``(B, L, C)`` tokens, which are used as they are.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(
         self,
         backbone: str | nn.Module = "vgg19",
@@ -180,7 +183,9 @@ class FeatureExtractor(nn.Module):
             default_cfg = self._build_timm(backbone, layers, pretrained, checkpoint, dict(backbone_kwargs or {}))
 
         if mean is None:
-            mean = check_numbers("mean (the model's pretrained config)", default_cfg.get("mean", (0.0, 0.0, 0.0)), length=3)
+            mean = check_numbers(
+                "mean (the model's pretrained config)", default_cfg.get("mean", (0.0, 0.0, 0.0)), length=3
+            )
         if std is None:
             std = check_numbers(
                 "std (the model's pretrained config)", default_cfg.get("std", (1.0, 1.0, 1.0)), length=3, positive=True
@@ -190,7 +195,7 @@ class FeatureExtractor(nn.Module):
         for module in self.model.modules():  # transformers with a fixed input size
             if getattr(module, "strict_img_size", False) and getattr(module, "img_size", None) is not None:
                 if not getattr(module, "dynamic_img_pad", False):
-                    self.required_size = tuple(module.img_size)
+                    self.required_size = tuple(module.img_size)  # type: ignore[arg-type]
                     break
         self.model.requires_grad_(False)
         self.model.eval()
@@ -214,9 +219,9 @@ class FeatureExtractor(nn.Module):
         plan = self._plan_layers(blueprint, name, layers)
         source = self._weight_source(name, blueprint, pretrained, checkpoint, kwargs)
         self.model, cfg = self._create(timm, name, blueprint, source, plan, kwargs)
-        self.layers = plan.names
+        self.layers = list(plan.names)
         self.reductions = plan.reductions
-        self._select = None if plan.indices is not None else plan.names  # features_only returns the taps in order
+        self._select = None if plan.indices is not None else list(plan.names)  # features_only returns the taps in order
         self.weights_source = source.description
         return cfg or getattr(blueprint, "pretrained_cfg", None) or {}
 
@@ -302,7 +307,9 @@ class FeatureExtractor(nn.Module):
                 overlay: dict[str, Any] = {"state_dict": map_state_dict(path, blueprint)}
             except ValueError as error:
                 if candidate.exact:
-                    raise ValueError(f"checkpoint: {str(path)!r} (in {candidate.place}) does not fit: {error}") from None
+                    raise ValueError(
+                        f"checkpoint: {str(path)!r} (in {candidate.place}) does not fit: {error}"
+                    ) from None
                 return None  # a stand-in that does not fit this configuration of the model
         else:  # timm's own checkpoint filter converts it, as after a download of this file
             overlay = {"state_dict": read_checkpoint(path)}
@@ -434,7 +441,9 @@ class FeatureExtractor(nn.Module):
         if isinstance(out, Mapping):
             missing = [k for k in self._select if k not in out]
             if missing:
-                raise ValueError(f"layers: the backbone returned no output named {missing[0]!r}; it returned {list(out)}")
+                raise ValueError(
+                    f"layers: the backbone returned no output named {missing[0]!r}; it returned {list(out)}"
+                )
             return [out[k] for k in self._select]
         out = list(out)
         for k in self._select:

@@ -27,8 +27,11 @@ __all__ = [
     "TRITON_AUTO_MAX_FEATURES",
 ]
 
+#: The similarity function of the statistic's distributions.
 Similarity = Literal["cosine", "softmax"]
+#: How the per-row values are reduced.
 Reduction = Literal["mean", "sum", "none"]
+#: Which implementation computes the statistic.
 Implementation = Literal["auto", "triton", "streaming", "reference"]
 
 #: ``"streaming"`` is the streaming PyTorch path (O(N) memory), ``"reference"`` the plain
@@ -88,6 +91,7 @@ def _triton_self_check(device: torch.device) -> bool:
                     )
                     (got * upstream.float().to(device)).sum().backward()
                     torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-3, atol=1e-5)
+                    assert got_x.grad is not None
                     torch.testing.assert_close(got_x.grad.double().cpu(), ref_x.grad, rtol=1e-3, atol=1e-5)
             _SELF_CHECKS[device] = True
         except torch.cuda.OutOfMemoryError:
@@ -113,9 +117,9 @@ def resolve_implementation(implementation: str, device: torch.device, features: 
     :data:`TRITON_AUTO_MAX_FEATURES` (None: not known, no limit); else the streaming
     PyTorch path. While :func:`torch.compile` traces, ``"auto"`` always takes the streaming
     path: the self-check cannot run inside a trace, and the Triton kernels have not yet been
-    tested inside a compiled graph (``"triton"`` asks for them explicitly). ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1`` set in the
-    environment before :mod:`d2sm_loss` is imported (the Triton interpreter then runs the
-    kernels on CPU tensors).
+    tested inside a compiled graph (``"triton"`` asks for them explicitly). ``"triton"`` needs a
+    CUDA device, or ``TRITON_INTERPRET=1`` set in the environment before :mod:`d2sm_loss` is
+    imported (the Triton interpreter then runs the kernels on CPU tensors).
     """
     check_choice("implementation", implementation, IMPLEMENTATIONS)
     if implementation == "auto":
@@ -175,8 +179,8 @@ def similarity_kl(
             O(N * block) memory) or ``"reference"`` (plain, O(N^2) memory).
 
     Returns:
-        A float32 tensor (float64 when the inputs are float64): a scalar, or the
-        per-row values for ``reduction="none"``. Inputs in float16 or bfloat16 (for
+        a scalar, or the per-row values for ``reduction="none"``, in float32
+        (float64 when the inputs are float64). Inputs in float16 or bfloat16 (for
         example under :func:`torch.autocast`) are accumulated in float32.
 
     Compiles with ``torch.compile(fullgraph=True)``: the checks read shapes and options
@@ -222,9 +226,13 @@ def similarity_kl(
             if impl == "streaming":
                 from .ops.streaming import similarity_kl_streaming
 
-                rows = similarity_kl_streaming(x, y, kernel=similarity, temperature=temperature, include_self=include_self)
+                rows = similarity_kl_streaming(
+                    x, y, kernel=similarity, temperature=temperature, include_self=include_self
+                )
             else:
-                rows = similarity_kl_reference(x, y, kernel=similarity, temperature=temperature, include_self=include_self)
+                rows = similarity_kl_reference(
+                    x, y, kernel=similarity, temperature=temperature, include_self=include_self
+                )
     if squeeze:
         rows = rows.squeeze(0)
     if reduction == "mean":

@@ -26,7 +26,7 @@ __all__ = [
     "tap_index",
 ]
 
-#: One layer: a feature index or a module / graph-node name.
+#: One layer, by feature index or by module / graph-node name.
 LayerSpec = Union[int, str]
 
 #: Default layers of timm models (by architecture name, without a pretrained tag) whose

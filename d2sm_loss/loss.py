@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from .checks import (
     check_pair,
     check_range,
     check_values,
+    range_message,
 )
 from .distributed import gather_layer_rows
 from .features import FeatureExtractor
@@ -32,6 +33,7 @@ from .rows import LayerRows, feature_rows, image_crops, single_row_message
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
+#: What a sample is.
 Granularity = Literal["image", "patch", "location"]
 GRANULARITIES = ("image", "patch", "location")
 _MODULE_REDUCTIONS = ("mean", "sum")
@@ -101,7 +103,7 @@ class SemanticStatisticsLoss(nn.Module):
             and clean, detached) join the current batch's rows in training calls. 0
             disables the queue. A step costs ``O(B (B + queue_size) D)`` plus
             ``O(queue_size^2)``, not ``O((B + queue_size)^2 D)``: the queue caches its rows'
-            pairwise similarities (:class:`~d2sm_loss.queue.FeatureQueue`).
+            pairwise similarities (:class:`~d2sm_loss.FeatureQueue`).
         save_queue: keep the queue's rows in ``state_dict()`` (False by default: ``paper()``
             at 224 x 224 holds 224 x 100352 x 2 floats, about 180 MB). Loading works either
             way: a state dict with queue rows restores them, one without leaves the queue
@@ -177,6 +179,8 @@ class SemanticStatisticsLoss(nn.Module):
     ``forward`` is ``statistic(rows(...))`` followed by the queue update.
     """
 
+    #: The implementation that computed the statistic at the last call (per layer, joined by
+    #: commas, if the layers used different ones); None before the first call.
     last_implementation: str | None
     _extractor: FeatureExtractor
 
@@ -231,7 +235,9 @@ class SemanticStatisticsLoss(nn.Module):
             raise ValueError("queue_size: the memory queue applies to 'image' and 'patch' granularity, not 'location'")
         self.input_range = check_range("input_range", input_range)
         self.patch_size = check_int("patch_size", patch_size, minimum=1)
-        self.patch_stride = check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
+        self.patch_stride = (
+            check_int("patch_stride", patch_stride, minimum=1) if patch_stride is not None else self.patch_size
+        )
         self.pool_size = check_int_pair("pool_size", pool_size) if pool_size is not None else None
         if mean is not None:
             mean = check_numbers("mean", mean, length=3)
@@ -244,12 +250,15 @@ class SemanticStatisticsLoss(nn.Module):
             if not any(layer_weights):
                 raise ValueError(f"layer_weights are all 0, which makes the loss identically 0: got {layer_weights}")
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
-            raise TypeError(f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}")
+            raise TypeError(
+                f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}"
+            )
 
         # The backbone is frozen for good: it is kept out of the module tree (not in
         # parameters(), state_dict() or train()/eval()); only device/dtype moves reach it.
         self.__dict__["_extractor"] = FeatureExtractor(
-            backbone, layers, pretrained=pretrained, checkpoint=checkpoint, mean=mean, std=std, backbone_kwargs=backbone_kwargs
+            backbone, layers, pretrained=pretrained, checkpoint=checkpoint, mean=mean, std=std,
+            backbone_kwargs=backbone_kwargs,
         )
         if self._extractor.layers:
             count = len(self._extractor.layers)
@@ -266,8 +275,10 @@ class SemanticStatisticsLoss(nn.Module):
                 f"each crop side must be at least {self._extractor.min_size()}"
             )
         save_queue = check_bool("save_queue", save_queue)
-        queue = {"kernel": self.similarity, "temperature": self.temperature, "include_self": self.include_self, "save": save_queue}
-        self.queues = nn.ModuleList(FeatureQueue(self.queue_size, **queue) for _ in range(count)) if self.queue_size else None
+        queue = {"kernel": self.similarity, "temperature": self.temperature, "include_self": self.include_self}
+        queue["save"] = save_queue
+        queues = [FeatureQueue(self.queue_size, **queue) for _ in range(count)] if self.queue_size else None
+        self.queues = nn.ModuleList(queues) if queues else None
         self.last_implementation = None
         self._warned_range = False
         self._warned_order = False
@@ -295,7 +306,7 @@ class SemanticStatisticsLoss(nn.Module):
         return self
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "SemanticStatisticsLoss":
+    def paper(cls, **overrides: Any) -> SemanticStatisticsLoss:
         """The published configuration (Mei et al., ECCV 2022, and the released code).
 
         VGG19 features at conv5_4 before its ReLU (``"features.34"``), image
@@ -319,8 +330,12 @@ class SemanticStatisticsLoss(nn.Module):
 
     def reset_queue(self) -> None:
         """Empty the memory queues (e.g. when the image size changes)."""
-        for queue in self.queues or []:
+        for queue in self._queue_list():
             queue.reset()
+
+    def _queue_list(self) -> list[FeatureQueue]:
+        """The layers' memory queues, in layer order (empty without a queue)."""
+        return [queue for queue in self.queues or [] if isinstance(queue, FeatureQueue)]
 
     # -- the steps of a call ----------------------------------------------------------
 
@@ -363,7 +378,7 @@ class SemanticStatisticsLoss(nn.Module):
         if self.check_inputs:
             self._check_values(restored, clean, rows)
         if self.queues is not None and trains:
-            for layer_rows, queue in zip(rows, self.queues):
+            for layer_rows, queue in zip(rows, self._queue_list()):
                 layer_rows.queue = queue
         return rows
 
@@ -385,7 +400,7 @@ class SemanticStatisticsLoss(nn.Module):
 
         A layer with a memory queue attached (a training call) takes the incremental path
         over its rows and the queue's (:meth:`FeatureQueue.forward
-        <d2sm_loss.queue.FeatureQueue.forward>`; equal to
+        <d2sm_loss.FeatureQueue.forward>`; equal to
         :func:`~d2sm_loss.functional.similarity_kl` over :meth:`LayerRows.all_rows`), other
         layers :func:`~d2sm_loss.functional.similarity_kl` over their rows. Sets
         :attr:`last_implementation` (``"incremental"`` for the queue's path). A layer with a
@@ -417,11 +432,11 @@ class SemanticStatisticsLoss(nn.Module):
                 value = similarity_kl(
                     x,
                     y,
-                    similarity=self.similarity,
+                    similarity=cast(Similarity, self.similarity),
                     temperature=self.temperature,
                     include_self=self.include_self,
                     reduction=self.reduction,
-                    implementation=implementation,
+                    implementation=cast(Implementation, implementation),
                 )
                 implementations.append(implementation)
             blocks.append(layer_blocks)
@@ -429,7 +444,8 @@ class SemanticStatisticsLoss(nn.Module):
         if total is None:
             raise ValueError("rows must hold at least one layer")
         if implementations:
-            self.last_implementation = ",".join(implementations) if len(set(implementations)) > 1 else implementations[0]
+            distinct = len(set(implementations)) > 1
+            self.last_implementation = ",".join(implementations) if distinct else implementations[0]
         return total, blocks
 
     # -- helpers of the steps ---------------------------------------------------------
@@ -465,7 +481,11 @@ class SemanticStatisticsLoss(nn.Module):
         need = self.patch_size if self.granularity == "patch" else self._extractor.min_size()
         if min(height, width) < need:
             what = f"patch_size={self.patch_size}" if self.granularity == "patch" else f"layers {self.layers}"
-            raise ValueError(f"images of size {height}x{width} are too small for {what}: each side must be at least {need}")
+            change = "a smaller patch_size" if self.granularity == "patch" else "a shallower layer (layers=...)"
+            raise ValueError(
+                f"images of size {height}x{width} are too small for {what}: each side must be at least {need}. Use "
+                f"larger images or crops (gt_size in BasicSR and traiNNer-redux configs) or {change}"
+            )
         required = self._extractor.required_size
         if required is not None and self.granularity != "patch" and (height, width) != required:
             raise ValueError(
@@ -480,14 +500,10 @@ class SemanticStatisticsLoss(nn.Module):
 
     def _check_values(self, restored: Tensor, clean: Tensor, rows: Sequence[LayerRows]) -> None:
         """NaN/inf images and features (errors), values outside ``input_range`` (warned once)."""
-        out_of_range = check_values(restored, clean, rows, self.input_range)
-        if out_of_range and not self._warned_range:
+        outside = check_values(restored, clean, rows, self.input_range)
+        if outside and not self._warned_range:
             self._warned_range = True
-            warn_user(
-                f"SemanticStatisticsLoss: {' and '.join(out_of_range)} has values outside input_range="
-                f"{self.input_range}; the backbone sees them as they are. Set input_range to your images' "
-                "range. (Warned once.)",
-            )
+            warn_user(range_message(outside, self.input_range))
 
     def _prepare(self, images: Tensor) -> Tensor:
         if not torch.is_autocast_enabled(images.device.type):
@@ -503,7 +519,8 @@ class SemanticStatisticsLoss(nn.Module):
 
     def _layer_rows(self, layer: str, weight: float, x_map: Tensor, y_map: Tensor, image_size) -> LayerRows:
         """Rows of one layer's maps: (B, D) for image/patch, (B, L, C) for location."""
-        x, y = feature_rows(x_map, self.granularity, self.pool_size), feature_rows(y_map, self.granularity, self.pool_size)
+        x = feature_rows(x_map, self.granularity, self.pool_size)
+        y = feature_rows(y_map, self.granularity, self.pool_size)
         # At location granularity x is (B, L, C); a single location is an error in statistic().
         few = self.granularity == "location" and 2 <= x.shape[-2] < MIN_LOCATIONS
         if few and layer not in self._warned_locations and not torch.compiler.is_compiling():

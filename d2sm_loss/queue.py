@@ -81,7 +81,8 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         save: bool = False,
     ) -> None:
         super().__init__()
-        self.size, self.kernel, self.temperature, self.include_self, self.save = size, kernel, temperature, include_self, save
+        self.size, self.kernel, self.temperature = size, kernel, temperature
+        self.include_self, self.save = include_self, save
         self.register_buffer("restored", torch.zeros(size, 0), persistent=False)
         self.register_buffer("clean", torch.zeros(size, 0), persistent=False)
         self.register_buffer("filled", torch.zeros((), dtype=torch.long), persistent=False)
@@ -100,7 +101,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
 
     @property
     def count(self) -> int:
-        """How many rows the queue holds (reads the fill count: a device synchronisation)."""
+        """How many rows the queue holds (reading it synchronises with the device)."""
         return int(self.filled)
 
     @property
@@ -163,7 +164,8 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         for name in ("log_x", "log_y", "inverse_x", "inverse_y"):
             getattr(self, name).zero_()
         if self.feature_size is not None:
-            for rows, log, inverse in ((self.restored, self.log_x, self.inverse_x), (self.clean, self.log_y, self.inverse_y)):
+            sides = ((self.restored, self.log_x, self.inverse_x), (self.clean, self.log_y, self.inverse_y))
+            for rows, log, inverse in sides:
                 pairs = pairwise_log_similarities(rows, self.kernel, self.temperature).masked_fill(~valid, 0.0)
                 log[:, : self.size] = pairs
                 inverse.copy_(inverse_norms(rows))
@@ -283,12 +285,16 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
             destination[prefix + "position"] = self.position.detach().clone()
             destination[prefix + "_extra_state"] = self.get_extra_state()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         names = ("restored", "clean", "position", "_extra_state")
         saved = {name: state_dict[prefix + name] for name in names if prefix + name in state_dict}
         extra = saved.get("_extra_state")
         if isinstance(extra, Mapping) and extra.get("size") != self.size:
-            raise ValueError(f"state_dict: the saved queue holds {extra.get('size')} rows, this loss's queue_size is {self.size}")
+            raise ValueError(
+                f"state_dict: the saved queue holds {extra.get('size')} rows, this loss's queue_size is {self.size}"
+            )
         if strict:
             known = {prefix + name for name in names}
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from data import load_images
 from degradations import add_haze
 from evaluation import Evaluator, evaluate, prepare_test_set

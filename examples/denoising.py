@@ -42,7 +42,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from data import load_images
 from degradations import add_gaussian_noise
 from evaluation import Evaluator, evaluate, prepare_test_set

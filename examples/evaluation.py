@@ -9,11 +9,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
-
-import d2sm_loss
 from data import Sample, center_crop, to_numpy
 from degradations import bicubic_upsample
+from torch import Tensor
+from training import checkpoint_label
+
+import d2sm_loss
 
 EVAL_SEED = 2022  # the test degradations are drawn once from this seed, identical for every run
 EVALUATOR = "tf_efficientnet_lite0"
@@ -47,7 +48,7 @@ class Evaluator:
                     f"{EVALUATOR_WEIGHTS.split(':', 1)[1]}` or pass --evaluator-weights PATH "
                     "(or --random-backbone for a smoke test)"
                 ) from error
-            self.source = str(d2sm_loss.packaged_weights(weights[8:]) if weights.startswith("package:") else weights)
+            self.source = checkpoint_label(weights)
         self.model.eval().requires_grad_(False).to(device)
         self.device = device
         try:

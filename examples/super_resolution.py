@@ -42,7 +42,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from data import load_images
 from degradations import bicubic_downsample
 from evaluation import Evaluator, evaluate, prepare_test_set

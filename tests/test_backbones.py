@@ -6,7 +6,6 @@ fakes that record their calls, and torch hub's folder and the Hugging Face cache
 folders.
 """
 
-import os
 import subprocess
 import sys
 import warnings
@@ -18,6 +17,8 @@ from torch import nn
 
 from d2sm_loss import FeatureExtractor, SemanticStatisticsLoss, _hub
 from d2sm_loss.checkpoints import map_state_dict
+
+from helpers import subprocess_env
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -316,7 +317,7 @@ def test_weights_load_into_a_user_module(tmp_path):
 # ------------------------------------------------------------------ no patching
 
 
-def test_a_broken_torchvision_is_reported_not_patched():
+def test_a_broken_torchvision_is_reported_not_patched(tmp_path):
     """The package imports without torchvision, and building a backbone with a torchvision
     whose compiled operators do not load raises torchvision's own error: no operator schema is
     declared in its place."""
@@ -339,9 +340,7 @@ def test_a_broken_torchvision_is_reported_not_patched():
         "except (AttributeError, RuntimeError):\n"
         "    print('NOT DECLARED')\n"
     )
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=env, cwd=root,
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=subprocess_env(), cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert "ERROR operator torchvision::nms does not exist" in out.stdout, out.stderr
     assert "NOT DECLARED" in out.stdout, out.stdout + out.stderr

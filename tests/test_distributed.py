@@ -210,8 +210,9 @@ def test_ddp_example_runs_under_torchrun(tmp_path):
     script = Path(__file__).resolve().parents[1] / "examples" / "ddp_training.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), "--steps", "4", "--random-backbone", "--crop", "48", "--pool", "24", "--out", str(tmp_path)]
-    root = str(Path(__file__).resolve().parents[1])  # this checkout's d2sm_loss, not an installed one
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    from helpers import subprocess_env
+
+    env = subprocess_env(OMP_NUM_THREADS="1")  # the d2sm_loss this run tests
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "ddp_results.json").read_text())

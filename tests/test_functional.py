@@ -9,11 +9,22 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from helpers import DEVICE, TOLERANCES, TRITON_INTERPRETED, assert_close, features, kl_gradient, loop_kl
-from helpers import triton_skip_reason, upstream, value_and_grad
 
 from d2sm_loss.functional import REDUCTIONS, resolve_implementation, similarity_kl
 from d2sm_loss.ops.reference import similarity_kl_reference
+
+from helpers import (
+    DEVICE,
+    TOLERANCES,
+    TRITON_INTERPRETED,
+    assert_close,
+    features,
+    kl_gradient,
+    loop_kl,
+    triton_skip_reason,
+    upstream,
+    value_and_grad,
+)
 
 
 class Problem(NamedTuple):

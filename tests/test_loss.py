@@ -9,12 +9,12 @@ import sys
 import warnings
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl
 from d2sm_loss.rows import feature_rows
-import timm
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
 

@@ -58,7 +58,8 @@ def assert_relative(got, want, tol):
 
 
 def assert_cache_is_a_rebuild(queue, tol=1e-12):
-    saved = {name: getattr(queue, name).clone() for name in ("log_x", "log_y", "inverse_x", "inverse_y", "log_zx", "log_zy", "w")}
+    names = ("log_x", "log_y", "inverse_x", "inverse_y", "log_zx", "log_zy", "w")
+    saved = {name: getattr(queue, name).clone() for name in names}
     queue.rebuild()
     count = queue.count
     for name, value in saved.items():

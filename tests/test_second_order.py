@@ -19,11 +19,12 @@ import os
 
 import pytest
 import torch
-from helpers import features
 
 from d2sm_loss.ops import streaming
 from d2sm_loss.ops.reference import similarity_kl_reference, similarity_kl_vjp
 from d2sm_loss.ops.streaming import similarity_kl_streaming
+
+from helpers import features
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_USABLE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -26,12 +26,13 @@ import itertools
 
 import pytest
 import torch
-from helpers import Tolerance, assert_close, features, upstream, value_and_grad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from d2sm_loss.functional import similarity_kl
 from d2sm_loss.ops.reference import similarity_kl_reference
 from d2sm_loss.ops.streaming import TILE_ELEMENTS, default_block_size, similarity_kl_streaming
+
+from helpers import Tolerance, assert_close, features, upstream, value_and_grad
 
 F64 = Tolerance(atol=1e-12, row_rtol=1e-9)
 F32 = Tolerance(atol=1e-6, row_rtol=5e-5)

@@ -9,7 +9,6 @@ session imports the kernels in interpreter mode.
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -81,9 +80,9 @@ CASES = [
 
 
 def test_kernels_compile_for_sm90_with_little_register_spilling():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    from helpers import subprocess_env
+
+    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
                           env=env, timeout=600)
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():

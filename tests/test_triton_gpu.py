@@ -31,7 +31,6 @@ float32 reference and streaming paths against float64 on the same data):
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import warnings
@@ -39,7 +38,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import features, value_and_grad
+
+from helpers import features, subprocess_env, value_and_grad
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -186,9 +186,8 @@ def test_new_tf32_api_does_not_break_triton() -> None:
     makes ``torch.get_float32_matmul_precision()`` raise; the Triton path and the
     self-check must not depend on it (``d2sm_loss._compat.tf32_allowed``). In a
     subprocess: the setting is process-wide."""
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", _NEW_TF32_API], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, check=False, env={**os.environ, "PYTHONPATH": pythonpath})
+                          timeout=300, check=False, env=subprocess_env())
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
 
 

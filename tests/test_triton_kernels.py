@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, features, triton_skip_reason, upstream, value_and_grad
 
 from d2sm_loss.ops.reference import similarity_kl_reference
+
+from helpers import DEVICE, features, triton_skip_reason, upstream, value_and_grad
 
 if triton_skip_reason():
     pytest.skip(triton_skip_reason(), allow_module_level=True)

@@ -22,7 +22,8 @@ kept per column block of ``b ~ sqrt(K)`` columns (the same three sums over the b
 columns, :func:`block_sums`) and combined over blocks (:func:`combine_blocks`): a push
 recomputes only the blocks that hold a written column and the written rows, so no sum
 accumulates rounding from step to step (nothing is ever subtracted). A call then needs
-only the new blocks, batch x batch and batch x queue: for a batch row, the plain statistic over its ``B + K`` columns with the
+only the new blocks, batch x batch and batch x queue: for a batch row, the plain
+statistic over its ``B + K`` columns with the
 unfilled queue columns masked out; for a queue row ``q``, the cached sums merged with its
 ``B`` batch columns::
 
@@ -57,8 +58,8 @@ from torch import Tensor
 from .reference import NORM_EPS, _row_norms, log_similarity
 
 __all__ = [
-    "Blocks", "Journal", "QueueSums", "block_size", "block_sums", "combine_blocks", "inverse_norms", "pairwise_log_similarities",
-    "queue_statistic",
+    "Blocks", "Journal", "QueueSums", "block_size", "block_sums", "combine_blocks", "inverse_norms",
+    "pairwise_log_similarities", "queue_statistic",
 ]
 
 
@@ -103,7 +104,9 @@ class _QueueProduct(torch.autograd.Function):
     forward, from the live rows and the journal of the pushes since."""
 
     @staticmethod
-    def forward(ctx, unit: Tensor, queue: Tensor, inverse: Tensor, journal: Journal) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, unit: Tensor, queue: Tensor, inverse: Tensor, journal: Journal
+    ) -> Tensor:
         ctx.save_for_backward(inverse)
         ctx.queue, ctx.journal = queue, journal  # not saved: pushes write it in place
         return (unit @ queue.transpose(0, 1)) * inverse

@@ -75,7 +75,7 @@ __all__ = ["TILE_ELEMENTS", "TILE_ELEMENTS_GPU", "similarity_kl_streaming", "def
 #: the last-level cache while the elementwise passes run over them).
 TILE_ELEMENTS = 1 << 20
 
-#: The tile budget on a GPU: 2**24 values (64 MiB in float32, about 200 MiB for the three
+#: The tile budget on a GPU, 2**24 values (64 MiB in float32, about 200 MiB for the three
 #: buffers). A GPU needs large tiles to amortise its kernel launches: with the CPU budget a
 #: (G=8, N=16384) problem would walk 8-row blocks, about 2000 blocks of a dozen launches each
 #: per pass. Chosen from that launch count, not yet tuned on hardware.

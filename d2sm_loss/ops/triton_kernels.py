@@ -11,10 +11,10 @@ and clean features ``Y`` (``N x D`` each)::
     Zx_i     = sum_j exp(lx_ij),  Zy_i likewise,  px_ij = exp(lx_ij) / Zx_i,  py_ij likewise
     KL_i     = sum_j py_ij (ly_ij - lx_ij) - log Zy_i + log Zx_i
 
-Both kernels stream over the same tiles: :func:`_similarity_tile` computes, for a block of
+Both kernels stream over the same tiles: ``_similarity_tile()`` computes, for a block of
 rows and a block of columns, ``c``, ``lx`` and ``ly`` and which pairs take part.
 
-Forward (:func:`_similarity_kl_fwd_kernel`)
+Forward (``_similarity_kl_fwd_kernel()``)
     One program per (row block, group). It streams over column tiles, computing the two
     ``BLOCK_M x BLOCK_N`` similarity tiles with ``tl.dot`` (looping over D in ``BLOCK_K``
     chunks) and keeps only per-row accumulators: an online log-sum-exp (running maximum,
@@ -24,7 +24,7 @@ Forward (:func:`_similarity_kl_fwd_kernel`)
     ``include_self=False`` cannot underflow to ``log 0``. Saved for backward: the inputs
     (references, no copies) and ``log Zx``, ``log Zy`` and the reciprocal row norms (O(N)).
 
-Backward (:func:`_similarity_kl_bwd_kernel`)
+Backward (``_similarity_kl_bwd_kernel()``)
     With ``g_i`` the incoming gradient of ``KL_i``, ``G_ij = g_i (px_ij - py_ij) dlogs/dc(c_ij)``
     and ``dXh = (G + G^T) Xh``. Because ``c`` and ``d`` are symmetric, one recomputed tile
     gives both terms: the program that owns row block ``K`` builds, for every column tile
@@ -454,7 +454,7 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
 
     ``"ieee"`` (exact float32 products) unless the inputs are float32 and TF32 is allowed:
     ``allow_tf32=None`` follows PyTorch's own switch for float32 CUDA matrix products
-    (:func:`d2sm_loss._compat.tf32_allowed`, e.g. after
+    (``d2sm_loss._compat.tf32_allowed()``, e.g. after
     ``torch.backends.cuda.matmul.allow_tf32 = True``), the same trade the plain PyTorch path
     makes under that setting. The interpreter always computes in IEEE.
     """
@@ -494,7 +494,9 @@ class _SimilarityKLFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, precision: str) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, precision: str
+    ) -> Tensor:
         x_in = x  # saved as given: a second-order backward continues the caller's graph from it
         x = x.contiguous()
         y = y.detach().contiguous()
@@ -611,7 +613,7 @@ def similarity_kl_triton(
             compile-time constant, so each new value compiles the kernels once).
         include_self: whether ``j = i`` takes part in each row's distribution.
         allow_tf32: float32 tile products in TF32 (``True``) or exact (``False``); None
-            follows PyTorch's setting (:func:`d2sm_loss._compat.tf32_allowed`). Ignored for other dtypes.
+            follows PyTorch's setting (``d2sm_loss._compat.tf32_allowed()``). Ignored for other dtypes.
 
     Returns:
         Shape (G, N), float32 (float64 for float64 inputs); equal to
