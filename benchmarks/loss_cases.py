@@ -9,10 +9,10 @@ re-implemented here:
   under ``torch.autocast`` (a :class:`Variant`).
 - :func:`loss_case`: the loss alone, forward + backward into restored images that require grad.
 - :func:`rows_case` (row part ``backbone``): ``loss.rows`` (input preparation, the backbone
-  on both batches, samples, the queue's rows appended) and the backward of a random
+  on both batches, samples, the queue attached) and the backward of a random
   upstream gradient into the restored images.
 - :func:`statistic_case`: ``loss.statistic`` on random rows of the shapes ``rows`` gives,
-  forward + backward.
+  forward + backward, and the memory queue's push (its cache update) where there is one.
 
 Inputs are fresh for every call: clean images ``torch.rand``, noisy ones ``clean + 0.1 randn``.
 """
@@ -121,17 +121,18 @@ def triton_skip_reason(device: torch.device) -> str | None:
 
 def fill_queue(loss: Any, batch: int, height: int, width: int, device: torch.device) -> None:
     """Fill the loss's memory queues with random rows of the right width: the steady state
-    of training (a queue is full after ``queue_size / batch`` steps). No-op without queues."""
+    of training (a queue is full after ``queue_size / batch`` steps), loaded as a checkpoint
+    of the queue would be (which rebuilds its cache). No-op without queues."""
     queues = getattr(loss, "queues", None)
     if not queues:
         return
     loss.reset_queue()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rows = loss.rows(*images(batch, height, width, device))
-    for layer_rows, queue in zip(rows, queues):
+    for layer_rows, queue in zip(probe_rows(loss, batch, height, width, device), queues):
         width_d = layer_rows.restored.shape[-1]
-        queue.push(torch.randn(queue.size, width_d, device=device), torch.randn(queue.size, width_d, device=device))
+        state = {"restored": torch.randn(queue.size, width_d, device=device),
+                 "clean": torch.randn(queue.size, width_d, device=device),
+                 "position": torch.zeros((), dtype=torch.long), "_extra_state": {"size": queue.size}}
+        queue.load_state_dict(state)
         if queue.count != queue.size:
             raise RuntimeError(f"fill_queue: queue of layer {layer_rows.layer} holds {queue.count} of {queue.size} rows")
 
@@ -143,11 +144,13 @@ def images(batch: int, height: int, width: int, device: torch.device, grad: bool
 
 
 def row_shape(rows: list[LayerRows]) -> dict[str, int]:
-    """G, N, D of the first layer's rows: (N, D) is one group, (G, N, D) per-image groups,
-    a feature map (B, C, h, w) counts as one row of C h w per image."""
+    """G, N, D of the first layer's rows: (N, D) is one group (the batch plus the queue's
+    filled rows), (G, N, D) per-image groups, a feature map (B, C, h, w) counts as one row
+    of C h w per image."""
     shape = tuple(rows[0].restored.shape)
     if len(shape) == 2:
-        return {"G": 1, "N": shape[0], "D": shape[1]}
+        queued = rows[0].queue.count if rows[0].queue is not None else 0
+        return {"G": 1, "N": shape[0] + queued, "D": shape[1]}
     if len(shape) == 3:
         return {"G": shape[0], "N": shape[1], "D": shape[2]}
     return {"G": shape[0], "N": 1, "D": math.prod(shape[1:])}
@@ -219,9 +222,11 @@ def loss_case(config: str, loss: Any, batch: int, height: int, width: int, devic
 
 
 def probe_rows(loss: Any, batch: int, height: int, width: int, device: torch.device) -> list[LayerRows]:
-    with torch.no_grad(), warnings.catch_warnings():
+    """The rows of a training call (with the memory queue attached; rows() does not push)."""
+    with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return loss.rows(*images(batch, height, width, device))
+        rows = loss.rows(*images(batch, height, width, device))
+    return [LayerRows(r.layer, r.weight, r.restored.detach(), r.clean, r.batch_rows, r.queue) for r in rows]
 
 
 def rows_case(config: str, loss: Any, batch: int, height: int, width: int, device: torch.device) -> Case:
@@ -239,13 +244,25 @@ def rows_case(config: str, loss: Any, batch: int, height: int, width: int, devic
 
 
 def statistic_case(config: str, loss: Any, batch: int, height: int, width: int, device: torch.device) -> Case:
-    """``loss.statistic`` on random rows of the shapes ``loss.rows`` gives, forward + backward."""
+    """``loss.statistic`` on random rows of the shapes ``loss.rows`` gives, forward + backward,
+    and for a loss with a memory queue the queue's push (the cache update), as a training
+    call runs them."""
     probe = probe_rows(loss, batch, height, width, device)
 
     def prepare() -> list[LayerRows]:
         return [LayerRows(r.layer, r.weight, torch.randn(r.restored.shape, device=device, requires_grad=True),
-                          torch.randn(r.clean.shape, device=device), r.batch_rows) for r in probe]
+                          torch.randn(r.clean.shape, device=device), r.batch_rows, r.queue) for r in probe]
 
-    case = Case(f"{config} statistic", prepare, lambda rows: loss.statistic(rows).backward(), row_shape(probe))
+    def run(rows: list[LayerRows]) -> None:
+        if not hasattr(loss, "_statistic"):  # a peer loss with the same seam
+            loss.statistic(rows).backward()
+            return
+        value, blocks = loss._statistic(rows)
+        value.backward()
+        for layer_rows, layer_blocks in zip(rows, blocks):
+            if layer_rows.queue is not None and layer_blocks is not None:
+                layer_rows.queue.push(layer_rows.restored, layer_rows.clean, layer_blocks)
+
+    case = Case(f"{config} statistic", prepare, run, row_shape(probe))
     case.after_call = _implementation_reader(case, loss)
     return case

@@ -15,11 +15,16 @@ convention as a pixel loss averaged over each rank's local batch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["distributed_world", "gather_batch_sizes", "gather_rows"]
+if TYPE_CHECKING:
+    from .rows import LayerRows
+
+__all__ = ["distributed_world", "gather_batch_sizes", "gather_layer_rows", "gather_rows"]
 
 
 def distributed_world() -> tuple[int, int] | None:
@@ -73,3 +78,22 @@ def gather_rows(rows: Tensor, sizes: list[int], *, grad_scale: float = 1.0) -> T
     if rows.shape[0] != sizes[rank]:
         raise ValueError(f"gather_rows: this rank has {rows.shape[0]} rows but sizes says {sizes[rank]}")
     return _GatherRows.apply(rows, sizes, rank, float(grad_scale))
+
+
+def gather_layer_rows(rows: list[LayerRows], ddp_gradient_scale: bool) -> list[LayerRows]:
+    """Every rank's rows of every layer, in rank order (unchanged without torch.distributed).
+    One synchronisation for the batch sizes of all layers; the gradient of the own rows is
+    scaled by the world size when ``ddp_gradient_scale`` (see the module's docstring)."""
+    from .rows import LayerRows
+
+    world = distributed_world()
+    if world is None:
+        return rows
+    sizes = gather_batch_sizes(rows[0].restored.shape[0], rows[0].restored.device)
+    scale = world[1] if ddp_gradient_scale else 1.0
+    return [
+        LayerRows(
+            r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes), sum(sizes)
+        )
+        for r in rows
+    ]

@@ -23,12 +23,13 @@ from .checks import (
     check_values,
     range_message,
 )
-from .distributed import distributed_world, gather_batch_sizes, gather_rows
+from .distributed import gather_layer_rows
 from .features import FeatureExtractor
 from .functional import IMPLEMENTATIONS, SIMILARITIES, Implementation, Similarity, resolve_implementation, similarity_kl
 from .layers import LayerSpec
+from .ops.incremental import Blocks
 from .queue import FeatureQueue
-from .rows import LayerRows, feature_rows, image_crops
+from .rows import LayerRows, feature_rows, image_crops, pair_without_self_message, single_row_message
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
@@ -106,10 +107,14 @@ class SemanticStatisticsLoss(nn.Module):
             ``ValueError`` (at construction when ``pool_size`` fixes the number of
             locations, else at the call).
         queue_size: image and patch granularity: how many rows of earlier batches (restored
-            and clean, detached) join the current batch's rows. 0 disables the queue. The
-            queue is updated only by calls in training mode with gradients enabled (not
-            under ``torch.no_grad()`` or ``torch.inference_mode()``, e.g. validation), and
-            is saved in the state dict.
+            and clean, detached) join the current batch's rows in training calls. 0
+            disables the queue. A step costs ``O(B (B + queue_size) D)`` plus
+            ``O(queue_size^2)``, not ``O((B + queue_size)^2 D)``: the queue caches its rows'
+            pairwise similarities (:class:`~d2sm_loss.FeatureQueue`).
+        save_queue: keep the queue's rows in ``state_dict()`` (False by default: ``paper()``
+            at 224 x 224 holds 224 x 100352 x 2 floats, about 180 MB). Loading works either
+            way: a state dict with queue rows restores them, one without leaves the queue
+            empty, and it refills in ``ceil(queue_size / global batch)`` training steps.
         input_range: the range of the input images' values, e.g. ``(0, 1)`` or
             ``(0, 255)`` or ``(-1, 1)``; it is mapped to [0, 1], then normalised by
             ``mean``/``std``. Values outside give one warning (per loss object).
@@ -154,6 +159,15 @@ class SemanticStatisticsLoss(nn.Module):
         ``restored`` and ``clean``: ``(B, C, H, W)`` with ``B >= 1`` and ``C`` 1 (repeated
         to RGB) or 3. Output: a scalar.
 
+    Training and evaluation: a call trains when the module is in training mode and
+    gradients are enabled. Only such calls use the memory queue (read and write it) and
+    gather rows across torch.distributed ranks. A call that does not train (``eval()``,
+    ``torch.no_grad()``, ``torch.inference_mode()``: validation) computes the statistic over
+    its own batch only: it never reads or changes the queue and never communicates, so its
+    value does not depend on training history, images of another size work, and rank-0-only
+    validation cannot hang. Such a call with a single image (or crop) has nothing to compare
+    and returns 0, with a warning the first time.
+
     Restored images come first. A call whose ``clean`` images require grad while the
     ``restored`` ones do not warns once: the arguments are probably swapped, and the loss
     would send no gradient to the network.
@@ -194,6 +208,7 @@ class SemanticStatisticsLoss(nn.Module):
         temperature: float = 0.1,
         include_self: bool = True,
         queue_size: int = 0,
+        save_queue: bool = False,
         input_range: tuple[float, float] = (0.0, 1.0),
         reduction: Literal["mean", "sum"] = "mean",
         implementation: Implementation = "auto",
@@ -279,10 +294,15 @@ class SemanticStatisticsLoss(nn.Module):
                 f"patch_size={self.patch_size} is too small for layers {self.layers} of {self._extractor.name!r}: "
                 f"each crop side must be at least {self._extractor.min_size()}"
             )
-        self.queues = nn.ModuleList([FeatureQueue(self.queue_size) for _ in range(count)]) if self.queue_size else None
+        save_queue = check_bool("save_queue", save_queue)
+        queue = {"kernel": self.similarity, "temperature": self.temperature, "include_self": self.include_self}
+        queue["save"] = save_queue
+        queues = [FeatureQueue(self.queue_size, **queue) for _ in range(count)] if self.queue_size else None
+        self.queues = nn.ModuleList(queues) if queues else None
         self.last_implementation = None
         self._warned_range = False
         self._warned_order = False
+        self._warned_single = False
         self._warned_locations: set[str] = set()
 
     @property
@@ -342,9 +362,10 @@ class SemanticStatisticsLoss(nn.Module):
     def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
         """The loss between ``restored`` (receives the gradient) and ``clean`` images."""
         rows = self.rows(restored, clean)
-        value = self.statistic(rows)
-        if self._fills_queue():
-            self._push(rows)
+        value, blocks = self._statistic(rows)
+        for layer_rows, layer_blocks in zip(rows, blocks):  # after every layer succeeded
+            if layer_rows.queue is not None and layer_blocks is not None:
+                layer_rows.queue.push(layer_rows.restored, layer_rows.clean, layer_blocks)
         return value
 
     def rows(self, restored: Tensor, clean: Tensor) -> list[LayerRows]:
@@ -352,9 +373,9 @@ class SemanticStatisticsLoss(nn.Module):
 
         Checks the images, runs the backbone on both batches (the clean one without an
         autograd graph), turns each feature map into rows (pooling and flattening as the
-        granularity asks), gathers them over torch.distributed ranks (training calls only:
-        a call in eval mode or without gradients never communicates), and appends the
-        memory queue's rows. The queue is not changed.
+        granularity asks) and, in a training call, gathers them over torch.distributed
+        ranks and attaches the memory queue (:attr:`LayerRows.queue`). The queue is not
+        changed.
         """
         self._validate(restored, clean)
         restored_maps = self.feature_maps(restored)
@@ -371,12 +392,14 @@ class SemanticStatisticsLoss(nn.Module):
             self._layer_rows(name, weight, x_map, y_map, restored.shape[-2:])
             for name, weight, x_map, y_map in zip(names, self.layer_weights, restored_maps, clean_maps)
         ]
-        if self.distributed and self.granularity != "location" and self._training_call():
-            rows = self._gather(rows)
+        trains = self._trains()
+        if self.distributed and self.granularity != "location" and trains:
+            rows = gather_layer_rows(rows, self.ddp_gradient_scale)
         if self.check_inputs:
             self._check_values(restored, clean, rows)
-        if self.queues is not None:
-            rows = [self._with_queue(layer_rows, queue) for layer_rows, queue in zip(rows, self._queue_list())]
+        if self.queues is not None and trains:
+            for layer_rows, queue in zip(rows, self._queue_list()):
+                layer_rows.queue = queue
         return rows
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
@@ -395,21 +418,43 @@ class SemanticStatisticsLoss(nn.Module):
     def statistic(self, rows: Sequence[LayerRows]) -> Tensor:
         """The weighted sum over layers of the similarity-KL statistic of each layer's rows.
 
-        Sets :attr:`last_implementation`. A group needs at least 2 rows, 3 with
-        ``include_self=False`` (with two, each row's distribution is the other row with
-        probability 1 and the statistic is identically 0). Fewer is an error, except in a
-        training call while the queue is still filling (a small batch at the start of
-        training), which contributes zero attached to the graph.
+        A layer with a memory queue attached (a training call) takes the incremental path
+        over its rows and the queue's (:meth:`FeatureQueue.forward
+        <d2sm_loss.FeatureQueue.forward>`; equal to
+        :func:`~d2sm_loss.functional.similarity_kl` over :meth:`LayerRows.all_rows`), other
+        layers :func:`~d2sm_loss.functional.similarity_kl` over their rows. Sets
+        :attr:`last_implementation` (``"incremental"`` for the queue's path). A group needs
+        at least 2 rows, 3 with ``include_self=False`` (with two, each row's distribution is
+        the other row with probability 1 and the statistic is identically 0): two rows
+        without the diagonal are an error; a single row is an error in a training call
+        without a queue, and 0 (warned once) in a call that does not train.
         """
+        return self._statistic(rows)[0]
+
+    def _statistic(self, rows: Sequence[LayerRows]) -> tuple[Tensor, list[Blocks | None]]:
+        """:meth:`statistic` and, per layer, the blocks a queue push reuses."""
         total: Tensor | None = None
         implementations: list[str] = []
+        blocks: list[Blocks | None] = []
         for layer_rows in rows:
             x, y = layer_rows.restored, layer_rows.clean
-            if x.shape[-2] < self._min_rows():
-                filling = self._fills_queue() and x.shape[-2] - layer_rows.batch_rows < self.queue_size
-                if not filling:
-                    raise ValueError(self._nothing_to_compare(layer_rows.layer, x.shape[-2]))
-                value = x.sum() * 0.0
+            layer_blocks = None
+            if layer_rows.queue is not None:
+                if not self.include_self and x.shape[-2] + self.queue_size < 3:
+                    raise ValueError(pair_without_self_message(self.granularity, layer_rows.layer, 2, True))
+                kl_batch, kl_queue, count, layer_blocks = layer_rows.queue(x, y, layer_rows.layer)
+                value = kl_batch.sum() + kl_queue.sum()
+                value = value / count if self.reduction == "mean" else value
+                implementations.append("incremental")
+            elif x.shape[-2] == 2 and not self.include_self:
+                raise ValueError(
+                    pair_without_self_message(self.granularity, layer_rows.layer, 2, self.queues is not None)
+                )
+            elif x.shape[-2] < 2:
+                if self._trains() or self.granularity == "location":
+                    raise ValueError(single_row_message(self.granularity, layer_rows.layer))
+                self._warn_single()
+                value = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)).detach()
             else:
                 implementation = resolve_implementation(
                     self.implementation, x.device, x.shape[-1], torch.promote_types(x.dtype, y.dtype)
@@ -424,13 +469,14 @@ class SemanticStatisticsLoss(nn.Module):
                     implementation=cast(Implementation, implementation),
                 )
                 implementations.append(implementation)
+            blocks.append(layer_blocks)
             total = layer_rows.weight * value if total is None else total + layer_rows.weight * value
         if total is None:
             raise ValueError("rows must hold at least one layer")
         if implementations:
             distinct = len(set(implementations)) > 1
             self.last_implementation = ",".join(implementations) if distinct else implementations[0]
-        return total
+        return total, blocks
 
     # -- helpers of the steps ---------------------------------------------------------
 
@@ -438,16 +484,15 @@ class SemanticStatisticsLoss(nn.Module):
         # Without the diagonal, two rows give each row a one-point distribution: KL = 0 always.
         return 2 if self.include_self else 3
 
-    def _training_call(self) -> bool:
-        # Training mode with gradients enabled. Any other call (eval(), no_grad, inference_mode:
-        # validation, monitoring) uses this rank's batch alone and never communicates, so a
-        # validation that runs on one rank only cannot wait for the others.
+    def _trains(self) -> bool:
+        """A training call: training mode with gradients enabled. Only such calls use the
+        queue and gather across ranks."""
         return self.training and torch.is_grad_enabled()
 
-    def _fills_queue(self) -> bool:
-        # The queues take a call's rows only in training with gradients enabled: a
-        # validation or monitoring call (no_grad / inference_mode) leaves them untouched.
-        return self.queues is not None and self.training and torch.is_grad_enabled()
+    def _warn_single(self) -> None:
+        if not self._warned_single and not torch.compiler.is_compiling():
+            self._warned_single = True
+            warn_user(single_row_message(self.granularity, None))
 
     def _validate(self, restored: Tensor, clean: Tensor) -> None:
         check_images("restored", restored)
@@ -521,70 +566,6 @@ class SemanticStatisticsLoss(nn.Module):
                 "layer, or granularity='image' with queue_size > 0. (Warned once per layer.)",
             )
         return LayerRows(layer, weight, x, y, x.shape[0])
-
-    def _gather(self, rows: list[LayerRows]) -> list[LayerRows]:
-        """Every rank's rows, in rank order, under torch.distributed (else unchanged)."""
-        world = distributed_world()
-        if world is None:
-            return rows
-        sizes = gather_batch_sizes(rows[0].restored.shape[0], rows[0].restored.device)  # one sync for all layers
-        scale = world[1] if self.ddp_gradient_scale else 1.0
-        return [
-            LayerRows(
-                r.layer, r.weight, gather_rows(r.restored, sizes, grad_scale=scale), gather_rows(r.clean, sizes),
-                sum(sizes),
-            )
-            for r in rows
-        ]
-
-    def _with_queue(self, layer_rows: LayerRows, queue: FeatureQueue) -> LayerRows:
-        """The layer's rows followed by its queue's rows, in their promoted dtype."""
-        x, y = layer_rows.restored, layer_rows.clean
-        queue.check_feature_size(x.shape[1], layer_rows.layer)
-        past_x, past_y = queue.rows()
-        if not past_x.shape[0]:
-            return layer_rows
-        dtype = torch.promote_types(x.dtype, past_x.dtype)  # float16 features + float32 queue
-        x = torch.cat([x.to(dtype), past_x.to(x.device, dtype)])
-        y = torch.cat([y.to(dtype), past_y.to(y.device, dtype)])
-        return LayerRows(layer_rows.layer, layer_rows.weight, x, y, layer_rows.batch_rows)
-
-    def _push(self, rows: Sequence[LayerRows]) -> None:
-        """This call's rows into the queues, after every layer succeeded: all advance or none."""
-        assert self.queues is not None
-        for layer_rows, queue in zip(rows, self._queue_list()):
-            count = layer_rows.batch_rows
-            queue.push(layer_rows.restored[:count], layer_rows.clean[:count])
-
-    def _nothing_to_compare(self, layer: str, count: int) -> str:
-        if count >= 2:  # include_self=False with two rows
-            samples = {"image": "images", "patch": "crops", "location": "locations"}[self.granularity]
-            where = f"layer {layer!r} has {count} {samples} per group"
-            return (
-                f"include_self=False: {where}, so each one's distribution holds the one other sample with "
-                "probability 1 and the loss is identically 0, with no gradient. Use include_self=True, or at least "
-                + (
-                    "3 locations (larger images or a shallower layer)." if self.granularity == "location"
-                    else f"3 {samples} per call (a larger batch{' or queue_size > 0' if self.queues is None else ''})."
-                )
-            )
-        if self.granularity == "location":
-            return (
-                f"granularity='location': the feature map of layer {layer!r} has a single location, so there "
-                "is nothing to compare. Use larger images, a shallower layer, or pool_size of at least 2."
-            )
-        what = "image" if self.granularity == "image" else "crop"
-        queue = (
-            "queue_size=0" if self.queues is None
-            else "the memory queue is empty and is only filled by training-mode calls with gradients enabled"
-        )
-        return (
-            f"granularity={self.granularity!r} compares the {what}s of a batch with each other, but this call "
-            f"has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, {queue}): "
-            "nothing to compare. Use a larger batch (batch_size_per_gpu in BasicSR and traiNNer-redux configs)"
-            + (", queue_size > 0," if self.queues is None else "")
-            + " or 'location' granularity."
-        )
 
     def extra_repr(self) -> str:
         return (

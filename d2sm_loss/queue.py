@@ -3,53 +3,115 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from .ops.incremental import (
+    Blocks,
+    Journal,
+    QueueSums,
+    block_size,
+    block_sums,
+    combine_blocks,
+    inverse_norms,
+    pairwise_log_similarities,
+    queue_statistic,
+)
 
 __all__ = ["FeatureQueue"]
 
 
-class FeatureQueue(nn.Module):
-    """A ring buffer of detached restored and clean feature vectors of earlier batches.
+class FeatureQueue(LazyModuleMixin, nn.Module):
+    """A ring buffer of detached restored and clean feature rows of earlier batches, with
+    the cached pairwise statistics that make the statistic over batch + queue incremental.
 
-    Holds at most ``size`` rows of each. While it fills, its buffers grow with every push
-    (their length is the fill count); once full they keep ``size`` rows and the write
-    position (a 0-d long tensor) wraps around. Everything lives in tensors, so a compiled
-    training step is not specialised on the fill count or position: ``torch.compile``
-    re-traces only while the queue fills (the number of rows changes; with its automatic
-    dynamic shapes, a few times at most) and never once it is full. Buffers and position are
-    in the state dict, so a queue survives a save/load, also into a fresh loss.
+    Storage: fixed-size buffers ``restored`` and ``clean`` of ``size`` rows (allocated at
+    the first training call, when the row width ``D`` is known: a lazy module, which
+    ``torch.compile`` initialises before tracing), a fill count ``filled`` and a write
+    position ``position`` (0-d long tensors). Rows are written in order from slot 0, so the
+    filled slots are always ``0 .. filled - 1``; once full, the position wraps around.
+    Since every shape is fixed and the counters are tensors, a compiled training step
+    compiles once, from the empty queue through filling and wrap-around.
+
+    Cache (derived state, :mod:`d2sm_loss.ops.incremental`): the ``size x size``
+    log-similarity matrices of the stored rows (restored and clean), their inverse norms
+    and each row's sums over the filled rows. A push updates the rows and columns of the
+    written slots from the blocks its call computed (no product over ``D``) and refreshes
+    the sums (``O(size^2)``). The cache is never saved; it is rebuilt from the rows
+    (``O(size^2 D)``, once) after a load, a dtype or device move, and emptied by
+    :meth:`reset`. Memory: ``2 size D`` floats of rows plus ``2 size^2 + 5 size`` of cache.
+
+    Checkpoints: with ``save=False`` (the default) the queue is left out of
+    ``state_dict()``; with ``save=True`` it is saved as ``restored`` and ``clean``
+    (the ``filled`` rows), ``position`` and ``_extra_state`` (``{"size": size}``).
+    Loading accepts both: saved rows are restored whatever ``save`` is, and a state dict
+    without them leaves the queue empty.
+
+    Rows are kept in float32 (float64 after ``.double()``): a move to float16 or bfloat16
+    (a low-precision backbone) keeps the queue in float32.
     """
 
     restored: Tensor
     clean: Tensor
+    filled: Tensor
     position: Tensor
+    log_x: Tensor
+    log_y: Tensor
+    inverse_x: Tensor
+    inverse_y: Tensor
+    log_zx: Tensor
+    log_zy: Tensor
+    w: Tensor
+    block_zx: Tensor
+    block_zy: Tensor
+    block_w: Tensor
 
-    def __init__(self, size: int) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        kernel: str = "cosine",
+        temperature: float = 0.1,
+        include_self: bool = True,
+        save: bool = False,
+    ) -> None:
         super().__init__()
-        self.size = size
-        self.register_buffer("restored", torch.zeros(0, 0))
-        self.register_buffer("clean", torch.zeros(0, 0))
-        self.register_buffer("position", torch.zeros((), dtype=torch.long))
+        self.size, self.kernel, self.temperature = size, kernel, temperature
+        self.include_self, self.save = include_self, save
+        self.register_buffer("restored", torch.zeros(size, 0), persistent=False)
+        self.register_buffer("clean", torch.zeros(size, 0), persistent=False)
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("position", torch.zeros((), dtype=torch.long), persistent=False)
+        self._journal = Journal()
+        self.block = block_size(size)
+        self.blocks = -(-size // self.block)
+        for name in ("log_x", "log_y"):  # columns padded to whole blocks (never filled)
+            self.register_buffer(name, torch.zeros(size, self.blocks * self.block), persistent=False)
+        for name in ("block_zx", "block_zy", "block_w"):
+            self.register_buffer(name, torch.zeros(size, self.blocks), persistent=False)
+        for name in ("inverse_x", "inverse_y", "log_zx", "log_zy", "w"):
+            self.register_buffer(name, torch.zeros(size), persistent=False)
+
+    # -- state ---------------------------------------------------------------------------
 
     @property
     def count(self) -> int:
-        """How many rows the queue holds."""
-        return self.restored.shape[0]
+        """How many rows the queue holds (reading it synchronises with the device)."""
+        return int(self.filled)
 
     @property
     def feature_size(self) -> int | None:
-        return self.restored.shape[1] if self.count else None
-
-    def reset(self) -> None:
-        self.restored = self.restored.new_zeros(0, 0)
-        self.clean = self.clean.new_zeros(0, 0)
-        self.position.zero_()
+        """The width of the stored rows, None before the first push."""
+        return self.restored.shape[1] or None
 
     def rows(self) -> tuple[Tensor, Tensor]:
-        """The stored rows (restored, clean), in no particular order."""
-        return self.restored, self.clean
+        """The stored rows (restored, clean), in slot order (not the order of arrival)."""
+        count = self.count
+        return self.restored[:count], self.clean[:count]
 
     def check_feature_size(self, size: int, layer: str) -> None:
         if self.feature_size is not None and self.feature_size != size:
@@ -59,50 +121,203 @@ class FeatureQueue(nn.Module):
                 "so that the vector size does not depend on it, or call reset_queue()."
             )
 
+    def reset(self) -> None:
+        """Empty the queue; the next training call sets the row width again."""
+        self._allocate(0)
+        self.filled.zero_()
+        self.position.zero_()
+        self._arm()
+        self.rebuild()
+
+    def _arm(self) -> None:
+        """(Re-)install the lazy module's hooks: the next call allocates the rows."""
+        if not hasattr(self, "_initialize_hook"):
+            self._load_hook = self._register_load_state_dict_pre_hook(self._lazy_load_hook)
+            self._initialize_hook = self.register_forward_pre_hook(self._infer_parameters, with_kwargs=True)
+
+    def _disarm(self) -> None:
+        if hasattr(self, "_initialize_hook"):
+            self._initialize_hook.remove()
+            self._load_hook.remove()
+            del self._initialize_hook, self._load_hook
+
+    def _allocate(self, width: int) -> None:
+        self._journal = Journal()  # pending backward passes keep the old rows, which no push writes
+        self.restored = torch.zeros(self.size, width, dtype=self.log_x.dtype, device=self.log_x.device)
+        self.clean = torch.zeros_like(self.restored)
+
+    def initialize_parameters(self, restored: Tensor, clean: Tensor, layer: str = "") -> None:  # type: ignore[override]
+        """Lazy-module hook: allocate the rows for ``restored``'s width (first call)."""
+        if self.feature_size is None:
+            self._allocate(restored.shape[-1])
+
+    def has_uninitialized_params(self) -> bool:  # type: ignore[override]
+        return False
+
+    # -- the cache -----------------------------------------------------------------------
+
     @torch.no_grad()
-    def push(self, restored: Tensor, clean: Tensor) -> None:
-        """Write the newest rows, overwriting the oldest once full."""
-        # float32 rows (float64 after loss.double()), whatever the features' dtype.
-        dtype = torch.float64 if self.restored.dtype == torch.float64 else torch.float32
-        if self.restored.dtype != dtype:  # loss.half() or .bfloat16() cast the stored rows too
-            self.restored, self.clean = self.restored.to(dtype), self.clean.to(dtype)
-        restored = restored.detach()[-self.size :].to(dtype)
-        clean = clean.detach()[-self.size :].to(dtype)
-        count = self.count
-        if count < self.size:
-            room = self.size - count
-            if count:
-                self.restored = torch.cat([self.restored, restored[:room]])
-                self.clean = torch.cat([self.clean, clean[:room]])
-            else:
-                self.restored, self.clean = restored[:room].clone(), clean[:room].clone()
-            restored, clean = restored[room:], clean[room:]
-            self.position.fill_(self.count % self.size)
-        if restored.shape[0]:
-            index = (self.position + torch.arange(restored.shape[0], device=self.position.device)) % self.size
+    def rebuild(self) -> None:
+        """Recompute the cache from the stored rows: ``O(size^2 D)``."""
+        valid = torch.arange(self.size, device=self.filled.device) < self.filled
+        for name in ("log_x", "log_y", "inverse_x", "inverse_y"):
+            getattr(self, name).zero_()
+        if self.feature_size is not None:
+            sides = ((self.restored, self.log_x, self.inverse_x), (self.clean, self.log_y, self.inverse_y))
+            for rows, log, inverse in sides:
+                pairs = pairwise_log_similarities(rows, self.kernel, self.temperature).masked_fill(~valid, 0.0)
+                log[:, : self.size] = pairs
+                inverse.copy_(inverse_norms(rows))
+        rows = torch.arange(self.size, device=self.filled.device)
+        self._refresh_sums(rows, torch.arange(self.blocks, device=rows.device), rows)
+
+    def _refresh_sums(self, rows: Tensor, blocks: Tensor, all_rows: Tensor) -> None:
+        """Recompute the block sums of ``all_rows`` over ``blocks`` and of ``rows`` over
+        every block, then combine them."""
+        every = torch.arange(self.blocks, device=blocks.device)
+        args = (self.block, self.filled, self.include_self)
+        for target, value in zip((self.block_zx, self.block_zy, self.block_w),
+                                 block_sums(self.log_x, self.log_y, all_rows, blocks, *args)):
+            target.index_copy_(1, blocks, value)
+        for target, value in zip((self.block_zx, self.block_zy, self.block_w),
+                                 block_sums(self.log_x[rows], self.log_y[rows], rows, every, *args)):
+            target.index_copy_(0, rows, value)
+        self.log_zx, self.log_zy, self.w = combine_blocks(self.block_zx, self.block_zy, self.block_w)
+
+    # -- a call and a push ----------------------------------------------------------------
+
+    def forward(self, restored: Tensor, clean: Tensor, layer: str = "") -> tuple[Tensor, Tensor, Tensor, Blocks]:
+        """The statistic of this call's rows (B, D) with the queue's: the batch rows' KL
+        ``(B,)``, the queue rows' KL ``(size,)`` (0 for unfilled slots), the number of
+        rows ``B + filled`` (a 0-d tensor) and the blocks that :meth:`push` reuses.
+        Computed in float32 at least (float64 for float64 rows or queue). ``layer`` names
+        the layer in the error for rows of another width than the stored ones."""
+        self.check_feature_size(restored.shape[-1], layer)
+        dtype = torch.promote_types(torch.promote_types(restored.dtype, self.restored.dtype), torch.float32)
+        with torch.autocast(device_type=restored.device.type, enabled=False):
+            kl_batch, kl_queue, blocks = queue_statistic(
+                restored.to(dtype),
+                clean.detach().to(dtype),
+                self.restored.to(dtype),
+                self.clean.to(dtype),
+                self.inverse_x.to(dtype),
+                self.inverse_y.to(dtype),
+                self.filled,
+                QueueSums(self.log_zx.to(dtype), self.log_zy.to(dtype), self.w.to(dtype)),
+                kernel=self.kernel,
+                temperature=self.temperature,
+                include_self=self.include_self,
+                journal=None if torch.compiler.is_compiling() else self._journal,
+            )
+        return kl_batch, kl_queue, self.filled + restored.shape[0], blocks
+
+    @torch.no_grad()
+    def push(self, restored: Tensor, clean: Tensor, blocks: Blocks) -> None:
+        """Write this call's rows (the last ``size`` of them), overwriting the oldest once
+        full, and update the cache from ``blocks`` (of the :meth:`forward` call on the
+        same rows, before the push): ``O(B size)`` writes and ``O(size (B + 3 block))`` for
+        the sums (under ``torch.compile`` also one copy of the rows)."""
+        n = min(restored.shape[0], self.size)
+        dtype = self.restored.dtype
+        restored, clean = restored.detach()[-n:].to(dtype), clean.detach()[-n:].to(dtype)
+        index = (self.position + torch.arange(n, device=self.position.device)) % self.size
+        # A pending backward must see the rows of its forward. In eager calls the rows are
+        # written in place and the overwritten restored rows go to the journal; under
+        # torch.compile every buffer the forward read is copied on write (the partitioner
+        # may recompute from them in the backward).
+        self.inverse_x = self.inverse_x.index_copy(0, index, inverse_norms(restored))
+        if torch.compiler.is_compiling():
+            self.restored = self.restored.index_copy(0, index, restored)
+            self.clean = self.clean.index_copy(0, index, clean)
+            self.inverse_y = self.inverse_y.index_copy(0, index, inverse_norms(clean))
+        else:
+            self._journal = self._journal.record(index, self.restored[index])
             self.restored.index_copy_(0, index, restored)
             self.clean.index_copy_(0, index, clean)
-            self.position.copy_((self.position + restored.shape[0]) % self.size)
+            self.inverse_y.index_copy_(0, index, inverse_norms(clean))
+        for log, own, cross in ((self.log_x, blocks.xx, blocks.xq), (self.log_y, blocks.yy, blocks.yq)):
+            # Rows of the written slots: new row vs every slot after the push (surviving
+            # rows from the cross block, rewritten slots from the batch block).
+            rows = cross[-n:].to(dtype).index_copy(1, index, own[-n:, -n:].to(dtype))
+            log.index_copy_(0, index, F.pad(rows, (0, log.shape[1] - self.size)))
+            log.index_copy_(1, index, rows.transpose(0, 1))
+        start = self.position // self.block
+        self.filled = torch.clamp(self.filled + n, max=self.size)
+        self.position = (self.position + n) % self.size
+        # The written columns lie in at most n // block + 3 consecutive blocks (mod blocks).
+        touched = min(self.blocks, n // self.block + 3)
+        blocks = (start + torch.arange(touched, device=start.device)) % self.blocks
+        self._refresh_sums(index, blocks, torch.arange(self.size, device=index.device))
+
+    # -- moves and checkpoints -------------------------------------------------------------
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):  # type: ignore[override]
+        """Moves follow the module; float rows stay float32 (float64 after ``.double()``).
+        A change of dtype or device rebuilds the cache."""
+        before, rows = (self.restored.dtype, self.restored.device), self.restored
+        probe = fn(torch.zeros((), dtype=self.restored.dtype, device=self.restored.device))
+        keep = probe.dtype in (torch.float32, torch.float64)
+        for name, buffer in list(self._buffers.items()):
+            if buffer is None:
+                continue
+            if buffer.is_floating_point() and not keep:
+                self._buffers[name] = buffer.to(probe.device, torch.float32)
+            else:
+                self._buffers[name] = fn(buffer)
+        if self.restored is not rows:
+            self._journal = Journal()  # no push writes the rows a pending backward holds
+        if (self.restored.dtype, self.restored.device) != before:
+            self.rebuild()
+        return self
 
     def get_extra_state(self) -> dict[str, int]:
         return {"size": self.size}
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        pass  # checked in _load_from_state_dict, before any buffer changes
+    def set_extra_state(self, state: Any) -> None:
+        pass  # read in _load_from_state_dict
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        extra = state_dict.get(prefix + "_extra_state")
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        if self.save:
+            restored, clean = self.rows()
+            destination[prefix + "restored"] = restored if keep_vars else restored.detach()
+            destination[prefix + "clean"] = clean if keep_vars else clean.detach()
+            destination[prefix + "position"] = self.position.detach().clone()
+            destination[prefix + "_extra_state"] = self.get_extra_state()
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        names = ("restored", "clean", "position", "_extra_state")
+        saved = {name: state_dict[prefix + name] for name in names if prefix + name in state_dict}
+        extra = saved.get("_extra_state")
         if isinstance(extra, Mapping) and extra.get("size") != self.size:
             raise ValueError(
                 f"state_dict: the saved queue holds {extra.get('size')} rows, this loss's queue_size is {self.size}"
             )
-        # The buffers' shape is the fill count and feature size: take the saved one (in this
-        # queue's dtype, which follows .double()).
-        for name in ("restored", "clean"):
-            saved, current = state_dict.get(prefix + name), getattr(self, name)
-            if saved is not None and saved.shape != current.shape:
-                setattr(self, name, torch.zeros(saved.shape, dtype=current.dtype, device=current.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if strict:
+            known = {prefix + name for name in names}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+        rows = saved.get("restored")
+        if rows is None or rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+            self.reset()  # a checkpoint without queue rows: the queue starts empty
+            return
+        clean = saved.get("clean")
+        if clean is None or clean.shape != rows.shape or rows.shape[0] > self.size:
+            raise ValueError(
+                f"state_dict: the queue at {prefix!r} has restored rows of shape {tuple(rows.shape)} and clean rows "
+                f"of shape {None if clean is None else tuple(clean.shape)}; expected two equal shapes of at most "
+                f"{self.size} rows"
+            )
+        count = rows.shape[0]
+        position = saved.get("position")
+        self._disarm()
+        self._allocate(rows.shape[1])
+        with torch.no_grad():
+            self.restored[:count] = rows.to(self.restored.dtype)
+            self.clean[:count] = clean.to(self.clean.dtype)
+            self.filled.fill_(count)
+            self.position.fill_(int(position) % self.size if position is not None else count % self.size)
+        self.rebuild()
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, filled={self.count}, feature_size={self.feature_size}"
+        return f"size={self.size}, filled={self.count}, feature_size={self.feature_size}, save={self.save}"

@@ -10,11 +10,16 @@ per location); :class:`LayerRows` carries one layer's rows from
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LayerRows", "feature_rows", "image_crops"]
+if TYPE_CHECKING:
+    from .queue import FeatureQueue
+
+__all__ = ["LayerRows", "feature_rows", "image_crops", "pair_without_self_message", "single_row_message"]
 
 
 def image_crops(images: Tensor, size: int, stride: int) -> Tensor:
@@ -44,6 +49,44 @@ def feature_rows(features: Tensor, granularity: str, pool_size: tuple[int, int] 
     return features.flatten(1)
 
 
+def single_row_message(granularity: str, layer: str | None) -> str:
+    """Why a group of one row has nothing to compare: the error of a training call
+    (``layer`` given), or the warning of a call that does not train (``layer=None``, 0)."""
+    if granularity == "location":
+        return (
+            f"granularity='location': the feature map of layer {layer!r} has a single location, so there "
+            "is nothing to compare. Use larger images, a shallower layer, or pool_size of at least 2."
+        )
+    what = "image" if granularity == "image" else "crop"
+    if layer is None:
+        return (
+            f"SemanticStatisticsLoss: this call does not train (eval() or no_grad) and has a single {what}: "
+            f"such a call compares the {what}s of its own batch, so there is nothing to compare and the "
+            "loss is 0. (Warned once.)"
+        )
+    return (
+        f"granularity={granularity!r} compares the {what}s of a batch with each other, but this training "
+        f"call has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, "
+        "queue_size=0): nothing to compare. Use a larger batch (batch_size_per_gpu in BasicSR and traiNNer-redux "
+        "configs), queue_size > 0 or 'location' granularity."
+    )
+
+
+def pair_without_self_message(granularity: str, layer: str, count: int, has_queue: bool) -> str:
+    """Why ``include_self=False`` with two samples per group is refused: each sample's
+    distribution is the other sample with probability 1, so the loss is identically 0."""
+    samples = {"image": "images", "patch": "crops", "location": "locations"}[granularity]
+    if granularity == "location":
+        remedy = "3 locations (larger images or a shallower layer)."
+    else:
+        remedy = f"3 {samples} per call (a larger batch{'' if has_queue else ' or queue_size > 0'})."
+    return (
+        f"include_self=False: layer {layer!r} has {count} {samples} per group, so each one's distribution "
+        "holds the one other sample with probability 1 and the loss is identically 0, with no gradient. "
+        f"Use include_self=True, or at least {remedy}"
+    )
+
+
 @dataclass
 class LayerRows:
     """The samples of one layer, ready for the statistic (see :meth:`~d2sm_loss.SemanticStatisticsLoss.rows`).
@@ -51,12 +94,14 @@ class LayerRows:
     Attributes:
         layer: the layer's name (or index, for a user module with ``layers=None``).
         weight: its layer weight.
-        restored: the restored rows: ``(N, D)`` at image and patch granularity (this call's
-            rows, gathered over ranks under torch.distributed, followed by the queue's), or
+        restored: the restored rows: ``(B, D)`` at image and patch granularity (this call's
+            rows, gathered over ranks under torch.distributed in a training call), or
             ``(B, L, C)`` at location granularity (one group of ``L`` locations per image).
             Attached to the autograd graph of the restored images.
         clean: the clean rows, same shape, without a graph.
-        batch_rows: how many leading rows come from this call (the rest from the queue).
+        batch_rows: how many rows come from this call (``restored.shape[0]``).
+        queue: the memory queue whose rows join this call's in the statistic (a training
+            call with ``queue_size > 0``), else None.
     """
 
     layer: str
@@ -64,3 +109,17 @@ class LayerRows:
     restored: Tensor
     clean: Tensor
     batch_rows: int
+    queue: FeatureQueue | None = None
+
+    def all_rows(self) -> tuple[Tensor, Tensor]:
+        """This call's rows followed by the queue's filled rows, in their promoted dtype:
+        the rows the statistic compares, for the full computation
+        (:func:`~d2sm_loss.functional.similarity_kl`). Reads the queue's fill count (a
+        device synchronisation)."""
+        if self.queue is None or self.queue.count == 0:
+            return self.restored, self.clean
+        past_x, past_y = self.queue.rows()
+        dtype = torch.promote_types(self.restored.dtype, past_x.dtype)
+        x = torch.cat([self.restored.to(dtype), past_x.to(self.restored.device, dtype)])
+        y = torch.cat([self.clean.to(dtype), past_y.to(self.clean.device, dtype)])
+        return x, y

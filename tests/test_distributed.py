@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from d2sm_loss import SemanticStatisticsLoss
+from d2sm_loss import SemanticStatisticsLoss, similarity_kl
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. restored has values outside")
 
@@ -52,10 +52,44 @@ def run_steps(criterion, rows):
         loss.backward()
         out["loss"].append(loss.detach())
         out["grad"].append(restored.grad)
-    out["queue"] = {k: v.clone() for k, v in criterion.state_dict().items() if torch.is_tensor(v)}
     queue = criterion.queues[0]
+    out["queue"] = {name: buffer.clone() for name, buffer in queue._buffers.items()}  # rows, counters, cache
     out["queue_state"] = {"count": queue.count, "position": int(queue.position)}
     return out
+
+
+def reference_steps(criterion, rows):
+    """float64: the loss and gradient of each step, and those of the full statistic over the
+    gathered batch plus the queue's rows (the reference)."""
+    out = {"loss": [], "grad": [], "ref_loss": [], "ref_grad": []}
+    for step in range(STEPS):
+        restored, clean = (t.double() for t in batch(step))
+        restored = restored[rows].clone().requires_grad_()
+        (layer,) = criterion.rows(restored, clean[rows])
+        x, y = layer.all_rows()
+        want = similarity_kl(x, y, similarity="softmax", implementation="reference")
+        (want_grad,) = torch.autograd.grad(want, restored)
+        loss = criterion(restored, clean[rows])
+        (grad,) = torch.autograd.grad(loss, restored)
+        for key, value in zip(out, (loss.detach(), grad, want.detach(), want_grad)):
+            out[key].append(value)
+    return out
+
+
+def validate_on_rank_zero(rank):
+    """Rank 0 alone validates (eval, no_grad), as plain DDP scripts do: no collective may
+    run, else it waits for rank 1 until the timeout. Then both ranks train one more step."""
+    criterion = make_loss()
+    restored, clean = batch(0)
+    criterion(restored[rank : rank + 2], clean[rank : rank + 2])
+    value = None
+    if rank == 0:
+        with torch.no_grad():
+            value = criterion.eval()(*batch(7, size=2)).item()
+        criterion.train()
+    dist.barrier()
+    criterion(restored[rank : rank + 2], clean[rank : rank + 2])
+    return value
 
 
 def model_step(criterion, rows, wrap):
@@ -69,13 +103,19 @@ def model_step(criterion, rows, wrap):
 
 
 def worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         start = sum(SIZES[:rank])
         rows = slice(start, start + SIZES[rank])
         results = {
             "exact": run_steps(make_loss(ddp_gradient_scale=False), rows),
             "scaled": run_steps(make_loss(), rows),
+            "float64": reference_steps(make_loss(ddp_gradient_scale=False).double(), rows),
+            "validation": validate_on_rank_zero(rank),
         }
         equal_rows = slice(2 * rank, 2 * rank + 2)
         results["model_grads"] = model_step(
@@ -124,9 +164,28 @@ def test_queues_are_bitwise_equal_across_ranks_and_match_single_process(distribu
     first, second = distributed_results
     assert first["exact"]["queue_state"] == second["exact"]["queue_state"]
     assert first["exact"]["queue_state"]["count"] == 7  # filled and wrapped: 4 steps x 5 rows
+    assert {"restored", "clean", "log_x", "log_y", "log_zx"} <= set(first["exact"]["queue"])
     for key, value in first["exact"]["queue"].items():
         assert torch.equal(value, second["exact"]["queue"][key]), key
         torch.testing.assert_close(value, single_results["exact"]["queue"][key], rtol=1e-6, atol=1e-7)
+
+
+def test_incremental_statistic_under_ddp_equals_the_full_one(distributed_results):
+    """float64, unequal batches, a queue of 7 wrapped by 5 rows a step."""
+    for rank_results in distributed_results:
+        result = rank_results["float64"]
+        for got, want in zip(result["loss"], result["ref_loss"]):
+            assert want > 1e-3 and abs(got - want) <= 1e-10 * want
+        for got, want in zip(result["grad"], result["ref_grad"]):
+            assert want.abs().max() > 0 and (got - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+def test_validation_on_rank_zero_alone_does_not_communicate(distributed_results):
+    single = make_loss()
+    with torch.no_grad():
+        want = single.eval()(*batch(7, size=2)).item()
+    assert distributed_results[0]["validation"] == pytest.approx(want, rel=1e-6)
+    assert distributed_results[1]["validation"] is None
 
 
 def test_ddp_model_update_equals_single_process_update(distributed_results, single_results):

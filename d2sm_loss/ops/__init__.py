@@ -10,6 +10,9 @@ returns the per-row KL divergences, shape ``(G, N)``, with a gradient for ``x`` 
   over row blocks, O(N * block) memory, any device.
 - :mod:`.triton_kernels`: fused Triton kernels (forward and backward) for CUDA tensors,
   never materialising an N x N matrix.
+- :mod:`.incremental`: the statistic over a batch plus a memory queue from cached
+  pairwise similarities of the queue's rows, ``O(B (B + K) D)`` a step instead of
+  ``O((B + K)^2 D)`` (used by :class:`~d2sm_loss.FeatureQueue`).
 
 Second derivatives: every implementation supports ``create_graph=True`` and gives the
 reference's second derivatives. The streaming and Triton backward passes then evaluate
