@@ -246,8 +246,8 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         self.position = (self.position + n) % self.size
         # The written columns lie in at most n // block + 3 consecutive blocks (mod blocks).
         touched = min(self.blocks, n // self.block + 3)
-        blocks = (start + torch.arange(touched, device=start.device)) % self.blocks
-        self._refresh_sums(index, blocks, torch.arange(self.size, device=index.device))
+        columns = (start + torch.arange(touched, device=start.device)) % self.blocks
+        self._refresh_sums(index, columns, torch.arange(self.size, device=index.device))
 
     # -- moves and checkpoints -------------------------------------------------------------
 

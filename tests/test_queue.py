@@ -355,7 +355,7 @@ def test_backward_after_later_pushes_uses_the_rows_of_its_forward():
     for step in range(3):
         for q in (queue, reference):
             incremental(q, *rows(4, seed=step))
-    values, grads_of = [], []
+    values = []
     x1, y1 = rows(4, seed=10)
     x2, y2 = rows(3, seed=11)
     for x, y in ((x1, y1), (x2, y2)):
