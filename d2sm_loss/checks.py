@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "check_images",
     "check_pair",
     "check_values",
+    "range_message",
 ]
 
 
@@ -176,13 +177,14 @@ def check_pair(restored: Tensor, clean: Tensor) -> None:
 
 def check_values(
     restored: Tensor, clean: Tensor, rows: Sequence[LayerRows], input_range: tuple[float, float]
-) -> list[str]:
+) -> dict[str, tuple[float, float]]:
     """Check the values of a call in one device synchronisation.
 
     Raises ``ValueError`` for NaN or inf images, and for features that are not finite
     although the images are (they overflowed inside the backbone). Returns the names
-    (``"restored"``, ``"clean"``) of the batches with values outside ``input_range``
-    (beyond a tolerance of 1e-3 of its width), for the caller to warn about.
+    batches (``"restored"``, ``"clean"``) with values outside ``input_range`` (beyond a
+    tolerance of 1e-3 of its width), each with its observed ``(min, max)``, for the caller to
+    warn about.
     """
     low, high = input_range
     tolerance = 1e-3 * (high - low)
@@ -193,7 +195,9 @@ def check_values(
     for layer_rows in rows:
         flags.append(~torch.isfinite(layer_rows.restored.detach()).all())
         flags.append(~torch.isfinite(layer_rows.clean).all())
-    bad_restored, range_restored, bad_clean, range_clean, *bad_rows = torch.stack(flags).tolist()  # one sync
+    extrema = [v.float() for tensor in (restored.detach(), clean.detach()) for v in tensor.aminmax()]
+    *flags_, low_x, high_x, low_y, high_y = torch.stack([f.float() for f in flags] + extrema).tolist()  # one sync
+    bad_restored, range_restored, bad_clean, range_clean, *bad_rows = (bool(f) for f in flags_)
     if bad_restored or bad_clean:
         which = " and ".join(n for n, b in (("restored", bad_restored), ("clean", bad_clean)) if b)
         raise ValueError(f"{which} contains NaN or inf values (pass check_inputs=False to skip this check)")
@@ -206,4 +210,25 @@ def check_values(
                 f"although the images are: the values overflow inside the backbone. Check input_range="
                 f"{input_range} against your images' range, and run the backbone in float32."
             )
-    return [name for name, flag in (("restored", range_restored), ("clean", range_clean)) if flag]
+    observed = {"restored": (range_restored, (low_x, high_x)), "clean": (range_clean, (low_y, high_y))}
+    return {name: extent for name, (outside, extent) in observed.items() if outside}
+
+
+def range_message(outside: Mapping[str, tuple[float, float]], input_range: tuple[float, float]) -> str:
+    """The warning about values outside ``input_range`` (``outside`` as :func:`check_values`
+    returns it): the observed ranges, and whether it matters. Clean images come from the data,
+    so clean values outside mean the data are in another range (the loss is wrong); restored
+    values outside alone are the network's output, usual in the first steps of training."""
+    seen = ", ".join(f"{name} values span [{low:.4g}, {high:.4g}]" for name, (low, high) in outside.items())
+    if "clean" not in outside:
+        return (
+            f"SemanticStatisticsLoss: the restored images are outside input_range={input_range} ({seen}). The clean "
+            "images are in range, so this is the network's output: usual, and harmless, in the first steps of a "
+            "network whose output is not clamped (the backbone sees the values as they are). If it persists, clamp "
+            "the output or check that it has the data's range. (Warned once.)"
+        )
+    return (
+        f"SemanticStatisticsLoss: the clean images are outside input_range={input_range} ({seen}). They come from "
+        "the data, so the data are in another range (e.g. [0, 255] or [-1, 1] given for (0, 1)) and the backbone's "
+        "features and the loss are wrong: set input_range to the range of your images. (Warned once.)"
+    )

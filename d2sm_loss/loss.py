@@ -21,6 +21,7 @@ from .checks import (
     check_pair,
     check_range,
     check_values,
+    range_message,
 )
 from .distributed import distributed_world, gather_batch_sizes, gather_rows
 from .features import FeatureExtractor
@@ -469,8 +470,10 @@ class SemanticStatisticsLoss(nn.Module):
         need = self.patch_size if self.granularity == "patch" else self._extractor.min_size()
         if min(height, width) < need:
             what = f"patch_size={self.patch_size}" if self.granularity == "patch" else f"layers {self.layers}"
+            change = "a smaller patch_size" if self.granularity == "patch" else "a shallower layer (layers=...)"
             raise ValueError(
-                f"images of size {height}x{width} are too small for {what}: each side must be at least {need}"
+                f"images of size {height}x{width} are too small for {what}: each side must be at least {need}. Use "
+                f"larger images or crops (gt_size in BasicSR and traiNNer-redux configs) or {change}"
             )
         required = self._extractor.required_size
         if required is not None and self.granularity != "patch" and (height, width) != required:
@@ -486,14 +489,10 @@ class SemanticStatisticsLoss(nn.Module):
 
     def _check_values(self, restored: Tensor, clean: Tensor, rows: Sequence[LayerRows]) -> None:
         """NaN/inf images and features (errors), values outside ``input_range`` (warned once)."""
-        out_of_range = check_values(restored, clean, rows, self.input_range)
-        if out_of_range and not self._warned_range:
+        outside = check_values(restored, clean, rows, self.input_range)
+        if outside and not self._warned_range:
             self._warned_range = True
-            warn_user(
-                f"SemanticStatisticsLoss: {' and '.join(out_of_range)} has values outside input_range="
-                f"{self.input_range}; the backbone sees them as they are. Set input_range to your images' "
-                "range. (Warned once.)",
-            )
+            warn_user(range_message(outside, self.input_range))
 
     def _prepare(self, images: Tensor) -> Tensor:
         if not torch.is_autocast_enabled(images.device.type):
@@ -582,7 +581,7 @@ class SemanticStatisticsLoss(nn.Module):
         return (
             f"granularity={self.granularity!r} compares the {what}s of a batch with each other, but this call "
             f"has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, {queue}): "
-            "nothing to compare. Use a larger batch"
+            "nothing to compare. Use a larger batch (batch_size_per_gpu in BasicSR and traiNNer-redux configs)"
             + (", queue_size > 0," if self.queues is None else "")
             + " or 'location' granularity."
         )
