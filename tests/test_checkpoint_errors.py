@@ -5,10 +5,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from test_backbones import caches, network, random_resnet10t  # noqa: F401  (fixtures)
 
 from d2sm_loss import FeatureExtractor, load_checkpoint
 from d2sm_loss.checkpoints import CheckpointError, map_state_dict
-from test_backbones import caches, network, random_resnet10t  # noqa: F401  (fixtures)
 
 timm = pytest.importorskip("timm")
 
@@ -53,7 +53,7 @@ def _own_file(checkpoints):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "other architecture"])
-def test_a_bad_file_found_by_pretrained_says_how_to_get_past_it(caches, network, damage):
+def test_a_bad_file_found_by_pretrained_says_how_to_get_past_it(caches, network, damage):  # noqa: F811
     checkpoints, _ = caches
     path = _own_file(checkpoints)
     if damage == "other architecture":

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from d2sm_loss import similarity_kl
+
 from helpers import DEVICE, TOLERANCES, Tolerance, assert_close, kl_gradient, loop_kl, triton_skip_reason
 
 PATHS = ["reference", "streaming", "triton"]
