@@ -232,3 +232,54 @@ def range_message(outside: Mapping[str, tuple[float, float]], input_range: tuple
         "the data, so the data are in another range (e.g. [0, 255] or [-1, 1] given for (0, 1)) and the backbone's "
         "features and the loss are wrong: set input_range to the range of your images. (Warned once.)"
     )
+
+
+def check_layer_weights(layer_weights: Any) -> list[float]:
+    """One finite non-negative weight per layer, not all 0 (the loss would be identically 0)."""
+    weights = check_numbers("layer_weights", layer_weights, non_negative=True)
+    if not weights:
+        raise ValueError("layer_weights must hold one weight per layer, got an empty sequence")
+    if not any(weights):
+        raise ValueError(f"layer_weights are all 0, which makes the loss identically 0: got {weights}")
+    return weights
+
+
+def check_pool_locations(pool_size: tuple[int, int], minimum: int) -> None:
+    """At location granularity, ``pool_size`` fixes the locations per image: at least ``minimum``
+    (2, or 3 without the diagonal, where two locations give a loss that is identically 0)."""
+    locations = pool_size[0] * pool_size[1]
+    if locations < minimum:
+        raise ValueError(
+            f"pool_size={pool_size} leaves {locations} location(s) per image at granularity='location'"
+            + (", and without the diagonal (include_self=False) two locations give a loss that is "
+               "identically 0" if locations == 2 else ": nothing to compare")
+            + f"; use a pool_size of at least {minimum} locations or granularity='image'"
+        )
+
+
+def check_image_size(size: Sequence[int], extractor: Any, *, patch_size: int | None, layers: Any) -> None:
+    """Images of ``size`` (H, W) fit the backbone: each side at least the chosen layers'
+    downsampling factor (or ``patch_size`` when cutting patches), and exactly the size a
+    transformer with a fixed input size takes (the patches' size at patch granularity)."""
+    height, width = int(size[0]), int(size[1])
+    need = patch_size if patch_size is not None else extractor.min_size()
+    if min(height, width) < need:
+        what = f"patch_size={patch_size}" if patch_size is not None else f"layers {layers}"
+        change = "a smaller patch_size" if patch_size is not None else "a shallower layer (layers=...)"
+        raise ValueError(
+            f"images of size {height}x{width} are too small for {what}: each side must be at least {need}. Use "
+            f"larger images or crops (gt_size in BasicSR and traiNNer-redux configs) or {change}"
+        )
+    required = extractor.required_size
+    if required is None:
+        return
+    if patch_size is None and (height, width) != tuple(required):
+        raise ValueError(
+            f"backbone {extractor.name!r} takes images of exactly {required[0]}x{required[1]}, got "
+            f"{height}x{width}: resize them, or pass backbone_kwargs={{'dynamic_img_size': True}}"
+        )
+    if patch_size is not None and (patch_size, patch_size) != tuple(required):
+        raise ValueError(
+            f"backbone {extractor.name!r} takes images of exactly {required[0]}x{required[1]}; set "
+            f"patch_size={required[0]} or pass backbone_kwargs={{'dynamic_img_size': True}}"
+        )

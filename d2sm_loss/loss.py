@@ -13,12 +13,15 @@ from .checkpoints import CheckpointSource
 from .checks import (
     check_bool,
     check_choice,
+    check_image_size,
     check_images,
     check_int,
     check_int_pair,
+    check_layer_weights,
     check_number,
     check_numbers,
     check_pair,
+    check_pool_locations,
     check_range,
     check_values,
     range_message,
@@ -29,7 +32,14 @@ from .functional import IMPLEMENTATIONS, SIMILARITIES, Implementation, Similarit
 from .layers import LayerSpec
 from .ops.incremental import Blocks
 from .queue import FeatureQueue
-from .rows import LayerRows, feature_rows, image_crops, pair_without_self_message, single_row_message
+from .rows import (
+    LayerRows,
+    feature_rows,
+    few_locations_message,
+    image_crops,
+    pair_without_self_message,
+    single_row_message,
+)
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
@@ -173,11 +183,9 @@ class SemanticStatisticsLoss(nn.Module):
     would send no gradient to the network.
 
     Compiling: a training step that calls the loss compiles with
-    ``torch.compile(step, fullgraph=True)`` when ``check_inputs=False`` (one graph, no
-    recompilation from step to step, also with a queue once it is full); with
-    ``check_inputs=True`` the check's synchronisation is one graph break. The warnings about
-    swapped arguments and maps with few locations come from eager calls only: while
-    ``torch.compile`` traces, they are skipped (a warning would break the graph).
+    ``torch.compile(step, fullgraph=True)`` when ``check_inputs=False``: one graph from the
+    first step on, queue included; with ``check_inputs=True`` the check's synchronisation is
+    one graph break. Warnings come from eager calls only.
 
     Example::
 
@@ -242,6 +250,7 @@ class SemanticStatisticsLoss(nn.Module):
         self.ddp_gradient_scale = check_bool("ddp_gradient_scale", ddp_gradient_scale)
         self.backbone_autocast = check_bool("backbone_autocast", backbone_autocast)
         self.queue_size = check_int("queue_size", queue_size, minimum=0)
+        self.save_queue = check_bool("save_queue", save_queue)
         if self.queue_size and self.granularity == "location":
             raise ValueError("queue_size: the memory queue applies to 'image' and 'patch' granularity, not 'location'")
         self.input_range = check_range("input_range", input_range)
@@ -251,24 +260,13 @@ class SemanticStatisticsLoss(nn.Module):
         )
         self.pool_size = check_int_pair("pool_size", pool_size) if pool_size is not None else None
         if self.granularity == "location" and self.pool_size is not None:
-            locations = self.pool_size[0] * self.pool_size[1]
-            if locations < self._min_rows():
-                raise ValueError(
-                    f"pool_size={pool_size} leaves {locations} location(s) per image at granularity='location'"
-                    + (", and without the diagonal (include_self=False) two locations give a loss that is "
-                       "identically 0" if locations == 2 else ": nothing to compare")
-                    + f"; use a pool_size of at least {self._min_rows()} locations or granularity='image'"
-                )
+            check_pool_locations(self.pool_size, self._min_rows())
         if mean is not None:
             mean = check_numbers("mean", mean, length=3)
         if std is not None:
             std = check_numbers("std", std, length=3, positive=True)
         if layer_weights is not None:
-            layer_weights = check_numbers("layer_weights", layer_weights, non_negative=True)
-            if not layer_weights:
-                raise ValueError("layer_weights must hold one weight per layer, got an empty sequence")
-            if not any(layer_weights):
-                raise ValueError(f"layer_weights are all 0, which makes the loss identically 0: got {layer_weights}")
+            layer_weights = check_layer_weights(layer_weights)
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
             raise TypeError(
                 f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}"
@@ -294,10 +292,13 @@ class SemanticStatisticsLoss(nn.Module):
                 f"patch_size={self.patch_size} is too small for layers {self.layers} of {self._extractor.name!r}: "
                 f"each crop side must be at least {self._extractor.min_size()}"
             )
-        save_queue = check_bool("save_queue", save_queue)
-        queue = {"kernel": self.similarity, "temperature": self.temperature, "include_self": self.include_self}
-        queue["save"] = save_queue
-        queues = [FeatureQueue(self.queue_size, **queue) for _ in range(count)] if self.queue_size else None
+        queues = [
+            FeatureQueue(
+                self.queue_size, kernel=self.similarity, temperature=self.temperature,
+                include_self=self.include_self, save=self.save_queue,
+            )
+            for _ in range(count)
+        ] if self.queue_size else None
         self.queues = nn.ModuleList(queues) if queues else None
         self.last_implementation = None
         self._warned_range = False
@@ -511,26 +512,12 @@ class SemanticStatisticsLoss(nn.Module):
                 "come first, criterion(restored, clean); with the arguments swapped the loss sends no gradient "
                 "to the network. (Warned once.)",
             )
-        height, width = restored.shape[-2:]
-        need = self.patch_size if self.granularity == "patch" else self._extractor.min_size()
-        if min(height, width) < need:
-            what = f"patch_size={self.patch_size}" if self.granularity == "patch" else f"layers {self.layers}"
-            change = "a smaller patch_size" if self.granularity == "patch" else "a shallower layer (layers=...)"
-            raise ValueError(
-                f"images of size {height}x{width} are too small for {what}: each side must be at least {need}. Use "
-                f"larger images or crops (gt_size in BasicSR and traiNNer-redux configs) or {change}"
-            )
-        required = self._extractor.required_size
-        if required is not None and self.granularity != "patch" and (height, width) != required:
-            raise ValueError(
-                f"backbone {self._extractor.name!r} takes images of exactly {required[0]}x{required[1]}, got "
-                f"{height}x{width}: resize them, or pass backbone_kwargs={{'dynamic_img_size': True}}"
-            )
-        if required is not None and self.granularity == "patch" and (self.patch_size,) * 2 != required:
-            raise ValueError(
-                f"backbone {self._extractor.name!r} takes images of exactly {required[0]}x{required[1]}; set "
-                f"patch_size={required[0]} or pass backbone_kwargs={{'dynamic_img_size': True}}"
-            )
+        check_image_size(
+            restored.shape[-2:],
+            self._extractor,
+            patch_size=self.patch_size if self.granularity == "patch" else None,
+            layers=self.layers,
+        )
 
     def _check_values(self, restored: Tensor, clean: Tensor, rows: Sequence[LayerRows]) -> None:
         """NaN/inf images and features (errors), values outside ``input_range`` (warned once)."""
@@ -559,12 +546,7 @@ class SemanticStatisticsLoss(nn.Module):
         few = self.granularity == "location" and self._min_rows() <= x.shape[-2] < MIN_LOCATIONS
         if few and layer not in self._warned_locations and not torch.compiler.is_compiling():
             self._warned_locations.add(layer)
-            warn_user(
-                f"SemanticStatisticsLoss: at granularity='location', layer {layer!r} has only {x.shape[-2]} "
-                f"locations on {image_size[0]}x{image_size[1]} images (fewer than {MIN_LOCATIONS}): the statistic "
-                "compares very few samples, so its value and gradient are tiny. Use larger images, a shallower "
-                "layer, or granularity='image' with queue_size > 0. (Warned once per layer.)",
-            )
+            warn_user(few_locations_message(layer, x.shape[-2], image_size, MIN_LOCATIONS))
         return LayerRows(layer, weight, x, y, x.shape[0])
 
     def extra_repr(self) -> str:

@@ -9,6 +9,7 @@ per location); :class:`LayerRows` carries one layer's rows from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,14 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .queue import FeatureQueue
 
-__all__ = ["LayerRows", "feature_rows", "image_crops", "pair_without_self_message", "single_row_message"]
+__all__ = [
+    "LayerRows",
+    "feature_rows",
+    "few_locations_message",
+    "image_crops",
+    "pair_without_self_message",
+    "single_row_message",
+]
 
 
 def image_crops(images: Tensor, size: int, stride: int) -> Tensor:
@@ -69,6 +77,17 @@ def single_row_message(granularity: str, layer: str | None) -> str:
         f"call has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, "
         "queue_size=0): nothing to compare. Use a larger batch (batch_size_per_gpu in BasicSR and traiNNer-redux "
         "configs), queue_size > 0 or 'location' granularity."
+    )
+
+
+def few_locations_message(layer: str, count: int, image_size: Sequence[int], minimum: int) -> str:
+    """The once-per-layer warning for a location-granularity map of fewer than ``minimum``
+    locations."""
+    return (
+        f"SemanticStatisticsLoss: at granularity='location', layer {layer!r} has only {count} "
+        f"locations on {image_size[0]}x{image_size[1]} images (fewer than {minimum}): the statistic "
+        "compares very few samples, so its value and gradient are tiny. Use larger images, a shallower "
+        "layer, or granularity='image' with queue_size > 0. (Warned once per layer.)"
     )
 
 
