@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from d2sm_loss.ops.reference import COSINE_ETA, NORM_EPS
 
@@ -251,3 +251,21 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     if os.environ.get("D2SM_TEST_INSTALLED") != "1":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return env
+
+
+def images(batch=3, channels=3, size=48, seed=0):
+    """A batch of clean images in [0, 1] and restored ones (clean + 0.1 Gaussian noise,
+    clamped) that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.rand(batch, channels, size, size, generator=g)
+    restored = (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    return restored.requires_grad_(), clean
+
+
+def conv_loss(**kwargs):
+    """A loss on a small random convolution: features that differ a lot between images."""
+    from d2sm_loss import SemanticStatisticsLoss
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
+    return SemanticStatisticsLoss(net, **kwargs)

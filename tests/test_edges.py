@@ -8,20 +8,9 @@ from torch import nn
 
 from d2sm_loss import SemanticStatisticsLoss
 
+from helpers import conv_loss, images
+
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
-
-
-def images(batch=3, size=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.rand(batch, 3, size, size, generator=g)
-    restored = (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
-    return restored.requires_grad_(), clean
-
-
-def conv_loss(**kwargs):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
-    return SemanticStatisticsLoss(net, **kwargs)
 
 
 # --- never a silent constant -------------------------------------------------------------

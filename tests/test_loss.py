@@ -16,6 +16,8 @@ from torch import nn
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl
 from d2sm_loss.rows import feature_rows
 
+from helpers import conv_loss, images
+
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
 
 
@@ -24,20 +26,6 @@ def make(backbone="resnet10t", **kwargs):
     kwargs.setdefault("pretrained", False)
     torch.manual_seed(0)
     return SemanticStatisticsLoss(backbone, **kwargs)
-
-
-def images(batch=3, channels=3, size=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.rand(batch, channels, size, size, generator=g)
-    restored = (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
-    return restored.requires_grad_(), clean
-
-
-def conv_loss(**kwargs):
-    """A loss on a small random convolution: features that differ a lot between images."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
-    return SemanticStatisticsLoss(net, **kwargs)
 
 
 SHARP = {"similarity": "softmax", "temperature": 0.05}  # random-weight features differ little: sharpen
