@@ -12,8 +12,9 @@ over rounds of (D2SM step / L1 step) of the same round.
 - Lightning: ``Trainer.fit`` steps (automatic optimisation), timed per batch by a callback
   from batch start to batch end; a round is ``--lightning-steps`` steps of each module.
 
-Rows go to ``benchmarks/results/framework_overhead.csv`` (median step times in ms and the
-paired ratio per framework, with the environment) and are printed.
+Rows are appended to ``benchmarks/results/framework_overhead.csv`` (median step times in ms
+and the paired ratio per framework, with the run's date, commit, device and versions) and
+printed.
 
     python benchmarks/framework_overhead.py --rounds 10
 """
@@ -21,7 +22,6 @@ paired ratio per framework, with the environment) and are printed.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import statistics
 import sys
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import results  # noqa: E402
 from benchmarks.measure import Case, measure, paired_ratio, summarize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "framework_overhead.csv"
@@ -191,14 +192,12 @@ def main(argv=None) -> list[dict]:
             rows.append({"framework": framework, "config": case.name, **summarize(case.times),
                          "ratio_to_l1": paired_ratio(case, cases[0])})
     from d2sm_loss import __version__
-    extra = {"threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "d2sm_loss": __version__,
-             "date": time.strftime("%Y-%m-%d")}
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*rows[0], *extra])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **extra})
+
+    # The run's metadata (date, commit, device, versions, threads, run id) on every row; rows are
+    # appended, so earlier runs stay in the file.
+    meta = {**results.metadata(torch.device("cpu")), "d2sm_loss": __version__, "rounds": args.rounds}
+    full = [{**meta, **row} for row in rows]
+    results.append_rows(RESULTS, full, list(full[0]))
     for row in rows:
         print(f"{row['config']:18s} median {row['time_median_ms']:8.1f} ms  iqr {row['time_iqr_ms']:6.1f}  "
               f"ratio to L1 {row['ratio_to_l1'] if row['ratio_to_l1'] == '' else format(row['ratio_to_l1'], '.2f')}")
