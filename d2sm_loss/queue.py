@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,8 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
 
     Checkpoints: with ``save=False`` (the default) the queue is left out of
     ``state_dict()``; with ``save=True`` it is saved as ``restored`` and ``clean``
-    (the ``filled`` rows), ``position`` and ``_extra_state`` (``{"size": size}``).
+    (the ``filled`` rows), ``position`` and ``size`` (0-d tensors: every entry is a tensor, so
+    formats that hold tensors only, such as safetensors, can save it).
     Loading accepts both: saved rows are restored whatever ``save`` is, and a state dict
     without them leaves the queue empty.
 
@@ -270,29 +271,25 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
             self.rebuild()
         return self
 
-    def get_extra_state(self) -> dict[str, int]:
-        return {"size": self.size}
-
-    def set_extra_state(self, state: Any) -> None:
-        pass  # read in _load_from_state_dict
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         if self.save:
             restored, clean = self.rows()
             destination[prefix + "restored"] = restored if keep_vars else restored.detach()
             destination[prefix + "clean"] = clean if keep_vars else clean.detach()
             destination[prefix + "position"] = self.position.detach().clone()
-            destination[prefix + "_extra_state"] = self.get_extra_state()
+            destination[prefix + "size"] = torch.tensor(self.size)  # tensors only: safetensors can save it
 
     def _load_from_state_dict(  # type: ignore[override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        names = ("restored", "clean", "position", "_extra_state")
+        # "_extra_state" ({"size": size}) is how 0.1.0 saved the size.
+        names = ("restored", "clean", "position", "size", "_extra_state")
         saved = {name: state_dict[prefix + name] for name in names if prefix + name in state_dict}
         extra = saved.get("_extra_state")
-        if isinstance(extra, Mapping) and extra.get("size") != self.size:
+        size = int(saved["size"]) if "size" in saved else extra.get("size") if isinstance(extra, Mapping) else None
+        if size is not None and size != self.size:
             raise ValueError(
-                f"state_dict: the saved queue holds {extra.get('size')} rows, this loss's queue_size is {self.size}"
+                f"state_dict: the saved queue holds {size} rows, this loss's queue_size is {self.size}"
             )
         if strict:
             known = {prefix + name for name in names}

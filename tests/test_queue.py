@@ -253,7 +253,15 @@ def test_the_queue_is_out_of_the_state_dict_unless_save_queue():
     kept = conv_loss(queue_size=5, save_queue=True)
     kept(*images())
     state = kept.state_dict()
-    assert state["queues.0.restored"].shape == (3, 24) and state["queues.0._extra_state"] == {"size": 5}
+    assert state["queues.0.restored"].shape == (3, 24) and int(state["queues.0.size"]) == 5
+    # Tensors only, so that tensor-only formats (safetensors: accelerate's save_state) can save it.
+    assert all(isinstance(value, torch.Tensor) for value in state.values())
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import save as save_safetensors
+
+    default.load_state_dict(load_safetensors(save_safetensors({k: v.contiguous() for k, v in state.items()})))
+    assert default.queues[0].count == 3
+    default.reset_queue()
     # Both directions load strictly; a state dict without the queue empties it.
     default.load_state_dict(state)
     assert default.queues[0].count == 3
