@@ -181,23 +181,21 @@ def check_values(
     """Check the values of a call in one device synchronisation.
 
     Raises ``ValueError`` for NaN or inf images, and for features that are not finite
-    although the images are (they overflowed inside the backbone). Returns the names
-    batches (``"restored"``, ``"clean"``) with values outside ``input_range`` (beyond a
-    tolerance of 1e-3 of its width), each with its observed ``(min, max)``, for the caller to
-    warn about.
+    although the images are (they overflowed inside the backbone). Returns the batches
+    (``"restored"``, ``"clean"``) with values outside ``input_range`` (beyond a tolerance of
+    1e-3 of its width), each with its observed ``(min, max)``, for the caller to warn about.
     """
     low, high = input_range
     tolerance = 1e-3 * (high - low)
-    flags = []
-    for tensor in (restored.detach(), clean.detach()):
-        flags.append(~torch.isfinite(tensor).all())
-        flags.append(((tensor < low - tolerance) | (tensor > high + tolerance)).any())
+    flags = [~torch.isfinite(restored.detach()).all(), ~torch.isfinite(clean.detach()).all()]
     for layer_rows in rows:
         flags.append(~torch.isfinite(layer_rows.restored.detach()).all())
         flags.append(~torch.isfinite(layer_rows.clean).all())
     extrema = [v.float() for tensor in (restored.detach(), clean.detach()) for v in tensor.aminmax()]
     *flags_, low_x, high_x, low_y, high_y = torch.stack([f.float() for f in flags] + extrema).tolist()  # one sync
-    bad_restored, range_restored, bad_clean, range_clean, *bad_rows = (bool(f) for f in flags_)
+    bad_restored, bad_clean, *bad_rows = (bool(f) for f in flags_)
+    range_restored = low_x < low - tolerance or high_x > high + tolerance
+    range_clean = low_y < low - tolerance or high_y > high + tolerance
     if bad_restored or bad_clean:
         which = " and ".join(n for n, b in (("restored", bad_restored), ("clean", bad_clean)) if b)
         raise ValueError(f"{which} contains NaN or inf values (pass check_inputs=False to skip this check)")
