@@ -31,6 +31,7 @@ Judge and plot the CSV with ``benchmarks/judge.py`` and ``benchmarks/plot.py``::
     python benchmarks/statistics_kernel.py                    # full sweep (CUDA; moderate on CPU)
     python benchmarks/statistics_kernel.py --g 1 --n 4096 --d 64 --modes forward+backward
     python benchmarks/statistics_kernel.py --paper-point only
+    python benchmarks/statistics_kernel.py --implementations triton --g 8 --n 4096 --d 256 --profile prof.txt
 """
 
 from __future__ import annotations
@@ -202,6 +203,34 @@ def add_flops(row: dict[str, Any], ceiling: float | None) -> None:
         row["tflops_executed"] = executed * g * n * n * d / seconds / 1e12
 
 
+def profile_point(impl: str, g: int, n: int, d: int, options: dict, device: torch.device, path: Path,
+                  calls: int = 3) -> str:
+    """A ``torch.profiler`` table of ``calls`` forward + backward calls of ``impl`` at one point
+    (after a warm-up call, so compilation is not in it), sorted by device time; written to
+    ``path`` and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = kl_case(impl, "forward+backward", g, n, d, device=device, **options)
+    case.run(case.prepare())  # warm-up: Triton compilation, lazy initialisation
+    states = [case.prepare() for _ in range(calls)]
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    if on_cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for state in states:
+            case.run(state)
+        if on_cuda:
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if on_cuda else "cpu_time_total"
+    title = (f"torch.profiler: similarity_kl {impl}, forward + backward x {calls}, G={g} N={n} D={d}, "
+             f"{options['similarity']}, float32, {'tf32' if tf32_allowed() else 'fp32'} products, sorted by {sort}")
+    text = title + "\n" + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced CPU sweep (< 1 minute), for CI")
@@ -219,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-memory-limit-gb", type=float, default=None,
                         help="allocation limit per CPU point (default 75%% of available memory)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 products in every implementation")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="instead of measuring: a torch.profiler table of the first implementation at the first "
+                             "G, N and D given, written to FILE")
     results.add_run_arguments(parser, CSV_NAME)
     args = parser.parse_args(argv)
     device, meta = results.start_run(args, parser)
@@ -235,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tf32:
         torch.set_float32_matmul_precision("high")
     precision = "tf32" if tf32_allowed() else "fp32"
+    if args.profile is not None:
+        if not impls:
+            parser.error("--profile: none of the implementations asked for can run here")
+        point = (args.g or [8 if on_cuda else 1])[0], (args.n or [4096])[0], (args.d or [256])[0]
+        print(profile_point(impls[0], *point, options, device, args.profile))
+        return 0
     csv = results.ResultsCSV(args.out / CSV_NAME, FIELDS, KEY)
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
           f"threads {meta['threads']} | repeats {repeats} | {precision} products")
