@@ -20,7 +20,10 @@ float32 reference and streaming paths against float64 on the same data):
   the check vacuous): float32 (``ieee`` tile products) gradients within 2e-5 (proxies use
   0.1-0.25 of it), KL within 5e-6 + 2e-5 * |KL| (proxy error about 6e-7 on a cosine KL of
   2.5e-3; the softmax T = 0.01 KL of about 9 is bounded by the relative term, which the
-  proxies use up to 0.7 of); float64 within 1e-10.
+  proxies use up to 0.7 of); float64 within 1e-10. The softmax kernel divides the similarity
+  by T, so the KL's relative term grows by 0.1 / T below T = 0.1 (on an H200 the float32
+  Triton KL at T = 0.01 differed from float64 by 3.0e-5 relative in one row of 4500, against
+  2e-5 set from the CPU proxies at T = 0.1).
 - Large D (N = 300, D = 5000: 40 chunks of gradient columns, each recomputing the tiles):
   float32 against float64, KL within 5e-6 + 1e-4 * |KL|, gradients within 5e-5 of the
   largest entry (proxy errors 6e-7 and 5e-6).
@@ -89,7 +92,10 @@ def test_full_precision_against_float64(dtype, atol, kl_atol, kernel, include_se
     upstream = torch.randn(3, 1500, device="cuda", dtype=torch.float64)
     out, grad = value_and_grad(similarity_kl_triton, x, y, upstream, **kwargs)
     ref, ref_grad = value_and_grad(similarity_kl_reference, x.double(), y.double(), upstream, **kwargs)
-    torch.testing.assert_close(out.double(), ref, rtol=atol, atol=kl_atol)
+    # The softmax kernel's log-similarity (c - 1) / T turns a float32 rounding of c into an
+    # error 1/T times larger: the KL's relative bound (set at T = 0.1) grows by 0.1 / T.
+    conditioning = max(1.0, 0.1 / temperature) if kernel == "softmax" and dtype == torch.float32 else 1.0
+    torch.testing.assert_close(out.double(), ref, rtol=atol * conditioning, atol=kl_atol)
     scale = ref_grad.abs().max().item()  # no floor: the gradients are far below 1
     assert scale > 0
     torch.testing.assert_close(grad.double(), ref_grad, rtol=atol, atol=atol * scale)
@@ -178,7 +184,8 @@ y = torch.randn(2, 64, 48, device="cuda")
 similarity_kl(x, y, implementation="triton").backward()
 with torch.no_grad():
     similarity_kl(x, y, implementation="auto")
-assert _SELF_CHECKS[x.device] is True, _SELF_CHECKS
+checked = {key[3]: passed for key, passed in _SELF_CHECKS.items() if key[0] == x.device}
+assert checked.get("tf32") is True, _SELF_CHECKS  # keys: (device, dtype, block config, precision)
 print("ok")
 """
 
