@@ -84,6 +84,7 @@ CSV_HOMES = {
     "statistics_kernel.csv": REPO / "benchmarks" / "results",
     "loss_overhead.csv": REPO / "benchmarks" / "results",
     "queue_cost.csv": REPO / "benchmarks" / "results",
+    "triton_configs.csv": REPO / "benchmarks" / "results",
     STUDY_CSV: REPO / "examples" / "results",
 }
 #: What comes back from the GPU machine: at most 8 files, flat.
@@ -464,9 +465,9 @@ def home(args: argparse.Namespace) -> int:
                                       slug(env.get("commit", ""))])) or folder.name
     keep = results_dir / "gpu_runs" / run_name
     keep.mkdir(parents=True, exist_ok=True)
-    for name in (RECORD_NAME, LOG_NAME, PROFILE_NAME):
-        if (folder / name).exists():
-            shutil.copyfile(folder / name, keep / name)
+    for path in sorted(folder.iterdir()):  # the record, the logs, the profile: everything but the CSVs
+        if path.is_file() and path.suffix != ".csv":
+            shutil.copyfile(path, keep / path.name)
     print(f"kept {', '.join(p.name for p in sorted(keep.iterdir()))} in {keep}")
     for step in record.get("steps", []):
         print(f"  step {step['name']:<14} {step['status']:<10} {step['elapsed_s']:7.1f} s  {step.get('detail', '')}")
