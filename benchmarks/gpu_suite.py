@@ -22,9 +22,11 @@ step                what it runs
                     ``paper()``, location granularity (streaming and Triton), contextual
 ``loss-autocast``   the same steps in float32 and under bfloat16 autocast
 ``queue``           ``queue_cost.py``: queues of 224, 1024 and 4096 rows at 8 x 224 x 224
+``triton-configs``  ``triton_configs.py``: launch configurations of the kernels, side by
+                    side at G = 8, N = 4096, D = 256 (exact float32 products)
+``loss-compile``    eager vs ``torch.compile`` steps (inductor compiles once per step)
 ``cuda-tests``      the rest of the suite's CUDA cases (functional, numeric edges, the
                     loss module, compile)
-``loss-compile``    eager vs ``torch.compile`` steps (inductor compiles once per step)
 ``study``           if time remains: the smallest arm of ``examples/study.py --scale gpu``
                     (one seed, L1 against one D2SM configuration), a row per run
 ==================  =====================================================================
@@ -37,7 +39,7 @@ step's status, estimate and time) is rewritten after each step.
 
 Output (``--out``, default ``$OUT``), flat, at most eight files: ``suite.json``,
 ``suite.log``, ``profile.txt``, ``statistics_kernel.csv``, ``loss_overhead.csv``,
-``queue_cost.csv``, ``study_denoising_gpu.csv``.
+``queue_cost.csv``, ``triton_configs.csv``, ``study_denoising_gpu.csv`` (eight).
 
 Bring the results home (on the development machine)::
 
@@ -105,6 +107,7 @@ class Step:
     argv: list[str] | None = None
     call: Callable[[], dict[str, Any]] | None = None
     limit_s: float | None = None  # default: 2 x estimate + 30 s
+    env: dict[str, str] = field(default_factory=dict)  # added to the child's environment
 
 
 @dataclass
@@ -200,7 +203,7 @@ def run_steps(steps: Sequence[Step], budget_s: float, log: Log, env: dict[str, s
                 except Exception as error:  # recorded; the suite goes on
                     status, detail = "failed", f"{type(error).__name__}: {error}"
             else:
-                status, detail = run_child(step.argv or [], log, limit, env)
+                status, detail = run_child(step.argv or [], log, limit, {**env, **step.env})
             outcome = Outcome(step.name, status, step.estimate_s, clock() - begin, detail, data)
             tail = log.tail(offset, 400)
             summary = pytest_summary(tail) if step.argv and "pytest" in step.argv else ""
@@ -264,7 +267,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         tests_gpu, tests_cuda = ["tests/test_triton_gpu.py"], ["tests/test_triton_gpu.py"]
         # CPU seconds of these sizes on a 2-core machine (measured, with margin)
         seconds = dict(environment=5, tests=10, stats=12, profile=8, overhead=30, autocast=20, queue=20,
-                       cuda_tests=10, compile=25, study=20)
+                       configs=15, cuda_tests=10, compile=25, study=20)
     else:
         point = ["--g", "8", "--n", "4096", "16384", "--d", "256", "--modes", "forward+backward", "--repeats", "10"]
         profile = ["--implementations", "triton", "--g", "8", "--n", "4096", "--d", "256"]
@@ -274,11 +277,14 @@ def plan(args: argparse.Namespace) -> list[Step]:
                  "--queue-sizes", "224", "1024", "4096", "--repeats", "5"]
         study = ["--seeds", "1"]
         tests_gpu, tests_cuda = list(GPU_TEST_FILES), list(CUDA_TEST_FILES)
-        # Seconds on an H100/H200, from the work each step does (see benchmarks/README.md):
-        # child start-up (torch import, CUDA context) about 5 s each, Triton JIT compilation
-        # about 1-2 s per kernel variant, and the timed calls themselves.
-        seconds = dict(environment=10, tests=100, stats=60, profile=20, overhead=60, autocast=45, queue=40,
-                       cuda_tests=90, compile=150, study=150)
+        # Seconds on an H200, measured by this suite (benchmarks/results/gpu_runs/), with
+        # margin: environment 5, gpu-tests 51 (8 workers), stats 32 and 22, profile 9,
+        # overhead 43, autocast 39, queue 18; the other CUDA tests ran past 210 s (inductor
+        # compilations); the launch-configuration sweep, about 60 s (21 candidates compiled
+        # and timed); the compiled steps and the study have not run on a GPU yet: the
+        # inductor compilation of a VGG19 training step takes about a minute per variant.
+        seconds = dict(environment=10, tests=75, stats=45, profile=15, overhead=60, autocast=50, queue=30,
+                       configs=70, cuda_tests=240, compile=150, study=150)
     compile_backend = ["--compile-backend", "eager"] if rehearsal else []
     steps = [
         Step("environment", "device, driver and versions", seconds["environment"], call=lambda: environment(dev)),
@@ -295,9 +301,13 @@ def plan(args: argparse.Namespace) -> list[Step]:
              argv=[*overhead, "--mode", "autocast", "--configs", "l1", "paper", "loc-streaming", "loc-triton",
                    *small, *backbone]),
         Step("queue", "memory queue of 224, 1024, 4096 rows", seconds["queue"], argv=queue),
-        Step("cuda-tests", "the suite's other CUDA cases", seconds["cuda_tests"], argv=[*pytest, *tests_cuda]),
+        Step("triton-configs", "the kernels' launch configurations timed side by side, exact float32",
+             seconds["configs"], argv=[py, "benchmarks/triton_configs.py", "--device", dev, "--out", out,
+                                       *(["--rehearsal"] if rehearsal else [])],
+             env={"TRITON_INTERPRET": "1"} if dev == "cpu" else {}),
         Step("loss-compile", "eager vs torch.compile training steps", seconds["compile"],
              argv=[*overhead, "--mode", "compile", "--configs", "l1", "paper", *small, *backbone, *compile_backend]),
+        Step("cuda-tests", "the suite's other CUDA cases", seconds["cuda_tests"], argv=[*pytest, *tests_cuda]),
         Step("study", "smallest arm of the study at GPU scale (one seed, L1 vs one D2SM configuration)",
              seconds["study"], limit_s=10**9,
              argv=[py, "examples/study.py", "--scale", "gpu", *study, "--depths", "deepest", "--granularities",
