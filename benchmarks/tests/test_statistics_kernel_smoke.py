@@ -127,7 +127,10 @@ def test_statistics_kernel_cuda_branch_faked(tmp_path, monkeypatch, capsys):
     assert judge.main(["--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     target_lines = [line for line in out.splitlines() if "->" in line]
-    assert len(target_lines) == 3 and all(line.endswith("PASS") for line in target_lines), out
+    assert len(target_lines) == 5 and all(line.endswith("PASS") for line in target_lines), out
+    # executed FLOP/s against the ceiling: 10 N^2 D per group (forward 4, backward 6 at D = 256) in 8 ms
+    executed_tflops = 10 * 8 * 4096**2 * 256 / 8e-3 / 1e12
+    assert f"{executed_tflops:.1f} of 50.0 TFLOP/s, {100 * executed_tflops / 50:.0f}%" in out
     assert "5.00x faster, memory 0.0250" in out  # reference 40 ms / triton 8 ms; 100 / 4000 MiB
     assert "6.25x faster, 50.0x less memory" in out  # the baseline
     assert "0.419 GB" in out  # 100 MiB * 4 at N = 16384, in units of 1e9 bytes
@@ -138,7 +141,7 @@ def test_statistics_kernel_cuda_branch_faked(tmp_path, monkeypatch, capsys):
 
 def test_judge_statistics_not_measured_and_cpu():
     lines = judge.statistics_targets([], on_cuda=True)
-    assert len(lines) == 3 and all("not measured" in line for line in lines)
+    assert len(lines) == 5 and all("not measured" in line for line in lines)
     point = {"mode": "forward+backward", "G": "1", "N": "4096", "D": "64", "status": "ok"}
     rows = [{**point, "implementation": "reference", "time_median_ms": "100.0", "peak_mem_mb": "400.0"},
             {**point, "implementation": "streaming", "time_median_ms": "160.0", "peak_mem_mb": "16.0"}]
