@@ -88,8 +88,11 @@ def exchange_headers(
 
 def nonfinite_flags(restored: Tensor, clean: Tensor, rows: list[LayerRows]) -> Tensor:
     """Four 0-d flags on the device, without a synchronisation: restored and clean images that
-    are not finite, then features of any layer that are not finite (restored, clean)."""
+    are not finite, then features of any of ``rows``' layers that are not finite (restored, clean;
+    False without rows)."""
     def bad(tensors: list[Tensor]) -> Tensor:
+        if not tensors:
+            return torch.zeros((), dtype=torch.bool, device=restored.device)
         return torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
 
     return torch.stack([
@@ -130,7 +133,7 @@ def _check_headers(headers: list[dict[str, int]]) -> None:
         if bad:
             raise ValueError(
                 f"torch.distributed: rank {rank}'s {' and '.join(bad)} images contain NaN or inf values (every rank "
-                "raises this error; pass check_inputs=False to skip the check)"
+                "raises this error, whatever check_inputs says: the ranks would otherwise disagree on the queue)"
             )
         bad = [name for name in ("restored", "clean") if h[f"{name}_features"]]
         if bad:

@@ -145,6 +145,11 @@ class SemanticStatisticsLoss(nn.Module):
             outside ``input_range`` or a float16 backbone), and warn once on values outside
             ``input_range``. Costs one device synchronisation per call, which is also the
             one graph break under ``torch.compile``; ``False`` for speed and a single graph.
+            Either way a non-finite value never becomes a number: with ``False`` NaN or inf
+            images or features give a NaN loss, and their batch is not pushed into the memory
+            queue (:meth:`FeatureQueue.push <d2sm_loss.FeatureQueue.push>`, warned once).
+            Under torch.distributed, a rank's non-finite images raise the same error on every
+            rank whatever this option says (the ranks exchange a small header anyway).
         distributed: under an initialised torch.distributed with several ranks, gather the
             rows of all ranks (image and patch granularity) so that each rank computes the
             statistic over the global batch. Only training calls (training mode with
@@ -365,9 +370,15 @@ class SemanticStatisticsLoss(nn.Module):
         self._refuse_recomputation()
         rows = self.rows(restored, clean)
         value, blocks = self._statistic(rows)
+        finite = None
+        if not self.check_inputs:
+            # NaN for non-finite images even where the backbone saturates (tanh(inf) = 1); no
+            # synchronisation (checked images raised in rows() instead).
+            finite = torch.isfinite(restored.detach()).all() & torch.isfinite(clean.detach()).all()
+            value = torch.where(finite, value, torch.full_like(value, float("nan")))
         for layer_rows, layer_blocks in zip(rows, blocks):  # after every layer succeeded
             if layer_rows.queue is not None and layer_blocks is not None:
-                layer_rows.queue.push(layer_rows.restored, layer_rows.clean, layer_blocks)
+                layer_rows.queue.push(layer_rows.restored, layer_rows.clean, layer_blocks, finite)
         return value
 
     def rows(self, restored: Tensor, clean: Tensor) -> list[LayerRows]:
@@ -397,7 +408,7 @@ class SemanticStatisticsLoss(nn.Module):
         trains = self._trains()
         if self.distributed and self.granularity != "location" and trains and distributed_world() is not None:
             # The ranks' headers first (the values checked on each rank, reported on all of them).
-            flags = nonfinite_flags(restored, clean, rows) if self.check_inputs else None
+            flags = nonfinite_flags(restored, clean, rows if self.check_inputs else [])
             rows = gather_layer_rows(rows, self.ddp_gradient_scale, (restored.shape[-2], restored.shape[-1]), flags)
         if self.check_inputs:
             self._check_values(restored, clean, rows)

@@ -235,13 +235,14 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         return kl_batch, kl_queue, self.filled + restored.shape[0], blocks
 
     @torch.no_grad()
-    def push(self, restored: Tensor, clean: Tensor, blocks: Blocks) -> None:
+    def push(self, restored: Tensor, clean: Tensor, blocks: Blocks, valid: Tensor | None = None) -> None:
         """Write this call's rows (the last ``size`` of them), overwriting the oldest once
         full, and update the cache from ``blocks`` (of the :meth:`forward` call on the
         same rows, before the push): ``O(B size)`` writes and ``O(size (B + 3 block))`` for
         the sums (under ``torch.compile`` also one copy of the rows).
 
-        Only finite batches are pushed: a batch with a NaN or inf value in any row leaves
+        Only finite batches are pushed: a batch with a NaN or inf value in any row (or with
+        ``valid``, a 0-d bool tensor, False: the loss passes whether its images were finite) leaves
         the queue (rows, counters and cache) exactly as it was, so later calls equal those
         of a run that never saw it. The test runs on the device (one pass over the batch,
         every write selects between the new and the old value), without a synchronisation;
@@ -249,6 +250,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         the CPU at once, on CUDA at a later push, once an asynchronous copy of the count
         has arrived; not while ``torch.compile`` traces)."""
         ok = torch.isfinite(restored.detach()).all() & torch.isfinite(clean.detach()).all()
+        ok = ok if valid is None else ok & valid
 
         def keep(new: Tensor, old: Tensor) -> Tensor:
             return torch.where(ok, new, old)
