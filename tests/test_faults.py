@@ -24,11 +24,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import conv_loss, images, triton_skip_reason
 from torch.utils.checkpoint import checkpoint
 
 from d2sm_loss import checkpoints, similarity_kl
 from d2sm_loss.queue import FeatureQueue
+
+from helpers import conv_loss, images, triton_skip_reason
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. the restored images are outside")
 
