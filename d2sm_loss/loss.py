@@ -509,7 +509,8 @@ class SemanticStatisticsLoss(nn.Module):
         (``torch.utils.checkpoint``). With a memory queue (pushed since the original call) or a
         gather across ranks (a collective inside the backward) it would not repeat the original
         call: an error. Without either the call is a pure function of its images and is allowed."""
-        if not self._trains() or torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+        task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+        if not self._trains() or torch.compiler.is_compiling() or task is None or task() == -1:
             return
         reasons = []
         if self.queues is not None:

@@ -53,16 +53,25 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
     log-similarity matrices of the stored rows (restored and clean), their inverse norms
     and each row's sums over the filled rows. A push updates the rows and columns of the
     written slots from the blocks its call computed (no product over ``D``) and refreshes
-    the sums (``O(size^2)``). The cache is never saved; it is rebuilt from the rows
-    (``O(size^2 D)``, once) after a load, a dtype or device move, and emptied by
-    :meth:`reset`. Memory: ``2 size D`` floats of rows plus ``2 size^2 + 5 size`` of cache.
+    the sums (``O(size^2)``). It is rebuilt from the rows (``O(size^2 D)``, once) after a
+    dtype or device move, emptied by :meth:`reset`, and saved with the rows (below).
+    Memory: ``2 size D`` floats of rows plus ``2 size^2 + 5 size`` of cache.
+
+    Only finite batches enter the queue (:meth:`push`).
 
     Checkpoints: with ``save=False`` (the default) the queue is left out of
     ``state_dict()``; with ``save=True`` it is saved as ``restored`` and ``clean``
     (the ``filled`` rows), ``position`` and ``size`` (0-d tensors: every entry is a tensor, so
-    formats that hold tensors only, such as safetensors, can save it).
-    Loading accepts both: saved rows are restored whatever ``save`` is, and a state dict
-    without them leaves the queue empty.
+    formats that hold tensors only, such as safetensors, can save it), with the cache in its
+    exact state (``log_x``, ``log_y``, ``inverse_x``, ``inverse_y``, ``block_zx``,
+    ``block_zy``, ``block_w``: ``2 size^2 + 3 size blocks + 2 size`` floats). A cache rebuilt
+    from the rows differs from the live one in the last bits; restoring it makes a resume
+    bit-exact (in the dtype it was saved in). Loading accepts both: saved rows are restored
+    whatever ``save`` is, and a state dict without them leaves the queue empty; a saved cache
+    is checked against one rebuilt from the rows (``O(size^2 D)``) and taken if they agree to
+    rounding (else a ``ValueError``: a damaged file), and rebuilt when it is absent. Non-finite
+    saved rows are a ``ValueError``. Loading and :meth:`reset` under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` leave ordinary buffers, usable for training.
 
     Rows are kept in float32 (float64 after ``.double()``): a move to float16 or bfloat16
     (a low-precision backbone) keeps the queue in float32.
@@ -246,7 +255,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         the queue (rows, counters and cache) exactly as it was, so later calls equal those
         of a run that never saw it. The test runs on the device (one pass over the batch,
         every write selects between the new and the old value), without a synchronisation;
-        :attr:`refused` counts such batches, and the first one is warned about once (on
+        ``refused`` (a 0-d buffer) counts such batches, and the first one is warned about once (on
         the CPU at once, on CUDA at a later push, once an asynchronous copy of the count
         has arrived; not while ``torch.compile`` traces)."""
         ok = torch.isfinite(restored.detach()).all() & torch.isfinite(clean.detach()).all()
@@ -335,7 +344,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         return self
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles: no pending CUDA event
-        return {**super().__getstate__(), "_pending": None}
+        return {**self.__dict__, "_pending": None}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         if self.save:
