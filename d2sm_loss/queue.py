@@ -313,7 +313,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
             if self._pending is not None and self._pending[0].query():
                 count, self._pending = int(self._pending[1]), None
             if self._pending is None and not count:
-                host = torch.empty((), dtype=torch.long, pin_memory=True)
+                host = torch.empty((), dtype=torch.long, pin_memory=True)  # from torch's cached pinned pool
                 host.copy_(self.refused, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
@@ -413,20 +413,30 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
     def _restore_cache(self, saved: Mapping[str, Tensor], prefix: str) -> None:
         """Take the saved cache in place of the one just rebuilt from the rows (which may
         differ in the last bits: the live cache is written from each call's blocks), after
-        checking that it is the cache of these rows (shape, dtype, values within rounding)."""
+        checking that it is the cache of these rows: shapes, dtypes, and values within
+        rounding (log-similarities and log-sums compared as similarities and sums, since a
+        logarithm near 0 is ill-conditioned; block sums through their combination)."""
         count = self.count
         tolerance = 1e-9 if self.restored.dtype == torch.float64 else 1e-3
+        value: dict[str, Tensor] = {}
         for name in _CACHE:
-            value, fresh = saved[name], getattr(self, name)
+            fresh = getattr(self, name)
             fresh = fresh[:, : self.size] if name.startswith("log") else fresh
-            if value.shape != fresh.shape or value.dtype != fresh.dtype:
+            value[name] = saved[name]
+            if value[name].shape != fresh.shape or value[name].dtype != fresh.dtype:
                 raise ValueError(
-                    f"state_dict: the queue's cache entry {prefix + name!r} has shape {tuple(value.shape)} and dtype "
-                    f"{value.dtype}; expected {tuple(fresh.shape)} and {fresh.dtype}"
+                    f"state_dict: the queue's cache entry {prefix + name!r} has shape {tuple(value[name].shape)} and "
+                    f"dtype {value[name].dtype}; expected {tuple(fresh.shape)} and {fresh.dtype}"
                 )
-            got, want = value[:count].to(fresh.device), fresh[:count]
-            if name.startswith("log"):  # compared as similarities: log s is ill-conditioned near s = 0
-                got, want = got[:, :count].exp(), want[:, :count].exp()
+            value[name] = value[name].to(fresh.device)
+        sums = combine_blocks(value["block_zx"], value["block_zy"], value["block_w"])
+        pairs = [(value[name][:count, :count].exp(), getattr(self, name)[:count, :count].exp(), name)
+                 for name in ("log_x", "log_y")]
+        pairs += [(value[name][:count], getattr(self, name)[:count], name) for name in ("inverse_x", "inverse_y")]
+        pairs += [(sums.log_zx[:count].exp(), self.log_zx[:count].exp(), "block_zx"),
+                  (sums.log_zy[:count].exp(), self.log_zy[:count].exp(), "block_zy"),
+                  (sums.w[:count], self.w[:count], "block_w")]
+        for got, want, name in pairs:
             close = (got == want) | ((got - want).abs() <= tolerance * (1 + want.abs()))
             if not bool(close.all()):
                 raise ValueError(
@@ -435,7 +445,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
                 )
         for name in _CACHE:
             target = getattr(self, name)
-            (target[:, : self.size] if name.startswith("log") else target).copy_(saved[name])
+            (target[:, : self.size] if name.startswith("log") else target).copy_(value[name])
         self.log_zx, self.log_zy, self.w = combine_blocks(self.block_zx, self.block_zy, self.block_w)
 
     def extra_repr(self) -> str:

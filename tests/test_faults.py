@@ -184,6 +184,9 @@ def test_a_damaged_saved_queue_is_an_error():
     edited = dict(state, **{"queues.0.log_x": state["queues.0.log_x"] * 0.5})
     with pytest.raises(ValueError, match="does not match its saved rows"):
         conv_loss(queue_size=5).load_state_dict(edited)
+    edited = dict(state, **{"queues.0.block_w": state["queues.0.block_w"] + 1.0})
+    with pytest.raises(ValueError, match="block_w' does not match"):
+        conv_loss(queue_size=5).load_state_dict(edited)
     poisoned = dict(state, **{"queues.0.clean": state["queues.0.clean"].clone().fill_(math.nan)})
     with pytest.raises(ValueError, match="NaN or inf rows"):
         conv_loss(queue_size=5).load_state_dict(poisoned)
