@@ -514,7 +514,7 @@ class SemanticStatisticsLoss(nn.Module):
             return
         reasons = []
         if self.queues is not None:
-            reasons.append("the memory queue has changed since the original call (it pushed this batch)")
+            reasons.append("the memory queue is not as the original call saw it (a training call pushes its batch)")
         if self.distributed and self.granularity != "location" and distributed_world() is not None:
             reasons.append("it would gather rows across ranks inside the backward pass")
         if reasons:

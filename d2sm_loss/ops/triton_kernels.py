@@ -341,7 +341,7 @@ def _similarity_kl_bwd_kernel(
             # Zero at and beyond c = -1, as the reference: an exactly antipodal pair's
             # derivative is radial (u_j = -u_k) and the projection below removes it exactly.
             half = (1.0 + c) * 0.5
-            dlog_dc = tl.where(half <= 0.0, 0.0, 0.5 / (tl.maximum(half, 0.0) + eta))  # NaN stays NaN
+            dlog_dc = tl.where(half <= 0.0, 0.0, 0.5 / (half + eta))  # a NaN half stays NaN (no maximum)
         else:
             dlog_dc = 1.0 / temperature
         h = tl.where(valid, (own + mirrored) * dlog_dc, 0.0)
