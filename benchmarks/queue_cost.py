@@ -69,7 +69,7 @@ def paper_loss(queue_size: int, device: torch.device, check_inputs: bool = True)
 def memory_info(loss: SemanticStatisticsLoss) -> dict[str, float]:
     queue = loss.queues[0]
     rows = queue.restored.numel() + queue.clean.numel()
-    cache = sum(b.numel() for n, b in queue._buffers.items() if n not in ("restored", "clean", "filled", "position"))
+    cache = sum(b.numel() for n, b in queue._buffers.items() if n not in ("restored", "clean", "filled", "position", "refused"))
     return {"queue_rows_mb": rows * queue.restored.element_size() / 2**20, "cache_mb": cache * queue.log_x.element_size() / 2**20}
 
 

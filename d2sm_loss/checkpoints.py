@@ -1,5 +1,9 @@
 """Checkpoint files: reading them, and mapping their tensors onto a model.
 
+Loss-state files (the state dicts of losses, written by the framework integrations) are
+written atomically and read back with the same errors: :func:`save_state_dicts`,
+:func:`load_state_dicts`.
+
 A checkpoint is a path, ``"package:NAME"`` (the file an installed Python distribution ships,
 see :func:`packaged_weights`) or a state dict. :func:`read_checkpoint` returns its tensors in
 order; :func:`map_state_dict` maps them onto a model's keys by name, or by position for a
@@ -8,11 +12,13 @@ torchvision-style file whose names differ from timm's; :func:`load_checkpoint` l
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import os
 import pickle
 import sys
+import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -29,9 +35,11 @@ __all__ = [
     "check_complete",
     "checked_checkpoint",
     "load_checkpoint",
+    "load_state_dicts",
     "map_state_dict",
     "packaged_weights",
     "read_checkpoint",
+    "save_state_dicts",
 ]
 
 #: What ``checkpoint=`` accepts: a file path, ``"package:NAME"`` or a state dict.
@@ -295,3 +303,55 @@ def check_complete(state: Mapping[str, Tensor], blueprint: nn.Module, label: str
             f"checkpoint: {label} would leave {len(unset)} of the model's tensors unset (random), e.g. {unset[:3]}: "
             f"it holds weights of another architecture or configuration than {type(blueprint).__name__}"
         )
+
+
+def save_state_dicts(states: Mapping[str, Mapping[str, Tensor]], path: str | os.PathLike) -> None:
+    """Write ``{name: state_dict}`` to ``path`` atomically: ``torch.save`` into a temporary file
+    in the same folder, flushed to disk, then renamed over ``path`` (``os.replace``). A job killed
+    while saving leaves the previous file, or none, never a truncated one; the temporary file is
+    removed on any error."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save({name: dict(state) for name, state in states.items()}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def load_state_dicts(path: str | os.PathLike, *, remedy: str) -> dict[str, dict[str, Tensor]]:
+    """Read a file written by :func:`save_state_dicts`: ``{name: state_dict}``.
+
+    Read with ``torch.load(weights_only=True)`` on the CPU (no code in the file runs).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is empty, truncated or corrupt, holds Python objects, or
+            is not a mapping of names to state dicts of tensors (a foreign file); the message
+            names the file, says what is wrong and ends with ``remedy`` (what to do).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no loss-state file at {str(path)!r}")
+    try:
+        state = _load_file(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}. {remedy}") from None
+    valid = isinstance(state, Mapping) and all(
+        isinstance(name, str) and isinstance(value, Mapping)
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+        for name, value in state.items()
+    )
+    if not valid:
+        keys = sorted(map(str, state))[:5] if isinstance(state, Mapping) else None
+        what = f"a mapping of {keys}" if keys is not None else f"a {type(state).__name__}"
+        raise CheckpointError(
+            f"checkpoint: {str(path)!r} is not a loss-state file (it holds {what}, not state dicts of losses by "
+            f"name). {remedy}"
+        )
+    return {name: dict(value) for name, value in state.items()}

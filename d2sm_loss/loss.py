@@ -26,7 +26,7 @@ from .checks import (
     check_values,
     range_message,
 )
-from .distributed import gather_layer_rows
+from .distributed import distributed_world, gather_layer_rows, nonfinite_flags
 from .features import FeatureExtractor
 from .functional import IMPLEMENTATIONS, SIMILARITIES, Implementation, Similarity, resolve_implementation, similarity_kl
 from .layers import LayerSpec
@@ -145,6 +145,11 @@ class SemanticStatisticsLoss(nn.Module):
             outside ``input_range`` or a float16 backbone), and warn once on values outside
             ``input_range``. Costs one device synchronisation per call, which is also the
             one graph break under ``torch.compile``; ``False`` for speed and a single graph.
+            Either way a non-finite value never becomes a number: with ``False`` NaN or inf
+            images or features give a NaN loss, and their batch is not pushed into the memory
+            queue (:meth:`FeatureQueue.push <d2sm_loss.FeatureQueue.push>`, warned once).
+            Under torch.distributed, a rank's non-finite images raise the same error on every
+            rank whatever this option says (the ranks exchange a small header anyway).
         distributed: under an initialised torch.distributed with several ranks, gather the
             rows of all ranks (image and patch granularity) so that each rank computes the
             statistic over the global batch. Only training calls (training mode with
@@ -362,11 +367,18 @@ class SemanticStatisticsLoss(nn.Module):
 
     def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
         """The loss between ``restored`` (receives the gradient) and ``clean`` images."""
+        self._refuse_recomputation()
         rows = self.rows(restored, clean)
         value, blocks = self._statistic(rows)
+        finite = None
+        if not self.check_inputs:
+            # NaN for non-finite images even where the backbone saturates (tanh(inf) = 1); no
+            # synchronisation (checked images raised in rows() instead).
+            finite = torch.isfinite(restored.detach()).all() & torch.isfinite(clean.detach()).all()
+            value = torch.where(finite, value, torch.full_like(value, float("nan")))
         for layer_rows, layer_blocks in zip(rows, blocks):  # after every layer succeeded
             if layer_rows.queue is not None and layer_blocks is not None:
-                layer_rows.queue.push(layer_rows.restored, layer_rows.clean, layer_blocks)
+                layer_rows.queue.push(layer_rows.restored, layer_rows.clean, layer_blocks, finite)
         return value
 
     def rows(self, restored: Tensor, clean: Tensor) -> list[LayerRows]:
@@ -394,8 +406,10 @@ class SemanticStatisticsLoss(nn.Module):
             for name, weight, x_map, y_map in zip(names, self.layer_weights, restored_maps, clean_maps)
         ]
         trains = self._trains()
-        if self.distributed and self.granularity != "location" and trains:
-            rows = gather_layer_rows(rows, self.ddp_gradient_scale)
+        if self.distributed and self.granularity != "location" and trains and distributed_world() is not None:
+            # The ranks' headers first (the values checked on each rank, reported on all of them).
+            flags = nonfinite_flags(restored, clean, rows if self.check_inputs else [])
+            rows = gather_layer_rows(rows, self.ddp_gradient_scale, (restored.shape[-2], restored.shape[-1]), flags)
         if self.check_inputs:
             self._check_values(restored, clean, rows)
         if self.queues is not None and trains:
@@ -489,6 +503,28 @@ class SemanticStatisticsLoss(nn.Module):
         """A training call: training mode with gradients enabled. Only such calls use the
         queue and gather across ranks."""
         return self.training and torch.is_grad_enabled()
+
+    def _refuse_recomputation(self) -> None:
+        """A training call inside a backward pass is activation checkpointing's recomputation
+        (``torch.utils.checkpoint``). With a memory queue (pushed since the original call) or a
+        gather across ranks (a collective inside the backward) it would not repeat the original
+        call: an error. Without either the call is a pure function of its images and is allowed."""
+        task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+        if not self._trains() or torch.compiler.is_compiling() or task is None or task() == -1:
+            return
+        reasons = []
+        if self.queues is not None:
+            reasons.append("the memory queue is not as the original call saw it (a training call pushes its batch)")
+        if self.distributed and self.granularity != "location" and distributed_world() is not None:
+            reasons.append("it would gather rows across ranks inside the backward pass")
+        if reasons:
+            raise RuntimeError(
+                "SemanticStatisticsLoss was called again inside a backward pass: activation checkpointing "
+                f"(torch.utils.checkpoint) recomputes the block that calls the loss, and {' and '.join(reasons)}, so "
+                "the recomputed gradient would be wrong. Keep the loss call outside the checkpointed block: checkpoint "
+                "the network, e.g. restored = checkpoint(net, lq, use_reentrant=False); loss = criterion(restored, "
+                "clean)."
+            )
 
     def _warn_single(self) -> None:
         if not self._warned_single and not torch.compiler.is_compiling():

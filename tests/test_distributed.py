@@ -279,3 +279,67 @@ def test_validation_on_rank_zero_only_does_not_communicate(tmp_path):
     assert want > 1e-3
     for name, value in values.items():  # rank 0's batch alone, as in a single process
         torch.testing.assert_close(value, want.detach(), rtol=1e-6, atol=0, msg=name)
+
+
+# --- ranks that disagree ------------------------------------------------------------------
+
+
+def disagreeing_worker(rank, init_file, out_dir):
+    """Each case gives rank 1 something rank 0 does not have; every rank records the error it
+    raised. A last ordinary step shows that the process group is still usable."""
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30)
+    )
+    try:
+        errors = {}
+
+        def attempt(name, criterion, restored, clean):
+            try:
+                criterion(restored.requires_grad_(), clean).backward()
+                errors[name] = None
+            except ValueError as error:
+                errors[name] = str(error)
+
+        # Images of another size: rows of another width (no pool_size).
+        side = 24 if rank == 0 else 32
+        attempt("size", make_loss(pool_size=None), torch.rand(2, 3, side, side), torch.rand(2, 3, side, side))
+        double = rank == 1
+        criterion = make_loss().double() if double else make_loss()
+        attempt("dtype", criterion, *(t.double() if double else t for t in batch(2, size=2)))
+        for name, side, check in (("nan_restored", 0, True), ("inf_clean", 1, True), ("nan_clean_unchecked", 1, False)):
+            images = [t.clone() for t in batch(3, size=2)]
+            if rank == 1:
+                images[side][1, 0, 4, 4] = float("nan") if name.startswith("nan") else float("inf")
+            attempt(name, make_loss(check_inputs=check), *images)
+        attempt("after", make_loss(), *batch(4, size=2))
+        torch.save(errors, os.path.join(out_dir, f"disagree{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_raise_the_same_error_on_every_rank(tmp_path):
+    context = mp.start_processes(
+        disagreeing_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
+        start_method="spawn",
+    )
+    import time
+
+    deadline = time.monotonic() + 120
+    try:
+        while not context.join(timeout=5):  # a rank that aborts (exit -6) raises here
+            if time.monotonic() > deadline:
+                pytest.fail("ranks that disagree hung")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    first, second = (torch.load(tmp_path / f"disagree{rank}.pt") for rank in range(WORLD))
+    assert first == second  # the same message on every rank
+    assert "rank 1 has rows of 294 features (images of 32x32) against rank 0's 150 (images of 24x24)" in first["size"]
+    assert "rank 1 has float64 features against rank 0's float32" in first["dtype"]
+    assert "rank 1's restored images contain NaN or inf" in first["nan_restored"]
+    assert "rank 1's clean images contain NaN or inf" in first["inf_clean"]
+    assert "rank 1's clean images contain NaN or inf" in first["nan_clean_unchecked"]
+    assert first["after"] is None

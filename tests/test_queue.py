@@ -350,7 +350,7 @@ def test_cache_memory():
     block sums a row and block, five size-vectors."""
     queue = FeatureQueue(37)
     assert (queue.block, queue.blocks) == (6, 7)
-    cache = sum(b.numel() for n, b in queue._buffers.items() if n not in ("restored", "clean", "filled", "position"))
+    cache = sum(b.numel() for n, b in queue._buffers.items() if n not in ("restored", "clean", "filled", "position", "refused"))
     assert cache == 2 * 37 * 42 + 3 * 37 * 7 + 5 * 37
     assert pairwise_log_similarities(torch.randn(5, 3), "cosine", 0.1).shape == (5, 5)
 

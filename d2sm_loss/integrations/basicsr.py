@@ -26,8 +26,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-
+from ..checkpoints import CheckpointError, load_state_dicts, save_state_dicts
 from ..loss import SemanticStatisticsLoss
 from ..queue import FeatureQueue
 from .basicsr_losses import D2SMLoss, D2SMPerceptualLoss
@@ -65,8 +64,10 @@ class D2SMSRModel(SRModel):
     Beside each training state ``training_states/ITER.state`` it writes
     ``ITER.d2sm.pth``: the ``state_dict()`` of every D2SM loss of the model (with
     ``save_queue=True`` it holds the memory queue: ``queue_size`` rows of two feature
-    vectors per layer, 4 bytes a feature). On resume the file of the resumed iteration is
-    loaded if it exists.
+    vectors per layer, 4 bytes a feature), written atomically (a temporary file renamed).
+    On resume the file of the resumed iteration is loaded if it exists; one that is empty,
+    truncated, foreign or does not fit the losses is a :class:`~d2sm_loss.checkpoints.CheckpointError`
+    naming the file and what to do.
     """
 
     def _d2sm_losses(self) -> dict[str, SemanticStatisticsLoss]:
@@ -81,18 +82,30 @@ class D2SMSRModel(SRModel):
         super().save_training_state(epoch, current_iter)
         losses = self._d2sm_losses()
         if current_iter != -1 and losses:
-            state = {name: loss.state_dict() for name, loss in losses.items()}
-            torch.save(state, self._d2sm_state_path(current_iter))
+            states = {name: loss.state_dict() for name, loss in losses.items()}
+            save_state_dicts(states, self._d2sm_state_path(current_iter))
 
     def resume_training(self, resume_state: dict[str, Any]) -> None:
         super().resume_training(resume_state)
         path = self._d2sm_state_path(resume_state["iter"])
         losses = self._d2sm_losses()
         if losses and os.path.exists(path):
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            remedy = (
+                f"Delete {path} to resume without the D2SM loss state (the memory queue then refills in "
+                "ceil(queue_size / global batch) iterations), or resume from another iteration"
+            )
+            state = load_state_dicts(path, remedy=remedy)
+            if not any(name in state for name in losses):
+                raise CheckpointError(f"checkpoint: {path!r} holds no state of {sorted(losses)}. {remedy}")
             for name, loss in losses.items():
                 if name in state:
-                    loss.load_state_dict(state[name])
+                    try:
+                        loss.load_state_dict(state[name])
+                    except (RuntimeError, ValueError) as error:
+                        raise CheckpointError(
+                            f"checkpoint: {path!r}: the state of {name} does not fit this loss "
+                            f"({str(error).strip().splitlines()[-1].strip()}). {remedy}"
+                        ) from None
                     queues = [queue for queue in loss.queues or [] if isinstance(queue, FeatureQueue)]
                     rows = queues[0].count if queues else 0  # every layer's queue holds as many rows
                     message = f"D2SM loss state of {name} restored from {path} (memory queue: {rows} rows)"

@@ -75,7 +75,8 @@ def log_similarity(cos: Tensor, kernel: str, temperature: float) -> Tensor:
         half = (1.0 + cos) * 0.5
         # Held at 0 at and beyond c = -1, with derivative 0 there (where(), not clamp, whose
         # derivative at the tie is 1): an exactly antipodal pair's derivative is radial.
-        return torch.log(torch.where(half > 0.0, half, torch.zeros_like(half)) + COSINE_ETA)
+        # Tested as half <= 0, so that a NaN cosine stays NaN instead of becoming log(eta).
+        return torch.log(torch.where(half <= 0.0, torch.zeros_like(half), half) + COSINE_ETA)
     if kernel == "softmax":
         return (cos - 1.0) / temperature
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

@@ -103,7 +103,9 @@ def _log_similarity(c, COSINE: tl.constexpr, eta, temperature):
     """``log s(c)``: ``log(max((1 + c)/2, 0) + eta)`` (cosine; the max guards against a
     rounded cosine below -1, see :mod:`.reference`) or ``(c - 1)/temperature`` (softmax)."""
     if COSINE:
-        return tl.log(tl.maximum((1.0 + c) * 0.5, 0.0) + eta)
+        half = (1.0 + c) * 0.5
+        # where(half <= 0) rather than maximum(half, 0), which returns 0 for a NaN half on GPUs.
+        return tl.log(tl.where(half <= 0.0, 0.0, half) + eta)
     else:
         return (c - 1.0) / temperature
 
@@ -339,7 +341,7 @@ def _similarity_kl_bwd_kernel(
             # Zero at and beyond c = -1, as the reference: an exactly antipodal pair's
             # derivative is radial (u_j = -u_k) and the projection below removes it exactly.
             half = (1.0 + c) * 0.5
-            dlog_dc = tl.where(half > 0.0, 0.5 / (tl.maximum(half, 0.0) + eta), 0.0)
+            dlog_dc = tl.where(half <= 0.0, 0.0, 0.5 / (half + eta))  # a NaN half stays NaN (no maximum)
         else:
             dlog_dc = 1.0 / temperature
         h = tl.where(valid, (own + mirrored) * dlog_dc, 0.0)
