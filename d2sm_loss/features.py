@@ -297,8 +297,8 @@ class FeatureExtractor(nn.Module):
             return _WeightSource(name, True, {"state_dict": map_state_dict(checkpoint, blueprint)}, label)
         if not pretrained:
             warnings.warn(
-                f"backbone {name!r} has random weights (pretrained=False), so the loss matches no semantic "
-                "statistics: fine for tests; otherwise pass pretrained=True or checkpoint=PATH.",
+                f"SemanticStatisticsLoss: backbone {name!r} has random weights (pretrained=False), so the loss "
+                "matches no semantic statistics: fine for tests; otherwise pass pretrained=True or checkpoint=PATH.",
                 UserWarning,
                 stacklevel=5,
             )
