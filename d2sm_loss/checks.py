@@ -220,15 +220,12 @@ def range_message(outside: Mapping[str, tuple[float, float]], input_range: tuple
     seen = ", ".join(f"{name} values span [{low:.4g}, {high:.4g}]" for name, (low, high) in outside.items())
     if "clean" not in outside:
         return (
-            f"SemanticStatisticsLoss: the restored images are outside input_range={input_range} ({seen}). The clean "
-            "images are in range, so this is the network's output: usual, and harmless, in the first steps of a "
-            "network whose output is not clamped (the backbone sees the values as they are). If it persists, clamp "
-            "the output or check that it has the data's range. (Warned once.)"
+            f"SemanticStatisticsLoss: restored images outside input_range={input_range} ({seen}): the network's "
+            "output, harmless in early steps; if it persists, clamp the output or check its range. (Warned once.)"
         )
     return (
-        f"SemanticStatisticsLoss: the clean images are outside input_range={input_range} ({seen}). They come from "
-        "the data, so the data are in another range (e.g. [0, 255] or [-1, 1] given for (0, 1)) and the backbone's "
-        "features and the loss are wrong: set input_range to the range of your images. (Warned once.)"
+        f"SemanticStatisticsLoss: the clean images are outside input_range={input_range} ({seen}), so the features "
+        "and the loss are wrong: set input_range to your data's range, e.g. (0, 255). (Warned once.)"
     )
 
 

