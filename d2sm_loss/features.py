@@ -238,7 +238,11 @@ class FeatureExtractor(nn.Module):
         self.model, cfg = self._create(timm, name, blueprint, source, plan, kwargs)
         self.layers = list(plan.names)
         self.reductions = plan.reductions
-        self._select = None if plan.indices is not None else list(plan.names)  # features_only returns the taps in order
+        if plan.indices is None:
+            self._select = list(plan.names)
+        else:  # features_only returns the taps in increasing order, whatever the order of out_indices
+            order = sorted(plan.indices)
+            self._select = None if order == plan.indices else [order.index(i) for i in plan.indices]
         self.weights_source = source.description
         return cfg or getattr(blueprint, "pretrained_cfg", None) or {}
 
