@@ -216,6 +216,11 @@ class FeatureExtractor(nn.Module):
             self.required_size = _required_size(self.model)
         self.model.requires_grad_(False)
         self.model.eval()
+        for module in self.model.modules():
+            # An in-place activation after a chosen layer (VGG's ReLU(inplace=True) after
+            # "features.34") would overwrite that layer's map before it is returned.
+            if getattr(module, "inplace", None) is True:
+                module.inplace = False
 
     def _build_timm(
         self,

@@ -215,6 +215,11 @@ class FeatureLosses(nn.Module):
         return self._extractor.model
 
     @property
+    def weights_source(self) -> str | None:
+        """Where the backbone's weights came from (a file, a cache, a download), if known."""
+        return getattr(self._extractor, "weights_source", None)
+
+    @property
     def layers(self) -> list[LayerSpec]:
         """Every layer the terms use (their union), as module names of the backbone."""
         return list(self._extractor.layers or [])

@@ -158,3 +158,15 @@ def test_feature_indices_out_of_order_return_their_own_maps():
     maps = extractor(torch.rand(1, 3, 64, 64))
     assert extractor.layers == ["layer3", "layer1"]
     assert [m.shape[1] for m in maps] == [256, 64]
+
+
+def test_a_map_before_an_in_place_activation_is_returned_as_computed():
+    # As VGG's ReLU(inplace=True) after conv5_4 ("features.34"), ResNet's act1 follows bn1 in place;
+    # the map must keep its negatives.
+    from d2sm_loss import FeatureExtractor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extractor = FeatureExtractor("resnet10t", ["layer1.0.bn1", "layer2.0.bn1"], pretrained=False)
+    conv, deeper = extractor(torch.rand(1, 3, 32, 32))
+    assert (conv < 0).any() and (deeper < 0).any()
