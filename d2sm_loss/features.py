@@ -220,7 +220,7 @@ class FeatureExtractor(nn.Module):
             # An in-place activation after a chosen layer (VGG's ReLU(inplace=True) after
             # "features.34") would overwrite that layer's map before it is returned.
             if getattr(module, "inplace", None) is True:
-                module.inplace = False
+                module.inplace = False  # type: ignore[assignment]
 
     def _build_timm(
         self,
