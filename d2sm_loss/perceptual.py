@@ -8,7 +8,8 @@ from those maps, for restored maps ``x_l`` and clean maps ``y_l`` (``(B, C, h, w
 
 - ``perceptual = perceptual_weight * sum_l w_l * dist(x_l, y_l)``, with ``dist`` the mean
   absolute difference (``"l1"``), the mean squared difference (``"l2"``, also ``"mse"``) or
-  the Frobenius norm of the difference over the whole batch (``"fro"``), BasicSR's three;
+  the Frobenius norm of the difference over the whole batch (``"fro"``), BasicSR's three, or
+  traiNNer-redux's Charbonnier distance (``"charbonnier"``);
 - ``style = style_weight * sum_l v_l * dist(G(x_l), G(y_l))``, ``G(f)_b = f_b f_b^T / (C h w)``
   the Gram matrix of each image's ``C x (h w)`` map (BasicSR's normalisation);
 - ``d2sm = d2sm_weight * D2SM(x, y)``: :class:`~d2sm_loss.SemanticStatisticsLoss` on its
@@ -37,8 +38,9 @@ from .loss import SemanticStatisticsLoss
 
 __all__ = ["CRITERIA", "FeatureLosses", "feature_distance", "gram_matrix", "vgg_layer_names"]
 
-#: The distances between feature maps (and between Gram matrices): BasicSR's ``criterion``.
-CRITERIA = ("l1", "l2", "mse", "fro")
+#: The distances between feature maps (and between Gram matrices): BasicSR's ``criterion``
+#: and traiNNer-redux's ``"charbonnier"``.
+CRITERIA = ("l1", "l2", "mse", "fro", "charbonnier")
 
 _VGG_BLOCKS = {"vgg11": (1, 1, 2, 2, 2), "vgg13": (2, 2, 2, 2, 2), "vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 # Options of SemanticStatisticsLoss that FeatureLosses sets itself for its D2SM term.
@@ -74,14 +76,17 @@ def gram_matrix(features: Tensor) -> Tensor:
 
 
 def feature_distance(x: Tensor, y: Tensor, criterion: str) -> Tensor:
-    """Mean ``|x - y|`` (``"l1"``), mean ``(x - y)^2`` (``"l2"``/``"mse"``) or the Frobenius
-    norm of ``x - y`` over all its entries (``"fro"``)."""
+    """Mean ``|x - y|`` (``"l1"``), mean ``(x - y)^2`` (``"l2"``/``"mse"``), the Frobenius
+    norm of ``x - y`` over all its entries (``"fro"``) or mean ``sqrt((x - y)^2 + 1e-12)``
+    (``"charbonnier"``, traiNNer-redux's)."""
     if criterion == "l1":
         return F.l1_loss(x, y)
     if criterion in ("l2", "mse"):
         return F.mse_loss(x, y)
     if criterion == "fro":
         return torch.linalg.vector_norm(x - y)
+    if criterion == "charbonnier":
+        return torch.sqrt((x - y) ** 2 + 1e-12).mean()
     raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
 
 
