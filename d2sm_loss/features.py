@@ -189,6 +189,9 @@ class FeatureExtractor(nn.Module):
         self.required_size: tuple[int, int] | None = None
         self._channels_last = False  # timm's output_fmt "NHWC"
         self._token_grid: tuple[int, int, int] | None = None  # (prefix tokens, patch h, patch w)
+        #: A transformer without a fixed input size that does not pad (``dynamic_img_size``
+        #: without ``dynamic_img_pad``): image sides must be multiples of its patch (h, w).
+        self.patch_multiple: tuple[int, int] | None = None
         if isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
             backbone = _private_copy(backbone)
@@ -261,6 +264,9 @@ class FeatureExtractor(nn.Module):
         if patch is not None:
             ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
             self._token_grid = (int(getattr(blueprint, "num_prefix_tokens", 0) or 0), int(ph), int(pw))
+            embed = blueprint.patch_embed
+            if self.required_size is None and not getattr(embed, "dynamic_img_pad", False):
+                self.patch_multiple = (int(ph), int(pw))
 
     def _plan_layers(self, blueprint: nn.Module, name: str, layers: list[LayerSpec] | None) -> LayerPlan:
         """Resolve ``layers`` to feature taps (ints, and names of tap modules) or graph nodes
