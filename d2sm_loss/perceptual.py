@@ -38,8 +38,8 @@ from .loss import SemanticStatisticsLoss
 
 __all__ = ["CRITERIA", "FeatureLosses", "feature_distance", "gram_matrix", "vgg_layer_names"]
 
-#: The distances between feature maps (and between Gram matrices): BasicSR's ``criterion``
-#: and traiNNer-redux's ``"charbonnier"``.
+#: The distances between feature maps and between Gram matrices, BasicSR's ``criterion``
+#: values and traiNNer-redux's ``"charbonnier"``.
 CRITERIA = ("l1", "l2", "mse", "fro", "charbonnier")
 
 _VGG_BLOCKS = {"vgg11": (1, 1, 2, 2, 2), "vgg13": (2, 2, 2, 2, 2), "vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
@@ -112,7 +112,7 @@ class FeatureLosses(nn.Module):
     ``forward(restored, clean)`` returns a dict of the weighted terms whose weight is not 0,
     under the keys ``"perceptual"``, ``"style"`` and ``"d2sm"`` (formulas in
     :mod:`d2sm_loss.perceptual`); the training loss is ``pixel + sum(terms.values())`` and the
-    dict is ready for logging. :attr:`last_terms` keeps their detached values.
+    dict is ready for logging. ``last_terms`` keeps their detached values.
 
     Args:
         backbone: a timm model name or an ``nn.Module`` returning feature maps, as for
@@ -137,7 +137,7 @@ class FeatureLosses(nn.Module):
 
     Cost: the backbone's forward on both batches up to the deepest chosen layer and its
     backward on the restored one, once; then per layer ``O(B C h w)`` for the perceptual term,
-    ``O(B C^2 h w)`` for the style term and the D2SM statistic's cost. :attr:`d2sm` alone (a
+    ``O(B C^2 h w)`` for the style term and the D2SM statistic's cost. ``d2sm`` alone (a
     :class:`~d2sm_loss.SemanticStatisticsLoss` sharing the backbone) also works as a loss.
     """
 

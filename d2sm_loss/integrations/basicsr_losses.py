@@ -127,7 +127,7 @@ class PerceptualD2SMLoss(FeatureLosses):
     ``d2sm_weight``; returns BasicSR's ``(percep, style)`` pair with
     ``percep = perceptual + d2sm`` (:class:`~d2sm_loss.perceptual.FeatureLosses`'s terms;
     None where both weights are 0) and ``style`` None when ``style_weight`` is 0.
-    :attr:`last_terms` holds the three terms apart for logging.
+    ``last_terms`` holds the three terms apart for logging.
 
     Args:
         layer_weights: ``{layer: weight}`` with BasicSR's VGG names (``conv5_4``...).
