@@ -231,11 +231,8 @@ class FeatureLosses(nn.Module):
 
     def term_layers(self, term: str) -> dict[str, float]:
         """``{layer: weight}`` of one term (``"perceptual"``, ``"style"`` or ``"d2sm"``)."""
-        names = [str(layer) for layer in self.layers] or [str(i) for i in range(len(self._all_indices()))]
+        names = [str(layer) for layer in self.layers]
         return {names[index]: weight for index, weight in self._layers.get(term, [])}
-
-    def _all_indices(self) -> set[int]:
-        return {index for pairs in self._layers.values() for index, _ in pairs}
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         super()._apply(fn, recurse)

@@ -170,3 +170,26 @@ def test_a_map_before_an_in_place_activation_is_returned_as_computed():
         extractor = FeatureExtractor("resnet10t", ["layer1.0.bn1", "layer2.0.bn1"], pretrained=False)
     conv, deeper = extractor(torch.rand(1, 3, 32, 32))
     assert (conv < 0).any() and (deeper < 0).any()
+
+
+def test_a_user_module_backbone_selects_its_returned_maps():
+    class TwoMaps(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.second = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+        def forward(self, images):
+            first = self.first(images)
+            return [first, self.second(first)]
+
+    torch.manual_seed(0)
+    net = TwoMaps()
+    losses = FeatureLosses(net, {0: 1.0}, d2sm_layer_weights={1: 1.0})
+    restored, clean = _images(size=16)
+    terms = losses(restored, clean)
+    with torch.no_grad():
+        x, y = net.first(restored), net.first(clean)
+    torch.testing.assert_close(terms["perceptual"], (x - y).abs().mean())
+    alone = SemanticStatisticsLoss(net, [1])
+    torch.testing.assert_close(terms["d2sm"], alone(restored, clean))
