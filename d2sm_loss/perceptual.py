@@ -23,6 +23,7 @@ gradient (BasicSR detaches them too).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -91,15 +92,22 @@ def feature_distance(x: Tensor, y: Tensor, criterion: str) -> Tensor:
 
 
 class _SharedMaps(nn.Module):
-    """Some of a shared extractor's maps, as a backbone for the D2SM term. Copying it (the
-    loss keeps a private copy of a module backbone) shares the extractor rather than copying it."""
+    """Some of a shared extractor's maps, as a backbone for the D2SM term. While ``share`` is
+    set (the D2SM loss takes its private copy of a module backbone at construction), copying
+    it gives itself, so that the loss shares the extractor; any later deep copy (of a whole
+    :class:`FeatureLosses`) copies the extractor once, as the copy's own."""
 
     def __init__(self, extractor: FeatureExtractor, indices: list[int]) -> None:
         super().__init__()
         self.extractor, self.indices = extractor, indices
+        self.share = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _SharedMaps:
-        return self
+        if self.share:
+            return self
+        copied = _SharedMaps(copy.deepcopy(self.extractor, memo), list(self.indices))
+        memo[id(self)] = copied
+        return copied
 
     def forward(self, images: Tensor) -> list[Tensor]:
         maps = self.extractor(images)
@@ -206,12 +214,16 @@ class FeatureLosses(nn.Module):
         )
         self.d2sm = None
         if self.d2sm_weight:
-            indices = [index for index, _ in self._layers["d2sm"]]
-            self.d2sm = SemanticStatisticsLoss(
-                _SharedMaps(self._extractor, indices), None, [w for _, w in self._layers["d2sm"]],
-                pretrained=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), input_range=self.input_range,
-                backbone_autocast=self.backbone_autocast, **d2sm_options,
-            )
+            view = _SharedMaps(self._extractor, [index for index, _ in self._layers["d2sm"]])
+            view.share = True
+            try:
+                self.d2sm = SemanticStatisticsLoss(
+                    view, None, [w for _, w in self._layers["d2sm"]],
+                    pretrained=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), input_range=self.input_range,
+                    backbone_autocast=self.backbone_autocast, **d2sm_options,
+                )
+            finally:
+                view.share = False
         self.last_terms: dict[str, Tensor] = {}
 
     @property

@@ -193,3 +193,16 @@ def test_a_user_module_backbone_selects_its_returned_maps():
     torch.testing.assert_close(terms["perceptual"], (x - y).abs().mean())
     alone = SemanticStatisticsLoss(net, [1])
     torch.testing.assert_close(terms["d2sm"], alone(restored, clean))
+
+
+def test_a_deep_copy_owns_one_backbone_of_its_own(weights):
+    import copy
+
+    losses = FeatureLosses("resnet10t", {2: 1.0}, checkpoint=weights, queue_size=4)
+    assert losses.d2sm._extractor.model.extractor is losses._extractor  # the D2SM term shares the pass
+    twin = copy.deepcopy(losses)
+    assert twin._extractor is not losses._extractor
+    assert twin.d2sm._extractor.model.extractor is twin._extractor
+    restored, clean = _images()
+    for a, b in zip(losses(restored, clean).values(), twin(restored, clean).values()):
+        torch.testing.assert_close(a, b)
