@@ -263,7 +263,15 @@ def check_image_size(size: Sequence[int], extractor: Any, *, patch_size: int | N
         change = "a smaller patch_size" if patch_size is not None else "a shallower layer (layers=...)"
         raise ValueError(
             f"images of size {height}x{width} are too small for {what}: each side must be at least {need}. Use "
-            f"larger images or crops (gt_size in BasicSR and traiNNer-redux configs) or {change}"
+            f"larger images or crops (gt_size in BasicSR, lq_size in traiNNer-redux) or {change}"
+        )
+    multiple = getattr(extractor, "patch_multiple", None)
+    if multiple is not None and patch_size is None and (height % multiple[0] or width % multiple[1]):
+        raise ValueError(
+            f"images of size {height}x{width} do not fit backbone {extractor.name!r}: its patches are "
+            f"{multiple[0]}x{multiple[1]}, so each side must be a multiple of {multiple[0]} (crop to e.g. "
+            f"{multiple[0] * max(1, height // multiple[0])}x{multiple[1] * max(1, width // multiple[1])}), or pass "
+            "backbone_kwargs={'dynamic_img_size': True, 'dynamic_img_pad': True} to pad them"
         )
     required = extractor.required_size
     if required is None:

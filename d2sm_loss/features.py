@@ -190,6 +190,9 @@ class FeatureExtractor(nn.Module):
         self.required_size: tuple[int, int] | None = None
         self._channels_last = False  # timm's output_fmt "NHWC"
         self._token_grid: tuple[int, int, int] | None = None  # (prefix tokens, patch h, patch w)
+        #: A transformer without a fixed input size that does not pad (``dynamic_img_size``
+        #: without ``dynamic_img_pad``): image sides must be multiples of its patch (h, w).
+        self.patch_multiple: tuple[int, int] | None = None
         if isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
             backbone = _private_copy(backbone)
@@ -217,6 +220,11 @@ class FeatureExtractor(nn.Module):
             self.required_size = _required_size(self.model)
         self.model.requires_grad_(False)
         self.model.eval()
+        for module in self.model.modules():
+            # An in-place activation after a chosen layer (VGG's ReLU(inplace=True) after
+            # "features.34") would overwrite that layer's map before it is returned.
+            if getattr(module, "inplace", None) is True:
+                module.inplace = False  # type: ignore[assignment]
 
     def _build_timm(
         self,
@@ -239,7 +247,11 @@ class FeatureExtractor(nn.Module):
         self.model, cfg = self._create(timm, name, blueprint, source, plan, kwargs)
         self.layers = list(plan.names)
         self.reductions = plan.reductions
-        self._select = None if plan.indices is not None else list(plan.names)  # features_only returns the taps in order
+        if plan.indices is None:
+            self._select = list(plan.names)
+        else:  # features_only returns the taps in increasing order, whatever the order of out_indices
+            order = sorted(plan.indices)
+            self._select = None if order == plan.indices else [order.index(i) for i in plan.indices]
         self.weights_source = source.description
         return cfg or getattr(blueprint, "pretrained_cfg", None) or {}
 
@@ -253,6 +265,9 @@ class FeatureExtractor(nn.Module):
         if patch is not None:
             ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
             self._token_grid = (int(getattr(blueprint, "num_prefix_tokens", 0) or 0), int(ph), int(pw))
+            embed = blueprint.patch_embed
+            if self.required_size is None and not getattr(embed, "dynamic_img_pad", False):
+                self.patch_multiple = (int(ph), int(pw))
 
     def _plan_layers(self, blueprint: nn.Module, name: str, layers: list[LayerSpec] | None) -> LayerPlan:
         """Resolve ``layers`` to feature taps (ints, and names of tap modules) or graph nodes

@@ -381,10 +381,15 @@ class SemanticStatisticsLoss(nn.Module):
 
     # -- the steps of a call ----------------------------------------------------------
 
-    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
-        """The loss between ``restored`` (receives the gradient) and ``clean`` images."""
+    def forward(
+        self, restored: Tensor, clean: Tensor, *, maps: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None
+    ) -> Tensor:
+        """The loss between ``restored`` (receives the gradient) and ``clean`` images.
+
+        ``maps``: the backbone's maps of both batches, already computed (see :meth:`rows`).
+        """
         self._refuse_recomputation()
-        rows = self.rows(restored, clean)
+        rows = self.rows(restored, clean, maps=maps)
         value, blocks = self._statistic(rows)
         finite = None
         if not self.check_inputs:
@@ -397,7 +402,9 @@ class SemanticStatisticsLoss(nn.Module):
                 layer_rows.queue.push(layer_rows.restored, layer_rows.clean, layer_blocks, finite)
         return value
 
-    def rows(self, restored: Tensor, clean: Tensor) -> list[LayerRows]:
+    def rows(
+        self, restored: Tensor, clean: Tensor, *, maps: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None
+    ) -> list[LayerRows]:
         """The samples of every layer for a pair of image batches, ready for :meth:`statistic`.
 
         Checks the images, runs the backbone on both batches (the clean one without an
@@ -405,11 +412,19 @@ class SemanticStatisticsLoss(nn.Module):
         granularity asks) and, in a training call, gathers them over torch.distributed
         ranks and attaches the memory queue (:attr:`LayerRows.queue`). The queue is not
         changed.
+
+        ``maps``: ``(restored_maps, clean_maps)``, one map per layer of each batch as
+        :meth:`feature_maps` returns them, when another module has already run the backbone
+        (:class:`~d2sm_loss.perceptual.FeatureLosses` shares one pass between several terms);
+        the backbone then does not run here. The clean maps must carry no gradient.
         """
         self._validate(restored, clean)
-        restored_maps = self.feature_maps(restored)
-        with torch.no_grad():
-            clean_maps = self.feature_maps(clean)
+        if maps is None:
+            restored_maps = self.feature_maps(restored)
+            with torch.no_grad():
+                clean_maps = self.feature_maps(clean)
+        else:
+            restored_maps, clean_maps = list(maps[0]), list(maps[1])
         if len(restored_maps) != len(self.layer_weights):
             raise ValueError(
                 f"the backbone returned {len(restored_maps)} feature maps but the loss has "

@@ -54,7 +54,7 @@ def test_too_small_images_name_the_config_entry():
     restored, clean = _images(size=20)
     with pytest.raises(ValueError, match="too small") as error:
         criterion(restored, clean)
-    assert "gt_size" in str(error.value) and "layers=" in str(error.value)
+    assert "gt_size in BasicSR, lq_size in traiNNer-redux" in str(error.value) and "layers=" in str(error.value)
 
 
 def test_a_single_image_names_the_batch_size_entry():

@@ -10,7 +10,8 @@ return:
   :class:`D2SMLoss` returns ``loss_weight * D2SM(output, gt)``;
 - the ``perceptual_opt`` slot calls ``percep, style = loss(output, gt)`` and adds each item
   that is not None; :class:`D2SMPerceptualLoss` returns
-  ``(perceptual_weight * D2SM(output, gt), None)``.
+  ``(perceptual_weight * D2SM(output, gt), None)``, and :class:`PerceptualD2SMLoss` (BasicSR's
+  ``PerceptualLoss`` with D2SM from the same VGG pass) ``(perceptual + d2sm, style)``.
 
 Every other option is an argument of :class:`~d2sm_loss.SemanticStatisticsLoss`.
 ``layer_weights`` may also be given the BasicSR way, as a mapping ``{layer: weight}``; with
@@ -19,41 +20,35 @@ too and mean the same layers (``conv5_4`` is ``features.34``).
 
 A vendored copy registers both classes with one line in its losses module::
 
-    from d2sm_loss.integrations.basicsr_losses import D2SMLoss, D2SMPerceptualLoss  # noqa: F401
+    from d2sm_loss.integrations.basicsr_losses import D2SMLoss, D2SMPerceptualLoss, PerceptualD2SMLoss  # noqa: F401
 
 and the installed BasicSR with ``import d2sm_loss.integrations.basicsr``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
-from ..checks import check_number
+from ..checks import check_bool, check_number
+from ..layers import LayerSpec
 from ..loss import SemanticStatisticsLoss
+from ..perceptual import FeatureLosses, vgg_layer_names
 
-__all__ = ["D2SMLoss", "D2SMPerceptualLoss", "VGG19_LAYER_NAMES"]
+__all__ = ["BASICSR_VGG_PATH", "D2SMLoss", "D2SMPerceptualLoss", "PerceptualD2SMLoss", "VGG19_LAYER_NAMES"]
 
-
-def _vgg19_layer_names() -> dict[str, str]:
-    """BasicSR's VGG19 layer names -> the module names of ``features`` (torchvision's and
-    timm's ``vgg19``): conv1_1, relu1_1, conv1_2, relu1_2, pool1, conv2_1, ... pool5."""
-    names: dict[str, str] = {}
-    index = 0
-    for block, convs in enumerate((2, 2, 4, 4, 4), start=1):
-        for conv in range(1, convs + 1):
-            for kind in ("conv", "relu"):
-                names[f"{kind}{block}_{conv}"] = f"features.{index}"
-                index += 1
-        names[f"pool{block}"] = f"features.{index}"
-        index += 1
-    return names
+#: Where BasicSR's ``VGGFeatureExtractor`` reads VGG19's weights from, relative to the
+#: working directory, before it downloads torchvision's.
+BASICSR_VGG_PATH = os.path.join("experiments", "pretrained_models", "vgg19-dcbb9e9d.pth")
+#: ImageNet's mean and std, which BasicSR's ``use_input_norm=True`` applies.
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 #: BasicSR's VGG19 layer names and the ``features.N`` module each one is.
-VGG19_LAYER_NAMES = _vgg19_layer_names()
+VGG19_LAYER_NAMES = vgg_layer_names("vgg19")
 
 
 def _loss_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -122,3 +117,72 @@ class D2SMPerceptualLoss(SemanticStatisticsLoss):
         if self.perceptual_weight == 0:
             return None, None
         return self.perceptual_weight * super().forward(pred, target), None
+
+
+class PerceptualD2SMLoss(FeatureLosses):
+    """BasicSR's ``PerceptualLoss`` plus D2SM from the same VGG pass, for ``perceptual_opt``.
+
+    Takes ``PerceptualLoss``'s arguments with their meaning and defaults, so that an entry
+    switches by changing ``type: PerceptualLoss`` to ``type: PerceptualD2SMLoss`` and adding
+    ``d2sm_weight``; returns BasicSR's ``(percep, style)`` pair with
+    ``percep = perceptual + d2sm`` (:class:`~d2sm_loss.perceptual.FeatureLosses`'s terms;
+    None where both weights are 0) and ``style`` None when ``style_weight`` is 0.
+    ``last_terms`` holds the three terms apart for logging.
+
+    Args:
+        layer_weights: ``{layer: weight}`` with BasicSR's VGG names (``conv5_4``...).
+        vgg_type: the VGG (``vgg19``, ``vgg16``...), built with timm; any timm name works.
+        use_input_norm: normalise the [0, 1] images with ImageNet's mean and std.
+        range_norm: the images are in [-1, 1] (mapped to [0, 1] first).
+        perceptual_weight, style_weight, criterion: as in ``PerceptualLoss`` (``"l1"``,
+            ``"l2"`` or ``"fro"``).
+        d2sm_weight: the D2SM term's weight (required).
+        d2sm_layer_weights: ``{layer: weight}`` of the D2SM term (default ``{conv5_4: 1}``
+            for VGG19, the paper's layer).
+        **options: the D2SM term's options (``queue_size``, ``save_queue``, ``pretrained``,
+            ``checkpoint``...; see :class:`~d2sm_loss.perceptual.FeatureLosses`).
+
+    Weights: like BasicSR, ``vgg19`` reads ``experiments/pretrained_models/vgg19-dcbb9e9d.pth``
+    (:data:`BASICSR_VGG_PATH`, relative to the working directory) when that file exists and
+    neither ``checkpoint`` nor ``pretrained: false`` is given; otherwise ``pretrained=True``
+    finds torchvision's file in torch hub's folder or downloads it (see :mod:`d2sm_loss.features`).
+    """
+
+    def __init__(
+        self,
+        layer_weights: Mapping[LayerSpec, float],
+        vgg_type: str = "vgg19",
+        use_input_norm: bool = True,
+        range_norm: bool = False,
+        perceptual_weight: float = 1.0,
+        style_weight: float = 0.0,
+        criterion: str = "l1",
+        *,
+        d2sm_weight: float,
+        d2sm_layer_weights: Mapping[LayerSpec, float] | None = None,
+        **options: Any,
+    ) -> None:
+        if criterion not in ("l1", "l2", "fro"):
+            raise ValueError(
+                f"criterion must be one of ('l1', 'l2', 'fro') (BasicSR's PerceptualLoss), got {criterion!r}"
+            )
+        if not isinstance(vgg_type, str):
+            raise TypeError(f"vgg_type must be a timm model name such as 'vgg19', got {vgg_type!r}")
+        mean, std = _IMAGENET if check_bool("use_input_norm", use_input_norm) else ((0.0,) * 3, (1.0,) * 3)
+        input_range = (-1.0, 1.0) if check_bool("range_norm", range_norm) else (0.0, 1.0)
+        pretrained = options.pop("pretrained", True)
+        checkpoint = options.pop("checkpoint", None)
+        if checkpoint is None and pretrained is True and vgg_type == "vgg19" and os.path.exists(BASICSR_VGG_PATH):
+            checkpoint = BASICSR_VGG_PATH
+        super().__init__(
+            vgg_type, layer_weights, perceptual_weight=perceptual_weight, style_weight=style_weight,
+            d2sm_weight=d2sm_weight, criterion=criterion, d2sm_layer_weights=d2sm_layer_weights,
+            pretrained=pretrained, checkpoint=checkpoint, mean=mean, std=std, input_range=input_range, **options,
+        )
+
+    def forward(self, pred: Tensor, target: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        """``(perceptual + d2sm, style)``; None for a term of weight 0."""
+        terms = super().forward(pred, target)
+        parts = [terms[name] for name in ("perceptual", "d2sm") if name in terms]
+        percep = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)
+        return percep, terms.get("style")

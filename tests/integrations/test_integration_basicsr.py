@@ -1,11 +1,11 @@
 """The BasicSR adapter: its conventions, its registration, and BasicSR's own training pipeline.
 
-The pipeline test trains a tiny MSRResNet for a few iterations on the CPU with the D2SM loss
-in the ``perceptual_opt`` slot, validates, and resumes (``--auto_resume``) with the memory
-queue restored by ``D2SMSRModel``. BasicSR 1.4.2 cannot resume on a machine without CUDA:
-its ``basicsr.train.load_resume_state`` calls ``torch.cuda.current_device()`` and maps the
-state onto the GPU. The test's driver script therefore replaces that one function by the
-same logic loading onto the CPU; everything else is BasicSR's code as installed.
+The pipeline test trains a tiny MSRResNet for a few iterations on the CPU through the package's
+entry point (``python -m d2sm_loss.integrations.basicsr``) with pixel + perceptual + style + D2SM
+from one ``perceptual_opt`` entry (``PerceptualD2SMLoss``, VGG19 with seeded random weights at
+BasicSR's own path), validates, and resumes (``--auto_resume``, which BasicSR 1.4.2 alone cannot
+do without CUDA) with the memory queue restored by ``D2SMSRModel``. The perceptual and style
+terms are compared with BasicSR's own ``PerceptualLoss`` on the same weights.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from d2sm_loss import SemanticStatisticsLoss
-from d2sm_loss.integrations.basicsr_losses import VGG19_LAYER_NAMES, D2SMLoss, D2SMPerceptualLoss
+from d2sm_loss.integrations.basicsr_losses import VGG19_LAYER_NAMES, D2SMLoss, D2SMPerceptualLoss, PerceptualD2SMLoss
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(backbone="mobilenetv2_100", pretrained=False)
@@ -138,37 +137,76 @@ def test_registered_in_basicsr_registries():
 
     assert LOSS_REGISTRY.get("D2SMLoss") is D2SMLoss
     assert LOSS_REGISTRY.get("D2SMPerceptualLoss") is D2SMPerceptualLoss
+    assert LOSS_REGISTRY.get("PerceptualD2SMLoss") is PerceptualD2SMLoss
     assert MODEL_REGISTRY.get("D2SMSRModel") is adapter.D2SMSRModel
     adapter.register()  # a second registration does nothing
     loss = build_loss({"type": "D2SMLoss", "loss_weight": 0.5, **TINY})
     assert isinstance(loss, D2SMLoss) and loss.loss_weight == 0.5
 
 
-#: Replaces BasicSR's load_resume_state, which needs CUDA, by the same steps mapped onto the CPU.
-DRIVER = textwrap.dedent(
-    """
-    import os, torch
-    import basicsr.train
-    from basicsr.utils import check_resume, scandir
+def _basicsr_vgg19_file(folder: Path) -> Path:
+    """A seeded random torchvision VGG19 at BasicSR's path (``experiments/pretrained_models``
+    under ``folder``), which BasicSR's VGGFeatureExtractor and PerceptualD2SMLoss both read."""
+    torchvision = pytest.importorskip("torchvision")
+    path = folder / "experiments" / "pretrained_models" / "vgg19-dcbb9e9d.pth"
+    if not path.exists():
+        path.parent.mkdir(parents=True)
+        torch.manual_seed(0)
+        torch.save(torchvision.models.vgg19().state_dict(), path)
+    return path
 
-    def load_resume_state(opt):
-        path = opt["path"].get("resume_state")
-        if opt["auto_resume"]:
-            folder = os.path.join("experiments", opt["name"], "training_states")
-            states = [float(f.split(".state")[0]) for f in scandir(folder, suffix="state")] if os.path.isdir(folder) else []
-            if states:
-                path = opt["path"]["resume_state"] = os.path.join(folder, f"{max(states):.0f}.state")
-        if not path:
-            return None
-        state = torch.load(path, map_location="cpu")
-        check_resume(opt, state["iter"])
-        return state
 
-    basicsr.train.load_resume_state = load_resume_state
-    from d2sm_loss.integrations.basicsr import main
-    main()
-    """
-)
+@pytest.fixture(scope="module")
+def vgg_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("basicsr_vgg")
+    _basicsr_vgg19_file(folder)
+    return folder
+
+
+def test_perceptual_and_style_equal_basicsr_perceptual_loss(vgg_folder, monkeypatch):
+    pytest.importorskip("basicsr", exc_type=ImportError)
+    from basicsr.losses.basic_loss import PerceptualLoss
+
+    monkeypatch.chdir(vgg_folder)  # both read experiments/pretrained_models/vgg19-dcbb9e9d.pth
+    layer_weights = {"conv1_2": 0.1, "relu2_2": 0.5, "conv5_4": 1.0}
+    theirs = PerceptualLoss(layer_weights, perceptual_weight=0.8, style_weight=30.0, range_norm=True)
+    ours = PerceptualD2SMLoss(layer_weights, perceptual_weight=0.8, style_weight=30.0, range_norm=True, d2sm_weight=0)
+    assert ours.layers == ["features.2", "features.8", "features.34"] and ours.d2sm is None
+    restored, clean = _images(size=37)
+    restored, clean = restored.detach() * 2 - 1, clean * 2 - 1  # range_norm: images in [-1, 1]
+    for criterion in ("l1", "l2", "fro"):  # the same modules, criterion switched as the constructors do
+        theirs.criterion_type = criterion
+        theirs.criterion = {"l1": torch.nn.L1Loss(), "l2": torch.nn.MSELoss(), "fro": None}[criterion]
+        ours.criterion = criterion
+        x_theirs, x_ours = restored.clone().requires_grad_(), restored.clone().requires_grad_()
+        expected = theirs(x_theirs, clean)
+        value = ours(x_ours, clean)
+        for mine, reference in zip(value, expected):
+            torch.testing.assert_close(mine, reference, rtol=2e-5, atol=1e-7)
+        sum(expected).backward()
+        sum(value).backward()
+        torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_perceptual_slot_with_d2sm_adds_it_to_percep(vgg_folder, monkeypatch):
+    monkeypatch.chdir(vgg_folder)
+    loss = PerceptualD2SMLoss({"conv3_4": 1.0}, d2sm_weight=0.5, style_weight=2.0, queue_size=6)
+    assert loss.weights_source == os.path.join("experiments", "pretrained_models", "vgg19-dcbb9e9d.pth")
+    assert loss.layers == ["features.16", "features.34"]  # perceptual/style at conv3_4, D2SM at conv5_4
+    restored, clean = _images(size=37)
+    percep, style = loss(restored, clean)
+    terms = loss.last_terms
+    assert set(terms) == {"perceptual", "style", "d2sm"} and terms["d2sm"] > 0
+    torch.testing.assert_close(percep.detach(), terms["perceptual"] + terms["d2sm"])
+    torch.testing.assert_close(style.detach(), terms["style"])
+    only = PerceptualD2SMLoss({"conv3_4": 1.0}, perceptual_weight=0, d2sm_weight=0.5)
+    percep, style = only(restored, clean)
+    assert style is None and torch.equal(percep.detach(), only.last_terms["d2sm"])
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        PerceptualD2SMLoss({"conv3_4": 1.0}, criterion="mse", d2sm_weight=0.1)
+    with pytest.raises(TypeError, match="d2sm_weight"):
+        PerceptualD2SMLoss({"conv3_4": 1.0})
+
 
 OPTIONS = """
 name: d2sm_tiny
@@ -206,10 +244,11 @@ train:
   warmup_iter: -1
   pixel_opt: {type: L1Loss, loss_weight: 1.0, reduction: mean}
   perceptual_opt:
-    type: D2SMPerceptualLoss
-    perceptual_weight: 0.1
-    backbone: mobilenetv2_100
-    pretrained: false
+    type: PerceptualD2SMLoss
+    layer_weights: {conv3_4: 1.0, conv5_4: 1.0}
+    perceptual_weight: 1.0
+    style_weight: 10.0
+    d2sm_weight: 0.1
     queue_size: 12
     save_queue: true
 val:
@@ -239,7 +278,7 @@ def _write_pairs(folder: Path, count: int, size: int, seed: int) -> None:
 
 def _train(tmp_path: Path, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "driver.py", "-opt", "options.yml", *args],
+        [sys.executable, "-m", "d2sm_loss.integrations.basicsr", "-opt", "options.yml", *args],
         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -251,16 +290,18 @@ def test_basicsr_train_pipeline_validates_and_resumes_with_the_queue(tmp_path):
     _write_pairs(tmp_path / "data" / "train", 6, 64, seed=0)
     _write_pairs(tmp_path / "data" / "val", 2, 56, seed=1)
     (tmp_path / "options.yml").write_text(OPTIONS)
-    (tmp_path / "driver.py").write_text(DRIVER)
+    _basicsr_vgg19_file(tmp_path)
 
     first = _train(tmp_path)
-    # four iterations, each logging both losses; validation at iterations 2 and 4 and at the end
-    percep = [float(v) for v in re.findall(r"l_percep: ([-+\d.e]+)", first)]
-    assert len(percep) == 4 and all(v > 0 for v in percep), first[-3000:]
+    # four iterations, each logging the pixel, perceptual (with D2SM), style and D2SM terms;
+    # validation at iterations 2 and 4 and at the end
+    for term in ("l_pix", "l_percep", "l_style", "l_d2sm"):
+        values = [float(v) for v in re.findall(rf"{term}: ([-+\d.e]+)", first)]
+        assert len(values) == 4 and all(v > 0 for v in values), (term, first[-3000:])
     assert len(re.findall(r"# psnr: [\d.]+", first)) == 3
     states = tmp_path / "experiments" / "d2sm_tiny" / "training_states"
     saved = torch.load(states / "4.d2sm.pth", weights_only=True)
-    queue = saved["cri_perceptual"]["queues.0.restored"]
+    queue = saved["cri_perceptual"]["d2sm.queues.0.restored"]
     assert queue.shape[0] == 12  # 4 iterations x 3 images fill the 12 rows
 
     second = _train(tmp_path, "--auto_resume", "--force_yml", "train:total_iter=6")
@@ -268,5 +309,5 @@ def test_basicsr_train_pipeline_validates_and_resumes_with_the_queue(tmp_path):
     assert "D2SM loss state of cri_perceptual restored from" in second and "(memory queue: 12 rows)" in second
     assert re.search(r"iter:\s+5,", second) and re.search(r"iter:\s+6,", second)
     assert not re.search(r"iter:\s+[1-4],", second)
-    resumed = torch.load(states / "6.d2sm.pth", weights_only=True)["cri_perceptual"]["queues.0.restored"]
+    resumed = torch.load(states / "6.d2sm.pth", weights_only=True)["cri_perceptual"]["d2sm.queues.0.restored"]
     assert resumed.shape == queue.shape and not torch.equal(resumed, queue)  # it kept training

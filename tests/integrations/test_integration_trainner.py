@@ -86,7 +86,7 @@ class TestD2SMLoss:
         loss_fn = D2SMLoss(1.0, **OPTIONS)
         with pytest.raises(ValueError, match="too small") as small:
             loss_fn(torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16))
-        assert "gt_size" in str(small.value)
+        assert "lq_size in traiNNer-redux" in str(small.value)
         with pytest.raises(ValueError, match="single image") as single:
             loss_fn(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
         assert "batch_size_per_gpu" in str(single.value)
