@@ -257,22 +257,28 @@ def rank0_validates_worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_validation_on_rank_zero_only_does_not_communicate(tmp_path):
-    context = mp.start_processes(
-        rank0_validates_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
-        start_method="spawn",
-    )
+def run_ranks(worker, tmp_path, hung: str, seconds: float = 120) -> None:
+    """Run ``worker(rank, init_file, out_dir)`` on ``WORLD`` spawned ranks; a rank that dies
+    (e.g. an abort inside gloo, exit -6) raises here, and ranks still running after
+    ``seconds`` fail the test with ``hung`` and are killed."""
     import time
 
-    deadline = time.monotonic() + 120
+    context = mp.start_processes(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + seconds
     try:
         while not context.join(timeout=5):
             if time.monotonic() > deadline:
-                pytest.fail("rank-0-only validation hung: a non-training call waited for the other rank")
+                pytest.fail(hung)
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+
+
+def test_validation_on_rank_zero_only_does_not_communicate(tmp_path):
+    run_ranks(rank0_validates_worker, tmp_path,
+              hung="rank-0-only validation hung: a non-training call waited for the other rank")
     values = torch.load(tmp_path / "validate0.pt")
     val_restored, val_clean = batch(7, size=3)
     want = make_loss(queue_size=0, distributed=False)(val_restored, val_clean)
@@ -320,21 +326,7 @@ def disagreeing_worker(rank, init_file, out_dir):
 
 
 def test_ranks_that_disagree_raise_the_same_error_on_every_rank(tmp_path):
-    context = mp.start_processes(
-        disagreeing_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
-        start_method="spawn",
-    )
-    import time
-
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=5):  # a rank that aborts (exit -6) raises here
-            if time.monotonic() > deadline:
-                pytest.fail("ranks that disagree hung")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(disagreeing_worker, tmp_path, hung="ranks that disagree hung")
     first, second = (torch.load(tmp_path / f"disagree{rank}.pt") for rank in range(WORLD))
     assert first == second  # the same message on every rank
     assert "rank 1 has rows of 294 features (images of 32x32) against rank 0's 150 (images of 24x24)" in first["size"]
