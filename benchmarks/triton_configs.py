@@ -77,7 +77,7 @@ def case_for(stage: str, forward: Any, backward: Any, g: int, n: int, d: int, ke
 
     def kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with block_config(forward, backward):
-            return similarity_kl_triton(x, y, kernel=kernel, temperature=0.1, include_self=True,
+            return similarity_kl_triton(x, y, similarity=kernel, temperature=0.1, include_self=True,
                                         allow_tf32=allow_tf32)
 
     def inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +104,7 @@ def outputs(forward: Any, backward: Any, x: torch.Tensor, y: torch.Tensor, kerne
 
     x = x.detach().clone().requires_grad_()
     with block_config(forward, backward):
-        out = similarity_kl_triton(x, y, kernel=kernel, temperature=0.1, include_self=True, allow_tf32=allow_tf32)
+        out = similarity_kl_triton(x, y, similarity=kernel, temperature=0.1, include_self=True, allow_tf32=allow_tf32)
         (out * torch.linspace(0.5, 1.5, out.numel(), device=out.device).view_as(out)).sum().backward()
     assert x.grad is not None
     return out.detach(), x.grad

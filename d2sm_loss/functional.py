@@ -15,8 +15,7 @@ from torch import Tensor
 
 from ._compat import triton_interpreted
 from .checks import check_bool, check_choice, check_number, check_pair
-from .ops.reference import KERNELS as SIMILARITIES
-from .ops.reference import similarity_kl_reference
+from .ops.reference import SIMILARITIES, similarity_kl_reference
 
 __all__ = [
     "similarity_kl",
@@ -114,13 +113,15 @@ def _triton_self_check(device: torch.device, dtype: torch.dtype = torch.float32,
                 y = x + 0.5 * torch.randn(x.shape, generator=generator, dtype=torch.float64)
                 x, y = x.to(dtype), y.to(dtype)  # the rounded inputs both paths see
                 upstream = torch.rand(2, 37, generator=generator, dtype=torch.float64)
-                for kernel in ("cosine", "softmax"):
+                for similarity in SIMILARITIES:
                     ref_x = x.double().clone().requires_grad_()
-                    want = similarity_kl_streaming(ref_x, y.double(), kernel=kernel, temperature=0.1, include_self=True)
+                    want = similarity_kl_streaming(
+                        ref_x, y.double(), similarity=similarity, temperature=0.1, include_self=True
+                    )
                     (want * upstream).sum().backward()
                     got_x = x.to(device).clone().requires_grad_()
                     got = similarity_kl_triton(
-                        got_x, y.to(device), kernel=kernel, temperature=0.1, include_self=True,
+                        got_x, y.to(device), similarity=similarity, temperature=0.1, include_self=True,
                         allow_tf32=precision == "tf32",
                     )
                     (got * upstream.to(device, got.dtype)).sum().backward()
@@ -295,7 +296,7 @@ def similarity_kl(
     if impl == "triton":
         from .ops.triton_kernels import similarity_kl_triton
 
-        rows = similarity_kl_triton(x, y, kernel=similarity, temperature=temperature, include_self=include_self)
+        rows = similarity_kl_triton(x, y, similarity=similarity, temperature=temperature, include_self=include_self)
     else:
         # Statistics in float32 at least (float64 stays float64), outside any autocast region.
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -305,11 +306,11 @@ def similarity_kl(
                 from .ops.streaming import similarity_kl_streaming
 
                 rows = similarity_kl_streaming(
-                    x, y, kernel=similarity, temperature=temperature, include_self=include_self
+                    x, y, similarity=similarity, temperature=temperature, include_self=include_self
                 )
             else:
                 rows = similarity_kl_reference(
-                    x, y, kernel=similarity, temperature=temperature, include_self=include_self
+                    x, y, similarity=similarity, temperature=temperature, include_self=include_self
                 )
     if squeeze:
         rows = rows.squeeze(0)

@@ -315,7 +315,7 @@ class SemanticStatisticsLoss(nn.Module):
             )
         queues = [
             FeatureQueue(
-                self.queue_size, kernel=self.similarity, temperature=self.temperature,
+                self.queue_size, similarity=self.similarity, temperature=self.temperature,
                 include_self=self.include_self, save=self.save_queue,
             )
             for _ in range(count)

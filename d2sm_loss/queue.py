@@ -80,7 +80,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         size: the capacity ``K`` in rows (earlier batches' samples).
             :class:`~d2sm_loss.SemanticStatisticsLoss` builds one queue per layer when its
             ``queue_size`` is positive.
-        kernel: the similarity, ``"cosine"`` or ``"softmax"``, as in
+        similarity: the similarity, ``"cosine"`` or ``"softmax"``, as in
             :func:`~d2sm_loss.functional.similarity_kl` (its ``similarity``).
         temperature: the softmax similarity's temperature (unused by ``"cosine"``).
         include_self: whether a row's distribution includes the row itself.
@@ -107,13 +107,13 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         self,
         size: int,
         *,
-        kernel: str = "cosine",
+        similarity: str = "cosine",
         temperature: float = 0.1,
         include_self: bool = True,
         save: bool = False,
     ) -> None:
         super().__init__()
-        self.size, self.kernel, self.temperature = size, kernel, temperature
+        self.size, self.similarity, self.temperature = size, similarity, temperature
         self.include_self, self.save = include_self, save
         self.register_buffer("restored", torch.zeros(size, 0), persistent=False)
         self.register_buffer("clean", torch.zeros(size, 0), persistent=False)
@@ -204,7 +204,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
         if self.feature_size is not None:
             sides = ((self.restored, self.log_x, self.inverse_x), (self.clean, self.log_y, self.inverse_y))
             for rows, log, inverse in sides:
-                pairs = pairwise_log_similarities(rows, self.kernel, self.temperature).masked_fill(~valid, 0.0)
+                pairs = pairwise_log_similarities(rows, self.similarity, self.temperature).masked_fill(~valid, 0.0)
                 log[:, : self.size] = pairs
                 inverse.copy_(inverse_norms(rows))
         rows = torch.arange(self.size, device=self.filled.device)
@@ -246,7 +246,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
                 self.inverse_y.to(dtype),
                 self.filled,
                 QueueSums(self.log_zx.to(dtype), self.log_zy.to(dtype), self.w.to(dtype)),
-                kernel=self.kernel,
+                similarity=self.similarity,
                 temperature=self.temperature,
                 include_self=self.include_self,
                 journal=None if torch.compiler.is_compiling() else self._journal,

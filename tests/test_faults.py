@@ -66,7 +66,7 @@ def test_a_non_finite_value_gives_nan_on_every_implementation(implementation, si
 @pytest.mark.parametrize("similarity", ["cosine", "softmax"])
 @pytest.mark.parametrize("side", ["restored", "clean"])
 def test_a_non_finite_batch_gives_nan_on_the_queue_path(similarity, side):
-    queue = FeatureQueue(5, kernel=similarity)
+    queue = FeatureQueue(5, similarity=similarity)
     for seed in range(3):  # a filled queue of finite rows
         x, y = features(3, seed=seed)
         *_, blocks = queue(x, y)

@@ -79,7 +79,7 @@ BATCHES = [1, 4, 4, 3, 4, 2, 4, 13, 4, 1, 5]  # starts with a batch of one; 13: 
     [("cosine", True, 8), ("cosine", False, 11), ("softmax", True, 11), ("softmax", False, 8)],
 )  # queues of 8 (a multiple of the usual batch of 4) and 11 (not), each with both options
 def test_incremental_statistic_equals_the_full_one_over_many_steps(similarity, include_self, size):
-    queue = FeatureQueue(size, kernel=similarity, temperature=0.1, include_self=include_self).double()
+    queue = FeatureQueue(size, similarity=similarity, temperature=0.1, include_self=include_self).double()
     compared = 0
     for step in range(210):  # wraps the queue many times
         x, y = rows(BATCHES[step % len(BATCHES)], seed=step)
@@ -99,8 +99,8 @@ def test_incremental_statistic_equals_the_full_one_over_many_steps(similarity, i
 
 @pytest.mark.parametrize("similarity", ["cosine", "softmax"])
 def test_float32_incremental_statistic_is_as_close_to_float64_as_the_float32_reference(similarity):
-    queue32 = FeatureQueue(9, kernel=similarity)
-    queue64 = FeatureQueue(9, kernel=similarity).double()
+    queue32 = FeatureQueue(9, similarity=similarity)
+    queue64 = FeatureQueue(9, similarity=similarity).double()
     for step in range(40):
         x, y = rows(4, seed=step)
         want, want_grad = full(queue64, x, y, similarity, True)
@@ -118,7 +118,7 @@ def test_float32_incremental_statistic_is_as_close_to_float64_as_the_float32_ref
 def test_second_order_derivatives_equal_the_full_statistics():
     """The incremental path is made of differentiable torch operations: its gradient has a
     graph, and derivatives of the gradient equal the reference's (no fallback needed)."""
-    queue = FeatureQueue(7, kernel="cosine").double()
+    queue = FeatureQueue(7, similarity="cosine").double()
     for step in range(3):
         incremental(queue, *rows(3, seed=step))
     x, y = rows(3, seed=10)

@@ -83,7 +83,7 @@ def test_gradgradcheck(fn, kernel: str, include_self: bool) -> None:
     x, y = _features(2, 7, 5, seed=3)
 
     def f(inp: torch.Tensor) -> torch.Tensor:
-        return fn(inp, y, kernel=kernel, temperature=0.5, include_self=include_self)
+        return fn(inp, y, similarity=kernel, temperature=0.5, include_self=include_self)
 
     # gradgradcheck also differentiates with respect to the incoming gradient.
     assert torch.autograd.gradgradcheck(f, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -97,7 +97,7 @@ def test_second_derivatives_equal_the_reference(fn, kernel: str, include_self: b
     gen = torch.Generator().manual_seed(6)
     upstream = torch.randn(3, 11, generator=gen, dtype=torch.float64).to(DEVICE)
     direction = torch.randn(3, 11, 6, generator=gen, dtype=torch.float64).to(DEVICE)
-    kwargs = dict(kernel=kernel, temperature=0.2, include_self=include_self)
+    kwargs = dict(similarity=kernel, temperature=0.2, include_self=include_self)
     g, hvp, dw = _second_order(fn, x, y, upstream, direction, **kwargs)
     ref_g, ref_hvp, ref_dw = _second_order(similarity_kl_reference, x, y, upstream, direction, **kwargs)
     assert hvp.abs().max() > 0 and dw.abs().max() > 0
@@ -121,7 +121,7 @@ def test_graph_reaches_tensors_before_a_non_contiguous_input(fn) -> None:
     for impl in (fn, similarity_kl_reference):
         x = (1.5 * base).transpose(0, 1)  # (G, N, D), not contiguous
         assert not x.is_contiguous()
-        rows = impl(x, y, kernel="cosine", temperature=0.1, include_self=False)
+        rows = impl(x, y, similarity="cosine", temperature=0.1, include_self=False)
         (g,) = torch.autograd.grad(rows.sum(), base, create_graph=True)
         (hvp,) = torch.autograd.grad((g * direction).sum(), base)
         results.append(hvp)
@@ -134,10 +134,10 @@ def test_ordinary_backward_keeps_the_streaming_path(monkeypatch) -> None:
 
     monkeypatch.setattr(streaming, "similarity_kl_vjp", fail)
     x, y = _features(1, 7, 5, seed=11)
-    similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True).sum().backward()
+    similarity_kl_streaming(x, y, similarity="cosine", temperature=0.1, include_self=True).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with pytest.raises(AssertionError, match="the reference ran"):
-        rows = similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True)
+        rows = similarity_kl_streaming(x, y, similarity="cosine", temperature=0.1, include_self=True)
         torch.autograd.grad(rows.sum(), x, create_graph=True)
 
 
@@ -150,7 +150,7 @@ def test_ordinary_backward_keeps_the_triton_kernel(monkeypatch) -> None:
 
     monkeypatch.setattr(triton_kernels, "similarity_kl_vjp", fail)
     x, y = _features(1, 7, 5, seed=12)
-    triton_kernels.similarity_kl_triton(x, y, kernel="softmax", temperature=0.1, include_self=False).sum().backward()
+    triton_kernels.similarity_kl_triton(x, y, similarity="softmax", temperature=0.1, include_self=False).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
@@ -162,7 +162,7 @@ def test_triton_second_order_in_lower_precision(dtype: torch.dtype) -> None:
     x, y = _features(2, 9, 6, seed=13, dtype=dtype)
     upstream = torch.randn(2, 9, generator=torch.Generator().manual_seed(14)).to(DEVICE)
     direction = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(15)).to(DEVICE, dtype)
-    kwargs = dict(kernel="cosine", temperature=0.1, include_self=True)
+    kwargs = dict(similarity="cosine", temperature=0.1, include_self=True)
     g, hvp, dw = _second_order(_triton, x, y, upstream, direction, **kwargs)
     assert g.dtype == dtype and hvp.dtype == dtype
     ref_g, ref_hvp, ref_dw = _second_order(similarity_kl_reference, x.float(), y.float(), upstream, direction.float(),
@@ -191,7 +191,7 @@ def test_public_functional_double_backward(implementation: str) -> None:
 def test_vjp_helper_needs_x_to_require_grad() -> None:
     x, y = _features(1, 4, 3, seed=18)
     with pytest.raises(ValueError, match="x must require grad"):
-        similarity_kl_vjp(x.detach(), y, torch.ones(1, 4), kernel="cosine", temperature=0.1, include_self=True)
+        similarity_kl_vjp(x.detach(), y, torch.ones(1, 4), similarity="cosine", temperature=0.1, include_self=True)
 
 
 @pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
@@ -204,7 +204,7 @@ def test_streaming_gradient_is_float32_when_backward_runs_inside_autocast(create
     want_x = x64.clone().requires_grad_()
     (want,) = torch.autograd.grad((similarity_kl_reference(want_x, y64) * upstream.double()).sum(), want_x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = (similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True) * upstream).sum()
+        value = (similarity_kl_streaming(x, y, similarity="cosine", temperature=0.1, include_self=True) * upstream).sum()
         (got,) = torch.autograd.grad(value, x, create_graph=create_graph)
     assert got.dtype == torch.float32
     _assert_close_scaled(got.double(), want, 1e-5, "gradient under autocast")

@@ -66,7 +66,7 @@ def test_matches_reference_float64(g, n, d, kernel, temperature, include_self):
     if n == 1 and not include_self:
         pytest.skip("include_self=False needs N >= 2")
     x, y, grad = _inputs(g, n, d, seed=n * 1000 + d * 10 + g)
-    opts = dict(kernel=kernel, temperature=temperature, include_self=include_self)
+    opts = dict(similarity=kernel, temperature=temperature, include_self=include_self)
     ref_rows, ref_dx = value_and_grad(similarity_kl_reference, x, y, grad, **opts)
     for block in _block_sizes(n):
         rows, dx = value_and_grad(similarity_kl_streaming, x, y, grad, block_size=block, **opts)
@@ -80,7 +80,7 @@ def test_matches_reference_float64(g, n, d, kernel, temperature, include_self):
 @pytest.mark.parametrize("g,n,d", [(1, 2, 3), (3, 33, 17), (1, 70, 65), (3, 257, 17)])
 def test_float32_matches_float64_reference(g, n, d, kernel, temperature, include_self):
     x, y, grad = _inputs(g, n, d, seed=7 + n, special_rows=False)
-    opts = dict(kernel=kernel, temperature=temperature, include_self=include_self)
+    opts = dict(similarity=kernel, temperature=temperature, include_self=include_self)
     ref_rows, ref_dx = value_and_grad(similarity_kl_reference, x, y, grad, **opts)
     for block in (None, 1, 7):
         rows, dx = value_and_grad(similarity_kl_streaming, x.float(), y.float(), grad.float(), block_size=block, **opts)
@@ -91,7 +91,7 @@ def test_float32_matches_float64_reference(g, n, d, kernel, temperature, include
 
 def test_float32_zero_and_duplicate_rows_are_finite_and_match():
     x, y, grad = _inputs(3, 70, 17, seed=3)
-    opts = dict(kernel="cosine", temperature=0.1, include_self=True)
+    opts = dict(similarity="cosine", temperature=0.1, include_self=True)
     ref_rows, ref_dx = value_and_grad(similarity_kl_reference, x, y, grad, **opts)
     rows, dx = value_and_grad(similarity_kl_streaming, x.float(), y.float(), grad.float(), block_size=9, **opts)
     assert_close(rows, ref_rows, F32, "values")
@@ -106,7 +106,7 @@ def test_gradcheck_float64(kernel, temperature, include_self):
     x.requires_grad_(True)
 
     def fn(inp):
-        return similarity_kl_streaming(inp, y, kernel=kernel, temperature=temperature, include_self=include_self, block_size=4)
+        return similarity_kl_streaming(inp, y, similarity=kernel, temperature=temperature, include_self=include_self, block_size=4)
 
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -117,7 +117,7 @@ def test_gradcheck_float64(kernel, temperature, include_self):
 def test_identical_inputs_give_exactly_zero(kernel, temperature, include_self, dtype):
     x, _, grad = _inputs(3, 45, 9, dtype=dtype, seed=5)
     x = x.requires_grad_(True)
-    rows = similarity_kl_streaming(x, x.detach().clone(), kernel=kernel, temperature=temperature,
+    rows = similarity_kl_streaming(x, x.detach().clone(), similarity=kernel, temperature=temperature,
                                    include_self=include_self, block_size=8)
     (dx,) = torch.autograd.grad(rows, x, grad)
     assert torch.equal(rows, torch.zeros_like(rows))
@@ -129,7 +129,7 @@ def test_small_temperature_without_self_stays_finite(temperature):
     # exp((c - 1) / tau) underflows to 0 for every j != i when the rows are spread out:
     # the logsumexp path keeps the values and gradients finite and equal to the reference.
     x, y, grad = _inputs(2, 40, 64, seed=9, special_rows=False)
-    opts = dict(kernel="softmax", temperature=temperature, include_self=False)
+    opts = dict(similarity="softmax", temperature=temperature, include_self=False)
     ref_rows, ref_dx = value_and_grad(similarity_kl_reference, x, y, grad, **opts)
     assert torch.isfinite(ref_rows).all()
     for dtype, rtol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
@@ -142,9 +142,9 @@ def test_y_gets_no_gradient_and_x_without_grad_works():
     x, y, _ = _inputs(1, 10, 4, seed=1)
     y = y.requires_grad_(True)
     x = x.requires_grad_(True)
-    similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True).sum().backward()
+    similarity_kl_streaming(x, y, similarity="cosine", temperature=0.1, include_self=True).sum().backward()
     assert x.grad is not None and y.grad is None
-    out = similarity_kl_streaming(x.detach(), y.detach(), kernel="cosine", temperature=0.1, include_self=True)
+    out = similarity_kl_streaming(x.detach(), y.detach(), similarity="cosine", temperature=0.1, include_self=True)
     assert not out.requires_grad
 
 
@@ -152,7 +152,7 @@ def test_saved_state_is_linear_in_n():
     g, n, d = 2, 300, 7
     x, y, _ = _inputs(g, n, d, seed=2)
     x.requires_grad_(True)
-    rows = similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True, block_size=16)
+    rows = similarity_kl_streaming(x, y, similarity="cosine", temperature=0.1, include_self=True, block_size=16)
     saved = rows.grad_fn.saved_tensors
     assert sum(t.numel() for t in saved) == 2 * g * n * d + 4 * g * n  # inputs; norms, scales, log Zx, log Zy
     assert max(t.numel() for t in saved) < n * n
@@ -179,11 +179,11 @@ def test_no_operation_produces_more_than_one_tile(kernel):
     x, y, grad = _inputs(g, n, d, dtype=torch.float32, seed=4)
     x.requires_grad_(True)
     with _LargestTensor() as mode:
-        rows = similarity_kl_streaming(x, y, kernel=kernel, temperature=0.1, include_self=False, block_size=block)
+        rows = similarity_kl_streaming(x, y, similarity=kernel, temperature=0.1, include_self=False, block_size=block)
         rows.backward(grad)
     assert mode.largest <= max(g * block * n, g * n * d)
     with _LargestTensor() as mode:
-        similarity_kl_reference(x, y, kernel=kernel, temperature=0.1, include_self=False).backward(grad)
+        similarity_kl_reference(x, y, similarity=kernel, temperature=0.1, include_self=False).backward(grad)
     assert mode.largest >= g * n * n  # the check above is able to see an N x N matrix
 
 
@@ -199,13 +199,13 @@ def test_default_block_size_adapts_to_n():
 def test_invalid_arguments():
     x, y, _ = _inputs(1, 5, 3, seed=0)
     with pytest.raises(ValueError):
-        similarity_kl_streaming(x, y, kernel="cosine", temperature=0.1, include_self=True, block_size=0)
+        similarity_kl_streaming(x, y, similarity="cosine", temperature=0.1, include_self=True, block_size=0)
     with pytest.raises(ValueError):
-        similarity_kl_streaming(x, y, kernel="gauss", temperature=0.1, include_self=True)
+        similarity_kl_streaming(x, y, similarity="gauss", temperature=0.1, include_self=True)
     with pytest.raises(ValueError):
-        similarity_kl_streaming(x[0], y[0], kernel="cosine", temperature=0.1, include_self=True)
+        similarity_kl_streaming(x[0], y[0], similarity="cosine", temperature=0.1, include_self=True)
     with pytest.raises(TypeError):
-        similarity_kl_streaming(x.half(), y.half(), kernel="cosine", temperature=0.1, include_self=True)
+        similarity_kl_streaming(x.half(), y.half(), similarity="cosine", temperature=0.1, include_self=True)
 
 
 # --- through the public functional API -------------------------------------------------
@@ -236,7 +236,7 @@ def test_cosine_below_minus_one_from_rounding_stays_finite(monkeypatch):
     monkeypatch.setattr(streaming, "_unit_rows", lambda f: (lambda u, n, s: (u * 1.01, n, s))(*original(f)))
     base = torch.randn(1, 9, 5, generator=torch.Generator().manual_seed(3))
     x = torch.cat([base, -base], dim=1).requires_grad_()
-    out = similarity_kl_streaming(x, x.detach() + 0.1, kernel="cosine", temperature=1.0, include_self=True)
+    out = similarity_kl_streaming(x, x.detach() + 0.1, similarity="cosine", temperature=1.0, include_self=True)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
 

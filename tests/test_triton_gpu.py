@@ -67,7 +67,7 @@ def test_large_low_precision(n: int, groups: int, d: int, kernel: str, include_s
     from d2sm_loss.ops.triton_kernels import similarity_kl_triton
 
     x, y = features(groups, n, d, dtype, seed=n + d, device="cuda")
-    kwargs = dict(kernel=kernel, temperature=0.1, include_self=include_self)
+    kwargs = dict(similarity=kernel, temperature=0.1, include_self=include_self)
     upstream = torch.randn(groups, n, device="cuda")
     out, grad = value_and_grad(similarity_kl_triton, x, y, upstream, **kwargs)
     assert out.dtype == torch.float32 and grad.dtype == dtype
@@ -88,7 +88,7 @@ def test_full_precision_against_float64(dtype, atol, kl_atol, kernel, include_se
     from d2sm_loss.ops.triton_kernels import similarity_kl_triton
 
     x, y = features(3, 1500, 130, dtype, seed=5, device="cuda")  # 130 features: two D chunks of the gradient
-    kwargs = dict(kernel=kernel, temperature=temperature, include_self=include_self)
+    kwargs = dict(similarity=kernel, temperature=temperature, include_self=include_self)
     upstream = torch.randn(3, 1500, device="cuda", dtype=torch.float64)
     out, grad = value_and_grad(similarity_kl_triton, x, y, upstream, **kwargs)
     ref, ref_grad = value_and_grad(similarity_kl_reference, x.double(), y.double(), upstream, **kwargs)
@@ -206,7 +206,7 @@ def test_float32_g8_n16384_within_2gb() -> None:
 
     x, y = features(8, 16384, 256, torch.float32, seed=3, device="cuda")
     x.requires_grad_(True)
-    extra = _extra_memory_of_forward_backward(x, y, kernel="cosine", temperature=0.1, include_self=True)
+    extra = _extra_memory_of_forward_backward(x, y, similarity="cosine", temperature=0.1, include_self=True)
     assert torch.isfinite(x.grad).all()
     assert extra <= 2e9, extra
 
@@ -233,7 +233,7 @@ def test_peak_memory_grows_linearly() -> None:
     for n in (2048, 4096, 8192, 16384):
         x, y = features(1, n, d, torch.float32, seed=n, device="cuda")
         x, y = x.half().requires_grad_(True), y.half()
-        extra[n] = _extra_memory_of_forward_backward(x, y, kernel="softmax", temperature=0.1, include_self=False)
+        extra[n] = _extra_memory_of_forward_backward(x, y, similarity="softmax", temperature=0.1, include_self=False)
         del x, y
     # Linear: x8 from 2048 to 16384 rows (quadratic would be x64); slack for allocator rounding.
     assert extra[16384] <= 12 * extra[2048], extra

@@ -33,7 +33,7 @@ KERNEL_MODES = [("cosine", True), ("cosine", False), ("softmax", True), ("softma
 
 
 def _compare_float64(x: torch.Tensor, y: torch.Tensor, kernel: str, include_self: bool, temperature: float = TEMPERATURE):
-    kwargs = dict(kernel=kernel, temperature=temperature, include_self=include_self)
+    kwargs = dict(similarity=kernel, temperature=temperature, include_self=include_self)
     grad_out = upstream(x.shape[:2], seed=1, device=DEVICE)
     out, grad = value_and_grad(similarity_kl_triton, x, y, grad_out, **kwargs)
     ref, ref_grad = value_and_grad(similarity_kl_reference, x, y, grad_out, **kwargs)
@@ -69,7 +69,7 @@ def test_softmax_small_temperature_does_not_underflow(temperature: float) -> Non
     y64 = basis.unsqueeze(0) + 0.01 * torch.randn(1, 18, 24, generator=gen, dtype=torch.float64)
     x64 = basis.unsqueeze(0) + 0.01 * torch.randn(1, 18, 24, generator=gen, dtype=torch.float64)
     x32, y32 = x64.float().to(DEVICE), y64.float().to(DEVICE)
-    kwargs = dict(kernel="softmax", temperature=temperature, include_self=False)
+    kwargs = dict(similarity="softmax", temperature=temperature, include_self=False)
     grad_out = torch.randn(1, 18, generator=gen, dtype=torch.float64).to(DEVICE)
     out, grad = value_and_grad(similarity_kl_triton, x32, y32, grad_out, **kwargs)
     ref, ref_grad = value_and_grad(similarity_kl_reference, x32.double(), y32.double(), grad_out, **kwargs)
@@ -87,7 +87,7 @@ def test_gradcheck_float64(kernel: str, include_self: bool) -> None:
     x.requires_grad_(True)
 
     def fn(inp: torch.Tensor) -> torch.Tensor:
-        return similarity_kl_triton(inp, y, kernel=kernel, temperature=0.5, include_self=include_self)
+        return similarity_kl_triton(inp, y, similarity=kernel, temperature=0.5, include_self=include_self)
 
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -97,12 +97,12 @@ def test_noncontiguous_inputs_and_no_grad_for_y() -> None:
     x_t = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)  # (G, N, D) view, not contiguous
     y_t = y[:, :, :].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
     assert not x_t.is_contiguous() and not y_t.is_contiguous()
-    out = similarity_kl_triton(x_t, y_t, kernel="cosine", temperature=TEMPERATURE, include_self=False)
+    out = similarity_kl_triton(x_t, y_t, similarity="cosine", temperature=TEMPERATURE, include_self=False)
     out.sum().backward()
     assert y_t.grad is None
     x_ref = x.clone().requires_grad_(True)
-    similarity_kl_reference(x_ref, y, kernel="cosine", include_self=False).sum().backward()
-    torch.testing.assert_close(out, similarity_kl_reference(x, y, kernel="cosine", include_self=False), rtol=1e-4, atol=1e-6)
+    similarity_kl_reference(x_ref, y, similarity="cosine", include_self=False).sum().backward()
+    torch.testing.assert_close(out, similarity_kl_reference(x, y, similarity="cosine", include_self=False), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(x_t.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -111,7 +111,7 @@ def test_mixed_dtypes_run_in_the_promoted_dtype() -> None:
     downcast of the clean side to float16 would overflow its norms to inf)."""
     x, y = features(1, 33, 17, torch.float32, seed=11, device=DEVICE)
     x16, y_big = x.half(), y * 1e5  # beyond float16 range (65504)
-    kwargs = dict(kernel="cosine", temperature=TEMPERATURE, include_self=True)
+    kwargs = dict(similarity="cosine", temperature=TEMPERATURE, include_self=True)
     grad_out = torch.ones(1, 33, device=DEVICE)
     out, grad = value_and_grad(similarity_kl_triton, x16, y_big, grad_out, **kwargs)
     ref, ref_grad = value_and_grad(similarity_kl_reference, x16.float(), y_big, grad_out, **kwargs)
@@ -134,7 +134,7 @@ def test_cosine_below_minus_one_from_rounding_stays_finite(monkeypatch) -> None:
     base = torch.randn(1, 9, 5, generator=torch.Generator().manual_seed(3))
     x = torch.cat([base, -base], dim=1).to(DEVICE).requires_grad_()
     y = x.detach() + 0.1
-    out = similarity_kl_triton(x, y, kernel="cosine", temperature=1.0, include_self=True)
+    out = similarity_kl_triton(x, y, similarity="cosine", temperature=1.0, include_self=True)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
 

@@ -135,10 +135,10 @@ def inverse_norms(rows: Tensor) -> Tensor:
     return 1.0 / _row_norms(rows).clamp_min(NORM_EPS).squeeze(-1)
 
 
-def pairwise_log_similarities(rows: Tensor, kernel: str, temperature: float) -> Tensor:
+def pairwise_log_similarities(rows: Tensor, similarity: str, temperature: float) -> Tensor:
     """``log s(c_ij)`` for every pair of ``rows`` (K, D) -> (K, K): ``O(K^2 D)``."""
     unit = rows * inverse_norms(rows).unsqueeze(-1)
-    return log_similarity(unit @ unit.transpose(-1, -2), kernel, temperature)
+    return log_similarity(unit @ unit.transpose(-1, -2), similarity, temperature)
 
 
 def block_size(size: int) -> int:
@@ -200,7 +200,7 @@ def queue_statistic(
     count: Tensor,
     sums: QueueSums,
     *,
-    kernel: str,
+    similarity: str,
     temperature: float,
     include_self: bool,
     journal: Journal | None = None,
@@ -219,14 +219,14 @@ def queue_statistic(
     unit_x = x * inverse_norms(x).unsqueeze(-1)
     with torch.no_grad():
         unit_y = y * inverse_norms(y).unsqueeze(-1)
-        yy = log_similarity(unit_y @ unit_y.transpose(0, 1), kernel, temperature)
-        yq = log_similarity((unit_y @ queue_y.transpose(0, 1)) * inverse_y, kernel, temperature)
-    xx = log_similarity(unit_x @ unit_x.transpose(0, 1), kernel, temperature)
+        yy = log_similarity(unit_y @ unit_y.transpose(0, 1), similarity, temperature)
+        yq = log_similarity((unit_y @ queue_y.transpose(0, 1)) * inverse_y, similarity, temperature)
+    xx = log_similarity(unit_x @ unit_x.transpose(0, 1), similarity, temperature)
     if journal is None:
         cosine_xq = (unit_x @ queue_x.transpose(0, 1)) * inverse_x
     else:
         cosine_xq = _QueueProduct.apply(unit_x, queue_x, inverse_x, journal)
-    xq = log_similarity(cosine_xq, kernel, temperature)
+    xq = log_similarity(cosine_xq, similarity, temperature)
     valid = torch.arange(slots, device=x.device) < count
 
     own = torch.ones(batch, batch, dtype=torch.bool, device=x.device)

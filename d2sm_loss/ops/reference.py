@@ -8,8 +8,8 @@ normalised to sum to one, are a distribution over the other rows ``j``::
 
     xh_i = x_i / |x_i|   (0 for an all-zero row)
     c_ij = xh_i . xh_j                 d_ij = yh_i . yh_j
-    log s(c) = log(max((1 + c) / 2, 0) + COSINE_ETA)   kernel "cosine"
-    log s(c) = (c - 1) / temperature                     kernel "softmax"
+    log s(c) = log(max((1 + c) / 2, 0) + COSINE_ETA)   similarity "cosine"
+    log s(c) = (c - 1) / temperature                     similarity "softmax"
     p_restored(j | i) = s(c_ij) / sum_j s(c_ij)         p_clean(j | i) likewise from d
     KL_i = KL(p_clean(. | i) || p_restored(. | i))
          = sum_j p_clean(j | i) (log p_clean(j | i) - log p_restored(j | i))
@@ -53,33 +53,33 @@ from torch import Tensor
 __all__ = [
     "COSINE_ETA",
     "NORM_EPS",
-    "KERNELS",
+    "SIMILARITIES",
     "log_similarity",
     "row_scale",
     "similarity_kl_reference",
     "similarity_kl_vjp",
 ]
 
-#: Added to the cosine kernel's similarity so that ``log s`` stays finite at c = -1.
+#: Added to the cosine similarity's similarity so that ``log s`` stays finite at c = -1.
 COSINE_ETA = 1e-6
 #: After :func:`row_scale` every nonzero row has norm >= 1: only an all-zero row is divided
 #: by this instead of its norm (a finite value and gradient instead of NaN).
 NORM_EPS = 1e-6
 #: The similarity kernels.
-KERNELS = ("cosine", "softmax")
+SIMILARITIES = ("cosine", "softmax")
 
 
-def log_similarity(cos: Tensor, kernel: str, temperature: float) -> Tensor:
+def log_similarity(cos: Tensor, similarity: str, temperature: float) -> Tensor:
     """``log s(c)`` for a tensor of cosine similarities ``cos``."""
-    if kernel == "cosine":
+    if similarity == "cosine":
         half = (1.0 + cos) * 0.5
         # Held at 0 at and beyond c = -1, with derivative 0 there (where(), not clamp, whose
         # derivative at the tie is 1): an exactly antipodal pair's derivative is radial.
         # Tested as half <= 0, so that a NaN cosine stays NaN instead of becoming log(eta).
         return torch.log(torch.where(half <= 0.0, torch.zeros_like(half), half) + COSINE_ETA)
-    if kernel == "softmax":
+    if similarity == "softmax":
         return (cos - 1.0) / temperature
-    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
 
 
 def row_scale(features: Tensor) -> Tensor:
@@ -118,10 +118,10 @@ def _row_norms(features: Tensor) -> Tensor:
     return torch.linalg.vector_norm(safe, dim=-1, keepdim=True).masked_fill(zero, 0.0)
 
 
-def _log_conditional(features: Tensor, kernel: str, temperature: float, include_self: bool) -> Tensor:
+def _log_conditional(features: Tensor, similarity: str, temperature: float, include_self: bool) -> Tensor:
     """``log p(j | i)`` for every pair of rows of ``features`` (G, N, D) -> (G, N, N)."""
     unit = unit_rows(features)
-    logits = log_similarity(unit @ unit.transpose(-1, -2), kernel, temperature)
+    logits = log_similarity(unit @ unit.transpose(-1, -2), similarity, temperature)
     if not include_self:
         eye = torch.eye(features.shape[-2], dtype=torch.bool, device=features.device)
         logits = logits.masked_fill(eye, float("-inf"))
@@ -132,7 +132,7 @@ def similarity_kl_reference(
     x: Tensor,
     y: Tensor,
     *,
-    kernel: str = "cosine",
+    similarity: str = "cosine",
     temperature: float = 0.1,
     include_self: bool = True,
 ) -> Tensor:
@@ -142,9 +142,9 @@ def similarity_kl_reference(
     ``x`` only; ``y`` is treated as a constant. Built from ordinary differentiable torch
     operations, so derivatives of every order exist. Memory O(G N^2).
     """
-    log_px = _log_conditional(x, kernel, temperature, include_self)
+    log_px = _log_conditional(x, similarity, temperature, include_self)
     with torch.no_grad():
-        log_py = _log_conditional(y.detach(), kernel, temperature, include_self)
+        log_py = _log_conditional(y.detach(), similarity, temperature, include_self)
         py = log_py.exp()
         if not include_self:
             # 0 * log 0 is 0: keep the masked diagonal out of the sum instead of -inf * 0.
@@ -158,7 +158,7 @@ def similarity_kl_vjp(
     y: Tensor,
     grad_kl: Tensor,
     *,
-    kernel: str,
+    similarity: str,
     temperature: float,
     include_self: bool,
 ) -> Tensor:
@@ -185,7 +185,8 @@ def similarity_kl_vjp(
     # would otherwise recompute the similarities in bfloat16 / float16.
     with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         kl = similarity_kl_reference(
-            x.to(acc_dtype), y.detach().to(acc_dtype), kernel=kernel, temperature=temperature, include_self=include_self
+            x.to(acc_dtype), y.detach().to(acc_dtype),
+            similarity=similarity, temperature=temperature, include_self=include_self,
         )
         (grad_x,) = torch.autograd.grad(kl, x, grad_kl.to(acc_dtype), create_graph=True)
     return grad_x

@@ -41,9 +41,9 @@ Cost per group (N rows, D features):
   :data:`TILE_ELEMENTS` values whatever N is: peak extra memory ``O(G b N)`` =
   ``O(TILE_ELEMENTS)`` until ``G * N`` exceeds it (then ``b = 1``, ``O(G N)``).
 
-Numerics: the cosine kernel's similarities lie in ``[COSINE_ETA, 1 + COSINE_ETA]``, so
+Numerics: the cosine similarity's similarities lie in ``[COSINE_ETA, 1 + COSINE_ETA]``, so
 its normaliser is summed directly (``log Z = log sum_j s``, which is the logsumexp of
-``log s`` and cannot under- or overflow); the softmax kernel takes a logsumexp of
+``log s`` and cannot under- or overflow); the softmax similarity takes a logsumexp of
 ``(c - 1) / temperature`` (row maximum subtracted before ``exp``), so a small
 temperature with ``include_self=False`` never underflows. Restored and clean tiles go
 through the same operations, so identical inputs give exactly zero loss and exactly
@@ -62,7 +62,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import COSINE_ETA, KERNELS, NORM_EPS, row_scale, similarity_kl_vjp
+from .reference import COSINE_ETA, NORM_EPS, SIMILARITIES, row_scale, similarity_kl_vjp
 
 __all__ = ["TILE_ELEMENTS", "TILE_ELEMENTS_GPU", "similarity_kl_streaming", "default_block_size"]
 
@@ -77,7 +77,7 @@ __all__ = ["TILE_ELEMENTS", "TILE_ELEMENTS_GPU", "similarity_kl_streaming", "def
 TILE_ELEMENTS = 1 << 20
 
 #: The tile budget on a GPU, 2**24 values (64 MiB in float32, about 200 MiB for the three
-#: buffers). A GPU needs large tiles to amortise its kernel launches: with the CPU budget a
+#: buffers). A GPU needs large tiles to amortise its similarity launches: with the CPU budget a
 #: (G=8, N=16384) problem would walk 8-row blocks, about 2000 blocks of a dozen launches each
 #: per pass. Chosen from that launch count, not yet tuned on hardware.
 TILE_ELEMENTS_GPU = 1 << 24
@@ -98,19 +98,19 @@ def _unit_rows(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return scaled / norms.clamp_min(NORM_EPS).unsqueeze(-1), norms, scale
 
 
-def _kernel_tile(unit_block: Tensor, unit_t: Tensor, kernel: str, temperature: float, out: Tensor) -> Tensor:
-    """The (G, b, N) tile of the kernel for a block of unit rows against all rows, in ``out``.
+def _similarity_tile(unit_block: Tensor, unit_t: Tensor, similarity: str, temperature: float, out: Tensor) -> Tensor:
+    """The (G, b, N) tile of the similarity for a block of unit rows against all rows, in ``out``.
 
-    Cosine kernel: the similarity ``s = max((1 + c) / 2, 0) + COSINE_ETA`` itself. Softmax
-    kernel: its logarithm ``(c - 1) / temperature``. One fused matmul-and-scale.
+    Cosine similarity: the similarity ``s = max((1 + c) / 2, 0) + COSINE_ETA`` itself. Softmax
+    similarity: its logarithm ``(c - 1) / temperature``. One fused matmul-and-scale.
     """
-    if kernel == "cosine":
+    if similarity == "cosine":
         offset, scale = 0.5, 0.5
     else:
         offset, scale = -1.0 / temperature, 1.0 / temperature
     base = unit_block.new_full((1, 1, 1), offset).expand(out.shape)
     torch.baddbmm(base, unit_block, unit_t, beta=1.0, alpha=scale, out=out)
-    if kernel == "cosine":
+    if similarity == "cosine":
         # (1 + c) / 2 first, exact near c = -1 (0.5 + 0.5 c cancels without rounding), then
         # eta: adding 0.5 + eta in one step would round eta by ~1% in float32. The clamp:
         # rounding can push a cosine below -1 (see .reference).
@@ -140,25 +140,25 @@ def _fill_block_diagonal(tile: Tensor, start: int, value: float) -> None:
 
 def _tile_pair(
     xh: Tensor, yh: Tensor, xh_t: Tensor, yh_t: Tensor, start: int, stop: int,
-    kernel: str, temperature: float, include_self: bool, a: Tensor, b: Tensor,
+    similarity: str, temperature: float, include_self: bool, a: Tensor, b: Tensor,
 ) -> None:
-    """Write the restored (``a``) and clean (``b``) kernel tiles of rows ``start:stop``:
+    """Write the restored (``a``) and clean (``b``) similarity tiles of rows ``start:stop``:
     ``s`` (cosine) or ``log s`` (softmax), the diagonal masked out unless ``include_self``."""
-    _kernel_tile(xh[:, start:stop], xh_t, kernel, temperature, out=a)
-    _kernel_tile(yh[:, start:stop], yh_t, kernel, temperature, out=b)
+    _similarity_tile(xh[:, start:stop], xh_t, similarity, temperature, out=a)
+    _similarity_tile(yh[:, start:stop], yh_t, similarity, temperature, out=b)
     if not include_self:
-        masked = -float("inf") if kernel == "softmax" else 0.0
+        masked = -float("inf") if similarity == "softmax" else 0.0
         _fill_block_diagonal(a, start, masked)
         _fill_block_diagonal(b, start, masked)
 
 
-def _log_normaliser(tile: Tensor, kernel: str, scratch: Tensor) -> Tensor:
+def _log_normaliser(tile: Tensor, similarity: str, scratch: Tensor) -> Tensor:
     """Per-row ``log sum_j s`` of a tile holding ``s`` (cosine) or ``log s`` (softmax).
 
     The softmax branch is a logsumexp (row maximum subtracted before ``exp``) written
     with ``scratch`` as its work tile, so it allocates no tile of its own.
     """
-    if kernel == "cosine":
+    if similarity == "cosine":
         return tile.sum(dim=-1).log_()
     top = tile.amax(dim=-1, keepdim=True)
     torch.sub(tile, top, out=scratch).exp_()
@@ -167,7 +167,7 @@ def _log_normaliser(tile: Tensor, kernel: str, scratch: Tensor) -> Tensor:
 
 class _StreamingSimilarityKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, block_size: int):
+    def forward(ctx, x: Tensor, y: Tensor, similarity: str, temperature: float, include_self: bool, block_size: int):
         xh, x_norm, x_scale = _unit_rows(x.contiguous())
         yh, _, _ = _unit_rows(y.contiguous())
         xh_t, yh_t = xh.transpose(-1, -2), yh.transpose(-1, -2)
@@ -179,12 +179,12 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         for start in range(0, n, block_size):
             stop = min(n, start + block_size)
             a, b, scratch = buffers.get(stop - start)
-            _tile_pair(xh, yh, xh_t, yh_t, start, stop, kernel, temperature, include_self, a, b)
-            lzx = _log_normaliser(a, kernel, scratch)
-            lzy = _log_normaliser(b, kernel, scratch)
+            _tile_pair(xh, yh, xh_t, yh_t, start, stop, similarity, temperature, include_self, a, b)
+            lzx = _log_normaliser(a, similarity, scratch)
+            lzy = _log_normaliser(b, similarity, scratch)
             log_zx[:, start:stop] = lzx
             log_zy[:, start:stop] = lzy
-            if kernel == "cosine":
+            if similarity == "cosine":
                 # px = s_x / Zx, py = s_y / Zy; a <- log(py / px), b <- py.
                 a.mul_(torch.exp(-lzx).unsqueeze(-1))
                 b.mul_(torch.exp(-lzy).unsqueeze(-1))
@@ -207,7 +207,7 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         # The inputs themselves (no copies; the backward recomputes the unit rows): a
         # second-order backward needs the tensor the caller's graph continues from.
         ctx.save_for_backward(x, y, x_norm, x_scale, log_zx, log_zy)
-        ctx.options = (kernel, temperature, include_self, block_size)
+        ctx.options = (similarity, temperature, include_self, block_size)
         return kl
 
     @staticmethod
@@ -215,9 +215,11 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         x, y, x_norm, x_scale, log_zx, log_zy = ctx.saved_tensors
-        kernel, temperature, include_self, block_size = ctx.options
+        similarity, temperature, include_self, block_size = ctx.options
         if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
-            grad_x = similarity_kl_vjp(x, y, grad_kl, kernel=kernel, temperature=temperature, include_self=include_self)
+            grad_x = similarity_kl_vjp(
+                x, y, grad_kl, similarity=similarity, temperature=temperature, include_self=include_self
+            )
             return grad_x, None, None, None, None, None
         # In the inputs' dtype, as the forward, even when backward is called inside autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -228,7 +230,7 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         x: Tensor, y: Tensor, x_norm: Tensor, x_scale: Tensor, log_zx: Tensor, log_zy: Tensor, grad_kl: Tensor, options
     ):
         """The streamed first derivative ``dKL / dx`` (see the module docstring)."""
-        kernel, temperature, include_self, block_size = options
+        similarity, temperature, include_self, block_size = options
         xh = (x.contiguous() / x_scale) / x_norm.clamp_min(NORM_EPS).unsqueeze(-1)  # as in the forward
         yh, _, _ = _unit_rows(y.contiguous())
         xh_t, yh_t = xh.transpose(-1, -2), yh.transpose(-1, -2)
@@ -236,7 +238,7 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         grad_kl = grad_kl.to(xh.dtype).contiguous()
         # Row factor g_i * dlog s/dc, with the constant part of dlog s/dc folded in:
         # cosine 1 / (2 s_ij) (the 1 / s_ij is applied on the tile), softmax 1 / tau.
-        row_scale = grad_kl * (0.5 if kernel == "cosine" else 1.0 / temperature)
+        row_factor = grad_kl * (0.5 if similarity == "cosine" else 1.0 / temperature)
         inv_zx = torch.exp(-log_zx)
         inv_zy = torch.exp(-log_zy)
         grad_unit = torch.zeros_like(xh)
@@ -244,8 +246,8 @@ class _StreamingSimilarityKL(torch.autograd.Function):
         for start in range(0, n, block_size):
             stop = min(n, start + block_size)
             a, b, gm = buffers.get(stop - start)
-            _tile_pair(xh, yh, xh_t, yh_t, start, stop, kernel, temperature, include_self, a, b)
-            if kernel == "cosine":
+            _tile_pair(xh, yh, xh_t, yh_t, start, stop, similarity, temperature, include_self, a, b)
+            if similarity == "cosine":
                 # Gm / (g_i / 2) = (px - py) / s_x, px = s_x / Zx, py = s_y / Zy.
                 b.mul_(inv_zy[:, start:stop].unsqueeze(-1))
                 torch.mul(a, inv_zx[:, start:stop].unsqueeze(-1), out=gm)
@@ -264,7 +266,7 @@ class _StreamingSimilarityKL(torch.autograd.Function):
             del a, b
             # The row factor multiplies row i of Gm: apply it to the (G, b, D) products
             # instead of the (G, b, N) tile.
-            scale = row_scale[:, start:stop].unsqueeze(-1)
+            scale = row_factor[:, start:stop].unsqueeze(-1)
             grad_unit[:, start:stop] += torch.bmm(gm, xh) * scale
             grad_unit.baddbmm_(gm.transpose(-1, -2), xh[:, start:stop] * scale)
             del gm
@@ -282,7 +284,7 @@ def similarity_kl_streaming(
     x: Tensor,
     y: Tensor,
     *,
-    kernel: str,
+    similarity: str,
     temperature: float,
     include_self: bool,
     block_size: int | None = None,
@@ -308,14 +310,14 @@ def similarity_kl_streaming(
     that backward evaluates the reference (:func:`d2sm_loss.ops.reference.similarity_kl_vjp`)
     and so costs its O(G N^2) memory.
 
-    FLOPs per group: forward ``4 N^2 D`` (two kernel tiles per block), backward
+    FLOPs per group: forward ``4 N^2 D`` (two similarity tiles per block), backward
     ``8 N^2 D`` (recomputed tiles, ``Gm Xh`` and ``Gm^T Xh``), plus ``O(N^2)``
     elementwise operations in each.
     """
     if x.dim() != 3 or x.shape != y.shape:
         raise ValueError(f"x and y must both have shape (G, N, D), got {tuple(x.shape)} and {tuple(y.shape)}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if x.dtype not in (torch.float32, torch.float64) or y.dtype != x.dtype:
         raise TypeError(f"x and y must both be float32 or both float64, got {x.dtype} and {y.dtype}")
     groups, n, _ = x.shape
@@ -323,4 +325,6 @@ def similarity_kl_streaming(
         block_size = default_block_size(groups, n, TILE_ELEMENTS if x.device.type == "cpu" else TILE_ELEMENTS_GPU)
     elif int(block_size) < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    return _StreamingSimilarityKL.apply(x, y.detach(), kernel, float(temperature), bool(include_self), int(block_size))
+    return _StreamingSimilarityKL.apply(
+        x, y.detach(), similarity, float(temperature), bool(include_self), int(block_size)
+    )

@@ -21,7 +21,7 @@ Forward (``_similarity_kl_fwd_kernel()``)
     chunks) and keeps only per-row accumulators: an online log-sum-exp (running maximum,
     as in flash attention) for ``Zx`` and ``Zy``, and ``A_i = sum_j exp(ly_ij - m_i)
     (ly_ij - lx_ij)`` rescaled with the same running maximum ``m_i`` as ``Zy``. Nothing of
-    size N x N is ever stored, and the softmax kernel with a small temperature and
+    size N x N is ever stored, and the softmax similarity with a small temperature and
     ``include_self=False`` cannot underflow to ``log 0``. Saved for backward: the restored
     input (a reference), the scaled clean rows (a copy), ``log Zx``, ``log Zy``, the row
     scales and the reciprocal row norms (O(N)).
@@ -84,7 +84,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._compat import tf32_allowed, triton_interpreted
-from .reference import COSINE_ETA, KERNELS, NORM_EPS, row_scale, similarity_kl_vjp
+from .reference import COSINE_ETA, NORM_EPS, SIMILARITIES, row_scale, similarity_kl_vjp
 
 __all__ = ["similarity_kl_triton", "BlockConfig", "ForwardConfig", "BackwardConfig", "choose_block_config"]
 
@@ -510,7 +510,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, y: Tensor, kernel: str, temperature: float, include_self: bool, precision: str
+        ctx, x: Tensor, y: Tensor, similarity: str, temperature: float, include_self: bool, precision: str
     ) -> Tensor:
         x_in = x  # saved as given: a second-order backward continues the caller's graph from it
         with torch.no_grad():
@@ -541,7 +541,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 TEMPERATURE=float(temperature),
                 ETA=COSINE_ETA,
                 NEG_INIT=_NEG_INIT,
-                COSINE=kernel == "cosine",
+                COSINE=similarity == "cosine",
                 INCLUDE_SELF=bool(include_self),
                 DOT_NATIVE=dot_native,
                 PRECISION=precision,
@@ -554,7 +554,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
         # >= as autograd differentiates the reference's clamp_min (the tie passes through).
         project_x = (norms_x >= NORM_EPS).to(acc_dtype)
         ctx.save_for_backward(x_in, y, x_scale, rinv_x, rinv_y, project_x, log_zx, log_zy)
-        ctx.kernel = kernel
+        ctx.similarity = similarity
         ctx.temperature = float(temperature)
         ctx.include_self = bool(include_self)
         ctx.precision = precision
@@ -567,7 +567,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
         x, y, x_scale, rinv_x, rinv_y, project_x, log_zx, log_zy = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a differentiable first derivative
             grad_x = similarity_kl_vjp(
-                x, y, grad_kl, kernel=ctx.kernel, temperature=ctx.temperature, include_self=ctx.include_self
+                x, y, grad_kl, similarity=ctx.similarity, temperature=ctx.temperature, include_self=ctx.include_self
             )
             return grad_x, None, None, None, None, None
         x = (x / x_scale).contiguous()  # the scaled rows of the forward (y was saved scaled)
@@ -592,7 +592,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
                 d,
                 TEMPERATURE=ctx.temperature,
                 ETA=COSINE_ETA,
-                COSINE=ctx.kernel == "cosine",
+                COSINE=ctx.similarity == "cosine",
                 INCLUDE_SELF=ctx.include_self,
                 DOT_NATIVE=_dot_native(x.dtype),
                 PRECISION=ctx.precision,
@@ -611,7 +611,7 @@ def similarity_kl_triton(
     x: Tensor,
     y: Tensor,
     *,
-    kernel: str,
+    similarity: str,
     temperature: float,
     include_self: bool,
     allow_tf32: bool | None = None,
@@ -625,8 +625,8 @@ def similarity_kl_triton(
         y: clean features, same shape and device; treated as a constant. ``x`` and ``y``
             are both cast to their promoted dtype (float16 restored features with float32
             clean ones run in float32).
-        kernel: ``"cosine"`` or ``"softmax"``.
-        temperature: temperature of the softmax kernel (unused by the cosine kernel; it is a
+        similarity: ``"cosine"`` or ``"softmax"``.
+        temperature: temperature of the softmax similarity (unused by the cosine similarity; it is a
             compile-time constant, so each new value compiles the kernels once).
         include_self: whether ``j = i`` takes part in each row's distribution.
         allow_tf32: float32 tile products in TF32 (``True``) or exact (``False``); None
@@ -636,13 +636,13 @@ def similarity_kl_triton(
         Shape (G, N), float32 (float64 for float64 inputs); equal to
         :func:`d2sm_loss.ops.reference.similarity_kl_reference` up to rounding.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if x.dim() != 3 or x.shape != y.shape:
         raise ValueError(f"x and y must both have shape (G, N, D), got {tuple(x.shape)} and {tuple(y.shape)}")
     dtype = torch.promote_types(x.dtype, y.dtype)
     x, y = x.to(dtype), y.to(dtype)
-    if kernel == "cosine":
+    if similarity == "cosine":
         temperature = 1.0  # unused: keep one compiled variant for every temperature
     precision = _dot_precision(dtype, allow_tf32)
-    return _SimilarityKLFunction.apply(x, y, kernel, float(temperature), bool(include_self), precision)
+    return _SimilarityKLFunction.apply(x, y, similarity, float(temperature), bool(include_self), precision)
