@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .rows import LayerRows
 
 __all__ = [
+    "InputSizeError",
     "check_bool",
     "check_choice",
     "check_number",
@@ -35,6 +36,16 @@ __all__ = [
     "check_values",
     "range_message",
 ]
+
+
+class InputSizeError(ValueError):
+    """Images or batches too small for the statistic. ``remedy`` says what to enlarge:
+    ``"image"`` (the image or crop size) or ``"batch"`` (the images per step), so that a
+    framework adapter (:mod:`d2sm_loss.integrations`) can name its own config key."""
+
+    def __init__(self, message: str, remedy: str = "") -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 def _scalar(value: Any) -> Any:
@@ -239,19 +250,6 @@ def check_layer_weights(layer_weights: Any) -> list[float]:
     return weights
 
 
-def check_pool_locations(pool_size: tuple[int, int], minimum: int) -> None:
-    """At location granularity, ``pool_size`` fixes the locations per image: at least ``minimum``
-    (2, or 3 without the diagonal, where two locations give a loss that is identically 0)."""
-    locations = pool_size[0] * pool_size[1]
-    if locations < minimum:
-        raise ValueError(
-            f"pool_size={pool_size} leaves {locations} location(s) per image at granularity='location'"
-            + (", and without the diagonal (include_self=False) two locations give a loss that is "
-               "identically 0" if locations == 2 else ": nothing to compare")
-            + f"; use a pool_size of at least {minimum} locations or granularity='image'"
-        )
-
-
 def check_image_size(size: Sequence[int], extractor: Any, *, patch_size: int | None, layers: Any) -> None:
     """Images of ``size`` (H, W) fit the backbone: each side at least the chosen layers'
     downsampling factor (or ``patch_size`` when cutting patches), and exactly the size a
@@ -261,9 +259,10 @@ def check_image_size(size: Sequence[int], extractor: Any, *, patch_size: int | N
     if min(height, width) < need:
         what = f"patch_size={patch_size}" if patch_size is not None else f"layers {layers}"
         change = "a smaller patch_size" if patch_size is not None else "a shallower layer (layers=...)"
-        raise ValueError(
+        raise InputSizeError(
             f"images of size {height}x{width} are too small for {what}: each side must be at least {need}. Use "
-            f"larger images or crops (gt_size in BasicSR, lq_size in traiNNer-redux) or {change}"
+            f"larger images or crops (gt_size in BasicSR, lq_size in traiNNer-redux) or {change}",
+            remedy="image",
         )
     multiple = getattr(extractor, "patch_multiple", None)
     if multiple is not None and patch_size is None and (height % multiple[0] or width % multiple[1]):

@@ -16,6 +16,7 @@ from torch import Tensor
 from ._compat import triton_interpreted
 from .checks import check_bool, check_choice, check_number, check_pair
 from .ops.reference import SIMILARITIES, similarity_kl_reference
+from .rows import check_group_rows
 
 __all__ = [
     "similarity_kl",
@@ -240,8 +241,9 @@ def similarity_kl(
         temperature: temperature of the softmax similarity, a positive finite number
             (checked, but unused, with the cosine similarity).
         include_self: whether ``j = i`` takes part in each row's distribution. ``False``
-            needs ``N >= 3``: with two rows each distribution is the other row with
-            probability 1, and the statistic would be identically 0 (a ``ValueError``).
+            needs ``N >= 3`` (:func:`~d2sm_loss.rows.min_rows`): with two rows each
+            distribution is the other row with probability 1, and the statistic would be
+            identically 0 (a ``ValueError``).
         reduction: ``"mean"`` over all rows of all groups, ``"sum"``, or ``"none"`` for
             the per-row values of shape ``(N,)`` or ``(G, N)``.
         implementation: ``"auto"`` (Triton on CUDA when available and D is at most
@@ -280,14 +282,7 @@ def similarity_kl(
         raise ValueError(
             f"restored must have at least one group, one row and one feature, got shape {tuple(restored.shape)}"
         )
-    if not include_self and n < 3:
-        raise ValueError(
-            f"include_self=False needs at least 3 rows per group, got N={n}: without the diagonal, "
-            + ("a single row has nothing to compare" if n < 2 else
-               "each row's distribution holds the one other row with probability 1, so the statistic is "
-               "identically 0 and has no gradient")
-            + "; use include_self=True or more rows per group"
-        )
+    check_group_rows(n, include_self)
     impl = resolve_implementation(implementation, restored.device, d, torch.promote_types(restored.dtype, clean.dtype))
 
     squeeze = restored.dim() == 2

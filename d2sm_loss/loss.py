@@ -21,7 +21,6 @@ from .checks import (
     check_number,
     check_numbers,
     check_pair,
-    check_pool_locations,
     check_range,
     check_values,
     range_message,
@@ -33,12 +32,13 @@ from .layers import LayerSpec
 from .ops.incremental import Blocks
 from .queue import FeatureQueue
 from .rows import (
+    MIN_LOCATIONS,
     LayerRows,
+    check_layer_rows,
+    check_locations,
+    check_pool_locations,
     feature_rows,
-    few_locations_message,
     image_crops,
-    pair_without_self_message,
-    single_row_message,
 )
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
@@ -47,10 +47,6 @@ __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 Granularity = Literal["image", "patch", "location"]
 GRANULARITIES = ("image", "patch", "location")
 _MODULE_REDUCTIONS = ("mean", "sum")
-
-#: At location granularity, a feature map with fewer locations than this gives a warning:
-#: with a handful of samples the statistic is nearly constant and its gradient tiny.
-MIN_LOCATIONS = 16
 
 #: The released code's input shift (EDSR's DIV2K mean); it divides by no std.
 PAPER_MEAN = (0.4488, 0.4371, 0.4040)
@@ -83,7 +79,7 @@ class SemanticStatisticsLoss(nn.Module):
             (``s = exp((cos - 1) / temperature)``).
         temperature: the softmax similarity's temperature (positive, finite).
         include_self: whether each sample's distribution includes itself; ``False`` needs
-            at least 3 samples per group (with two the loss is identically 0).
+            at least 3 samples per group (:func:`d2sm_loss.rows.min_rows`).
         queue_size: rows of earlier batches joining training calls' rows (image and patch
             granularity; 0: no queue); ``O(B (B + queue_size) D)`` a step.
         save_queue: keep the queue's rows in ``state_dict()`` (default False: they can be large).
@@ -192,7 +188,7 @@ class SemanticStatisticsLoss(nn.Module):
         )
         self.pool_size = check_int_pair("pool_size", pool_size) if pool_size is not None else None
         if self.granularity == "location" and self.pool_size is not None:
-            check_pool_locations(self.pool_size, self._min_rows())
+            check_pool_locations(self.pool_size, self.include_self)
         if mean is not None:
             mean = check_numbers("mean", mean, length=3)
         if std is not None:
@@ -235,8 +231,7 @@ class SemanticStatisticsLoss(nn.Module):
         self.last_implementation = None
         self._warned_range = False
         self._warned_order = False
-        self._warned_single = False
-        self._warned_locations: set[str] = set()
+        self._warned_rows: set[str] = set()  # the warnings about rows given (once each)
 
     @property
     def backbone(self) -> nn.Module:
@@ -380,11 +375,9 @@ class SemanticStatisticsLoss(nn.Module):
         <d2sm_loss.FeatureQueue.forward>`; equal to
         :func:`~d2sm_loss.functional.similarity_kl` over :meth:`LayerRows.all_rows`), other
         layers :func:`~d2sm_loss.functional.similarity_kl` over their rows. Sets
-        :attr:`last_implementation` (``"incremental"`` for the queue's path). A group needs
-        at least 2 rows, 3 with ``include_self=False`` (with two, each row's distribution is
-        the other row with probability 1 and the statistic is identically 0): two rows
-        without the diagonal are an error; a single row is an error in a training call
-        without a queue, and 0 (warned once) in a call that does not train.
+        :attr:`last_implementation` (``"incremental"`` for the queue's path). Too few rows
+        are an error, or 0 with a warning in a call that does not train
+        (:func:`~d2sm_loss.rows.check_layer_rows`).
         """
         return self._statistic(rows)[0]
 
@@ -396,22 +389,17 @@ class SemanticStatisticsLoss(nn.Module):
         for layer_rows in rows:
             x, y = layer_rows.restored, layer_rows.clean
             layer_blocks = None
-            if layer_rows.queue is not None:
-                if not self.include_self and x.shape[-2] + self.queue_size < 3:
-                    raise ValueError(pair_without_self_message(self.granularity, layer_rows.layer, 2, True))
+            computable = check_layer_rows(
+                layer_rows, granularity=self.granularity, include_self=self.include_self, trains=self._trains(),
+                queue_size=self.queue_size, warned=self._warned_rows,
+            )
+            if not computable:  # a single row in a call that does not train: nothing to compare
+                value = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)).detach()
+            elif layer_rows.queue is not None:
                 kl_batch, kl_queue, count, layer_blocks = layer_rows.queue(x, y, layer_rows.layer)
                 value = kl_batch.sum() + kl_queue.sum()
                 value = value / count if self.reduction == "mean" else value
                 implementations.append("incremental")
-            elif x.shape[-2] == 2 and not self.include_self:
-                raise ValueError(
-                    pair_without_self_message(self.granularity, layer_rows.layer, 2, self.queues is not None)
-                )
-            elif x.shape[-2] < 2:
-                if self._trains() or self.granularity == "location":
-                    raise ValueError(single_row_message(self.granularity, layer_rows.layer))
-                self._warn_single()
-                value = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)).detach()
             else:
                 implementation = resolve_implementation(
                     self.implementation, x.device, x.shape[-1], torch.promote_types(x.dtype, y.dtype)
@@ -436,10 +424,6 @@ class SemanticStatisticsLoss(nn.Module):
         return total, blocks
 
     # -- helpers of the steps ---------------------------------------------------------
-
-    def _min_rows(self) -> int:
-        # Without the diagonal, two rows give each row a one-point distribution: KL = 0 always.
-        return 2 if self.include_self else 3
 
     def _trains(self) -> bool:
         """A training call: training mode with gradients enabled. Only such calls use the
@@ -467,11 +451,6 @@ class SemanticStatisticsLoss(nn.Module):
                 "the network, e.g. restored = checkpoint(net, lq, use_reentrant=False); loss = criterion(restored, "
                 "clean)."
             )
-
-    def _warn_single(self) -> None:
-        if not self._warned_single and not torch.compiler.is_compiling():
-            self._warned_single = True
-            warn_user(single_row_message(self.granularity, None))
 
     def _validate(self, restored: Tensor, clean: Tensor) -> None:
         check_images("restored", restored)
@@ -520,11 +499,8 @@ class SemanticStatisticsLoss(nn.Module):
         """Rows of one layer's maps: (B, D) for image/patch, (B, L, C) for location."""
         x = feature_rows(x_map, self.granularity, self.pool_size)
         y = feature_rows(y_map, self.granularity, self.pool_size)
-        # At location granularity x is (B, L, C); a single location is an error in statistic().
-        few = self.granularity == "location" and self._min_rows() <= x.shape[-2] < MIN_LOCATIONS
-        if few and layer not in self._warned_locations and not torch.compiler.is_compiling():
-            self._warned_locations.add(layer)
-            warn_user(few_locations_message(layer, x.shape[-2], image_size, MIN_LOCATIONS))
+        if self.granularity == "location":  # x is (B, L, C): L samples per group
+            check_locations(layer, x.shape[-2], image_size, self.include_self, self._warned_rows)
         return LayerRows(layer, weight, x, y, x.shape[0])
 
     def extra_repr(self) -> str:
