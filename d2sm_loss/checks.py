@@ -261,7 +261,7 @@ def check_image_size(size: Sequence[int], extractor: Any, *, patch_size: int | N
         change = "a smaller patch_size" if patch_size is not None else "a shallower layer (layers=...)"
         raise InputSizeError(
             f"images of size {height}x{width} are too small for {what}: each side must be at least {need}. Use "
-            f"larger images or crops (gt_size in BasicSR, lq_size in traiNNer-redux) or {change}",
+            f"larger images or crops or {change}",
             remedy="image",
         )
     multiple = getattr(extractor, "patch_multiple", None)

@@ -88,8 +88,7 @@ def single_row_message(granularity: str, layer: str | None) -> str:
     return (
         f"granularity={granularity!r} compares the {what}s of a batch with each other, but this training "
         f"call has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, "
-        "queue_size=0): nothing to compare. Use a larger batch (batch_size_per_gpu in BasicSR and traiNNer-redux "
-        "configs), queue_size > 0 or 'location' granularity."
+        "queue_size=0): nothing to compare. Use a larger batch, queue_size > 0 or 'location' granularity."
     )
 
 
