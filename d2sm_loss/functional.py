@@ -7,13 +7,13 @@ calls it. It validates its arguments once, chooses an implementation from
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ._compat import triton_interpreted
+from ._warnings import warn_user
 from .checks import check_bool, check_choice, check_number, check_pair
 from .ops.reference import SIMILARITIES, similarity_kl_reference
 from .rows import check_group_rows
@@ -135,13 +135,12 @@ def _triton_self_check(device: torch.device, dtype: torch.dtype = torch.float32,
             return False  # transient: use the streaming path for this call, check again next time
         except Exception as error:  # compilation, launch or accuracy failure
             _, _, config, precision = key
-            warnings.warn(
+            warn_user(
                 f"d2sm_loss: the Triton kernels failed a self-check on {device} for {dtype} rows of {features} "
                 f"features ({config}, {precision} products; {type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}); implementation='auto' uses the streaming "
                 "PyTorch path for this configuration instead. Please report this with your GPU and Triton versions.",
                 RuntimeWarning,
-                stacklevel=4,
             )
             _SELF_CHECKS[key] = False
     return _SELF_CHECKS[key]
