@@ -20,6 +20,7 @@ from .rows import check_group_rows
 
 __all__ = [
     "similarity_kl",
+    "reduce_rows",
     "resolve_implementation",
     "IMPLEMENTATIONS",
     "REDUCTIONS",
@@ -306,10 +307,15 @@ def similarity_kl(
                 rows = similarity_kl_reference(
                     x, y, similarity=similarity, temperature=temperature, include_self=include_self
                 )
-    if squeeze:
-        rows = rows.squeeze(0)
-    if reduction == "mean":
-        return rows.mean()
+    return reduce_rows(rows.squeeze(0) if squeeze else rows, reduction)
+
+
+def reduce_rows(rows: Tensor, reduction: str, count: Tensor | int | None = None) -> Tensor:
+    """The per-row values ``rows`` reduced: ``"none"`` as they are, ``"sum"``, or ``"mean"``
+    over ``count`` rows (None: every entry of ``rows``; the queue's path passes its number
+    of filled rows as a 0-d tensor, its unfilled entries being 0)."""
+    if reduction == "none":
+        return rows
     if reduction == "sum":
         return rows.sum()
-    return rows
+    return rows.mean() if count is None else rows.sum() / count
