@@ -24,8 +24,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "InputSizeError",
+    "SWAPPED_MESSAGE",
     "check_bool",
+    "check_call_images",
     "check_choice",
+    "check_mapping",
+    "check_patch_size",
+    "check_recomputation",
     "check_number",
     "check_int",
     "check_numbers",
@@ -70,11 +75,17 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` must be one of the strings ``choices``."""
+def check_choice(name: str, value: Any, choices: Sequence[str], hint: str = "") -> str:
+    """``value`` must be one of the strings ``choices`` (``hint``: appended to the error)."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {_describe(value)}")
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {_describe(value)}{hint}")
     return value
+
+
+def check_mapping(name: str, value: Any) -> None:
+    """``value`` must be a mapping (of keyword arguments)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping of keyword arguments, got {type(value).__name__}")
 
 
 def check_number(
@@ -176,6 +187,50 @@ def check_images(name: str, images: Any) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {images.dtype}")
 
 
+#: The warning for a call whose clean images require grad while the restored ones do not.
+SWAPPED_MESSAGE = (
+    "SemanticStatisticsLoss: `clean` requires grad but `restored` does not. The restored images "
+    "come first, criterion(restored, clean); with the arguments swapped the loss sends no gradient "
+    "to the network. (Warned once.)"
+)
+
+
+def check_call_images(restored: Any, clean: Any, device: torch.device) -> bool:
+    """The images of a call: two batches (:func:`check_images`) of one shape on the loss's
+    ``device``. Returns whether they look swapped (see :data:`SWAPPED_MESSAGE`)."""
+    check_images("restored", restored)
+    check_images("clean", clean)
+    check_pair(restored, clean)
+    if restored.device != device:
+        raise ValueError(
+            f"the images are on {restored.device} but the loss's backbone is on {device}: "
+            "move the loss with criterion.to(device)"
+        )
+    return bool(clean.requires_grad and not restored.requires_grad)
+
+
+def check_recomputation(*, queue: bool, gathers: bool) -> None:
+    """A training call inside a backward pass is activation checkpointing's recomputation
+    (``torch.utils.checkpoint``). With a memory queue (pushed since the original call) or a
+    gather across ranks (a collective inside the backward) it would not repeat the original
+    call: a ``RuntimeError``. Without either the call is a pure function of its images."""
+    task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+    if torch.compiler.is_compiling() or task is None or task() == -1:
+        return
+    reasons = [reason for reason, applies in (
+        ("the memory queue is not as the original call saw it (a training call pushes its batch)", queue),
+        ("it would gather rows across ranks inside the backward pass", gathers),
+    ) if applies]
+    if reasons:
+        raise RuntimeError(
+            "SemanticStatisticsLoss was called again inside a backward pass: activation checkpointing "
+            f"(torch.utils.checkpoint) recomputes the block that calls the loss, and {' and '.join(reasons)}, so "
+            "the recomputed gradient would be wrong. Keep the loss call outside the checkpointed block: checkpoint "
+            "the network, e.g. restored = checkpoint(net, lq, use_reentrant=False); loss = criterion(restored, "
+            "clean)."
+        )
+
+
 def check_pair(restored: Tensor, clean: Tensor) -> None:
     """``restored`` and ``clean`` (already tensors) have the same shape and device."""
     if restored.shape != clean.shape:
@@ -248,6 +303,15 @@ def check_layer_weights(layer_weights: Any) -> list[float]:
     if not any(weights):
         raise ValueError(f"layer_weights are all 0, which makes the loss identically 0: got {weights}")
     return weights
+
+
+def check_patch_size(patch_size: int, extractor: Any, layers: Any) -> None:
+    """Crops of ``patch_size`` are at least the chosen layers' downsampling factor."""
+    if patch_size < extractor.min_size():
+        raise ValueError(
+            f"patch_size={patch_size} is too small for layers {layers} of {extractor.name!r}: "
+            f"each crop side must be at least {extractor.min_size()}"
+        )
 
 
 def check_image_size(size: Sequence[int], extractor: Any, *, patch_size: int | None, layers: Any) -> None:

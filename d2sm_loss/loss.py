@@ -11,23 +11,35 @@ from torch import Tensor, nn
 from ._warnings import warn_user
 from .checkpoints import CheckpointSource
 from .checks import (
+    SWAPPED_MESSAGE,
     check_bool,
+    check_call_images,
     check_choice,
     check_image_size,
-    check_images,
     check_int,
     check_int_pair,
     check_layer_weights,
+    check_mapping,
     check_number,
     check_numbers,
-    check_pair,
+    check_patch_size,
     check_range,
+    check_recomputation,
     check_values,
     range_message,
 )
 from .distributed import distributed_world, gather_layer_rows, nonfinite_flags
 from .features import FeatureExtractor
-from .functional import IMPLEMENTATIONS, SIMILARITIES, Implementation, Similarity, resolve_implementation, similarity_kl
+from .functional import (
+    IMPLEMENTATIONS,
+    SIMILARITIES,
+    Implementation,
+    Reduction,
+    Similarity,
+    reduce_rows,
+    resolve_implementation,
+    similarity_kl,
+)
 from .layers import LayerSpec
 from .ops.incremental import Blocks
 from .queue import FeatureQueue
@@ -164,12 +176,8 @@ class SemanticStatisticsLoss(nn.Module):
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.similarity = check_choice("similarity", similarity, SIMILARITIES)
         self.temperature = check_number("temperature", temperature, positive=True)
-        if reduction not in _MODULE_REDUCTIONS:
-            raise ValueError(
-                f"reduction must be one of {_MODULE_REDUCTIONS}, got {reduction!r} "
-                "(for per-row values call d2sm_loss.functional.similarity_kl with reduction='none')"
-            )
-        self.reduction = reduction
+        self.reduction = check_choice("reduction", reduction, _MODULE_REDUCTIONS, " (for per-row values call "
+                                      "d2sm_loss.functional.similarity_kl with reduction='none')")
         self.implementation = check_choice("implementation", implementation, IMPLEMENTATIONS)
         pretrained = check_bool("pretrained", pretrained)
         self.include_self = check_bool("include_self", include_self)
@@ -195,10 +203,8 @@ class SemanticStatisticsLoss(nn.Module):
             std = check_numbers("std", std, length=3, positive=True)
         if layer_weights is not None:
             layer_weights = check_layer_weights(layer_weights)
-        if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
-            raise TypeError(
-                f"backbone_kwargs must be a mapping of keyword arguments, got {type(backbone_kwargs).__name__}"
-            )
+        if backbone_kwargs is not None:
+            check_mapping("backbone_kwargs", backbone_kwargs)
 
         # The backbone is frozen for good: it is kept out of the module tree (not in
         # parameters(), state_dict() or train()/eval()); only device/dtype moves reach it.
@@ -215,11 +221,8 @@ class SemanticStatisticsLoss(nn.Module):
         if len(layer_weights) != count:
             raise ValueError(f"layer_weights must have one weight per layer ({count}), got {len(layer_weights)}")
         self.layer_weights = list(layer_weights)
-        if self.granularity == "patch" and self.patch_size < self._extractor.min_size():
-            raise ValueError(
-                f"patch_size={self.patch_size} is too small for layers {self.layers} of {self._extractor.name!r}: "
-                f"each crop side must be at least {self._extractor.min_size()}"
-            )
+        if self.granularity == "patch":
+            check_patch_size(self.patch_size, self._extractor, self.layers)
         queues = [
             FeatureQueue(
                 self.queue_size, similarity=self.similarity, temperature=self.temperature,
@@ -263,15 +266,8 @@ class SemanticStatisticsLoss(nn.Module):
         divided by a std. Any argument can be overridden, e.g. ``checkpoint=PATH``.
         """
         config: dict[str, Any] = dict(
-            backbone="vgg19",
-            layers=["features.34"],
-            granularity="image",
-            similarity="cosine",
-            include_self=True,
-            queue_size=224,
-            input_range=(0.0, 1.0),
-            mean=PAPER_MEAN,
-            std=(1.0, 1.0, 1.0),
+            backbone="vgg19", layers=["features.34"], granularity="image", similarity="cosine", include_self=True,
+            queue_size=224, input_range=(0.0, 1.0), mean=PAPER_MEAN, std=(1.0, 1.0, 1.0),
         )
         config.update(overrides)
         return cls(**config)
@@ -294,7 +290,8 @@ class SemanticStatisticsLoss(nn.Module):
 
         ``maps``: the backbone's maps of both batches, already computed (see :meth:`rows`).
         """
-        self._refuse_recomputation()
+        if self._trains():
+            check_recomputation(queue=self.queues is not None, gathers=self._gathers())
         rows = self.rows(restored, clean, maps=maps)
         value, blocks = self._statistic(rows)
         finite = None
@@ -343,23 +340,22 @@ class SemanticStatisticsLoss(nn.Module):
             for name, weight, x_map, y_map in zip(names, self.layer_weights, restored_maps, clean_maps)
         ]
         trains = self._trains()
-        if self.distributed and self.granularity != "location" and trains and distributed_world() is not None:
+        if trains and self._gathers():
             # The ranks' headers first (the values checked on each rank, reported on all of them).
             flags = nonfinite_flags(restored, clean, rows if self.check_inputs else [])
             rows = gather_layer_rows(rows, self.ddp_gradient_scale, (restored.shape[-2], restored.shape[-1]), flags)
-        if self.check_inputs:
-            self._check_values(restored, clean, rows)
+        outside = check_values(restored, clean, rows, self.input_range) if self.check_inputs else None
+        if outside and not self._warned_range:  # values outside input_range: warned once
+            self._warned_range = True
+            warn_user(range_message(outside, self.input_range))
         if self.queues is not None and trains:
             for layer_rows, queue in zip(rows, self._queue_list()):
                 layer_rows.queue = queue
         return rows
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
-        """The backbone's maps of the chosen layers for ``images`` in ``input_range``.
-
-        Under :func:`torch.autocast` the backbone runs in float32 unless
-        ``backbone_autocast=True``.
-        """
+        """The backbone's maps of the chosen layers for ``images`` in ``input_range`` (in
+        float32 under :func:`torch.autocast` unless ``backbone_autocast=True``)."""
         images = self._prepare(images)
         device_type = images.device.type
         if self.backbone_autocast or not torch.is_autocast_enabled(device_type):
@@ -370,11 +366,11 @@ class SemanticStatisticsLoss(nn.Module):
     def statistic(self, rows: Sequence[LayerRows]) -> Tensor:
         """The weighted sum over layers of the similarity-KL statistic of each layer's rows.
 
-        A layer with a memory queue attached (a training call) takes the incremental path
-        over its rows and the queue's (:meth:`FeatureQueue.forward
-        <d2sm_loss.FeatureQueue.forward>`; equal to
-        :func:`~d2sm_loss.functional.similarity_kl` over :meth:`LayerRows.all_rows`), other
-        layers :func:`~d2sm_loss.functional.similarity_kl` over their rows. Sets
+        A layer with a memory queue attached (a training call) takes the queue's incremental
+        path (:meth:`FeatureQueue.forward <d2sm_loss.FeatureQueue.forward>`, equal to
+        :func:`~d2sm_loss.functional.similarity_kl` over :meth:`LayerRows.all_rows`, reduced
+        by the same :func:`~d2sm_loss.functional.reduce_rows`), others
+        :func:`~d2sm_loss.functional.similarity_kl` over their rows. Sets
         :attr:`last_implementation` (``"incremental"`` for the queue's path). Too few rows
         are an error, or 0 with a warning in a call that does not train
         (:func:`~d2sm_loss.rows.check_layer_rows`).
@@ -397,8 +393,7 @@ class SemanticStatisticsLoss(nn.Module):
                 value = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)).detach()
             elif layer_rows.queue is not None:
                 kl_batch, kl_queue, count, layer_blocks = layer_rows.queue(x, y, layer_rows.layer)
-                value = kl_batch.sum() + kl_queue.sum()
-                value = value / count if self.reduction == "mean" else value
+                value = reduce_rows(torch.cat([kl_batch, kl_queue]), self.reduction, count)
                 implementations.append("incremental")
             else:
                 implementation = resolve_implementation(
@@ -410,7 +405,7 @@ class SemanticStatisticsLoss(nn.Module):
                     similarity=cast(Similarity, self.similarity),
                     temperature=self.temperature,
                     include_self=self.include_self,
-                    reduction=self.reduction,
+                    reduction=cast(Reduction, self.reduction),
                     implementation=cast(Implementation, implementation),
                 )
                 implementations.append(implementation)
@@ -430,58 +425,21 @@ class SemanticStatisticsLoss(nn.Module):
         queue and gather across ranks."""
         return self.training and torch.is_grad_enabled()
 
-    def _refuse_recomputation(self) -> None:
-        """A training call inside a backward pass is activation checkpointing's recomputation
-        (``torch.utils.checkpoint``). With a memory queue (pushed since the original call) or a
-        gather across ranks (a collective inside the backward) it would not repeat the original
-        call: an error. Without either the call is a pure function of its images and is allowed."""
-        task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
-        if not self._trains() or torch.compiler.is_compiling() or task is None or task() == -1:
-            return
-        reasons = []
-        if self.queues is not None:
-            reasons.append("the memory queue is not as the original call saw it (a training call pushes its batch)")
-        if self.distributed and self.granularity != "location" and distributed_world() is not None:
-            reasons.append("it would gather rows across ranks inside the backward pass")
-        if reasons:
-            raise RuntimeError(
-                "SemanticStatisticsLoss was called again inside a backward pass: activation checkpointing "
-                f"(torch.utils.checkpoint) recomputes the block that calls the loss, and {' and '.join(reasons)}, so "
-                "the recomputed gradient would be wrong. Keep the loss call outside the checkpointed block: checkpoint "
-                "the network, e.g. restored = checkpoint(net, lq, use_reentrant=False); loss = criterion(restored, "
-                "clean)."
-            )
+    def _gathers(self) -> bool:
+        """Whether a training call gathers rows across torch.distributed ranks."""
+        return self.distributed and self.granularity != "location" and distributed_world() is not None
 
     def _validate(self, restored: Tensor, clean: Tensor) -> None:
-        check_images("restored", restored)
-        check_images("clean", clean)
-        check_pair(restored, clean)
-        if restored.device != self._extractor.device():
-            raise ValueError(
-                f"the images are on {restored.device} but the loss's backbone is on {self._extractor.device()}: "
-                "move the loss with criterion.to(device)"
-            )
-        swapped = clean.requires_grad and not restored.requires_grad
+        swapped = check_call_images(restored, clean, self._extractor.device())
         if swapped and not self._warned_order and not torch.compiler.is_compiling():
             self._warned_order = True
-            warn_user(
-                "SemanticStatisticsLoss: `clean` requires grad but `restored` does not. The restored images "
-                "come first, criterion(restored, clean); with the arguments swapped the loss sends no gradient "
-                "to the network. (Warned once.)",
-            )
+            warn_user(SWAPPED_MESSAGE)
         check_image_size(
             restored.shape[-2:],
             self._extractor,
             patch_size=self.patch_size if self.granularity == "patch" else None,
             layers=self.layers,
         )
-
-    def _check_values(self, restored: Tensor, clean: Tensor, rows: Sequence[LayerRows]) -> None:
-        """NaN/inf images and features (errors), values outside ``input_range`` (warned once)."""
-        outside = check_values(restored, clean, rows, self.input_range)
-        if outside and not self._warned_range:
-            self._warned_range = True
-            warn_user(range_message(outside, self.input_range))
 
     def _prepare(self, images: Tensor) -> Tensor:
         if not torch.is_autocast_enabled(images.device.type):
