@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from ._warnings import warn_user
-from .checkpoints import CheckpointSource
 from .checks import (
     check_bool,
     check_choice,
@@ -40,6 +39,7 @@ from .rows import (
     pair_without_self_message,
     single_row_message,
 )
+from .weights import CheckpointSource
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
