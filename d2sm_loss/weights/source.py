@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from .._warnings import warn_user
 from . import hub
 from .checkpoints import CheckpointError, CheckpointSource, check_complete, map_state_dict, read_checkpoint
 from .packages import offline_alternatives
@@ -102,11 +102,9 @@ def weight_source(
         label = str(checkpoint) if isinstance(checkpoint, Path) else "the checkpoint argument"
         return WeightSource(name, True, {"state_dict": map_state_dict(checkpoint, blueprint)}, label)
     if not pretrained:
-        warnings.warn(
+        warn_user(
             f"SemanticStatisticsLoss: backbone {name!r} has random weights (pretrained=False), so the loss "
-            "matches no semantic statistics: fine for tests; otherwise pass pretrained=True or checkpoint=PATH.",
-            UserWarning,
-            stacklevel=5,
+            "matches no semantic statistics: fine for tests; otherwise pass pretrained=True or checkpoint=PATH."
         )
         return WeightSource(name, False, {}, "random")
     cfg = getattr(blueprint, "pretrained_cfg", None) or {}
@@ -152,14 +150,12 @@ def _load_candidate(
         raise CheckpointError(f"{error}{way_out}") from None
     if not candidate.exact:  # stand-ins are torchvision's files (see hub.candidates)
         tagged = "." in candidate.model_name
-        warnings.warn(
+        warn_user(
             f"backbone {name!r}: pretrained=True's weights are not on this machine; using torchvision's "
             + (f"({candidate.model_name!r}) " if tagged else "")
             + f"from {candidate.place}. To choose them (and silence this) pass "
             + (f"backbone={candidate.model_name!r} or " if tagged else "")
-            + f"checkpoint={str(path)!r}.",
-            UserWarning,
-            stacklevel=6,
+            + f"checkpoint={str(path)!r}."
         )
     return WeightSource(candidate.model_name, True, overlay, str(path))
 
