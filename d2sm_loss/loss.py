@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from ._warnings import warn_user
-from .checkpoints import CheckpointSource
 from .checks import (
     SWAPPED_MESSAGE,
     check_bool,
@@ -52,6 +51,7 @@ from .rows import (
     feature_rows,
     image_crops,
 )
+from .weights import CheckpointSource
 
 __all__ = ["SemanticStatisticsLoss", "GRANULARITIES", "MIN_LOCATIONS"]
 
