@@ -87,7 +87,7 @@ CSV_HOMES = {
     "loss_overhead.csv": REPO / "benchmarks" / "results",
     "queue_cost.csv": REPO / "benchmarks" / "results",
     "triton_configs.csv": REPO / "benchmarks" / "results",
-    STUDY_CSV: REPO / "examples" / "results",
+    STUDY_CSV: REPO / "experiments" / "results",
 }
 #: What comes back from the GPU machine: at most 8 files, flat.
 MAX_FILES = 8
@@ -223,9 +223,9 @@ def run_steps(steps: Sequence[Step], budget_s: float, log: Log, env: dict[str, s
 
 def environment(device: str) -> dict[str, Any]:
     """Where this run happened: :func:`provenance.collect_environment` plus the driver."""
-    sys.path.insert(0, str(REPO / "examples"))
     import torch
-    from provenance import collect_environment
+
+    from experiments.provenance import collect_environment
 
     info: dict[str, Any] = dict(collect_environment(torch.device(device), repo=REPO))
     info.update(python_executable=sys.executable, cpu_count=os.cpu_count(), platform=platform.platform(),
@@ -310,7 +310,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         Step("cuda-tests", "the suite's other CUDA cases", seconds["cuda_tests"], argv=[*pytest, *tests_cuda]),
         Step("study", "smallest arm of the study at GPU scale (one seed, L1 vs one D2SM configuration)",
              seconds["study"], limit_s=10**9,
-             argv=[py, "examples/study.py", "--scale", "gpu", *study, "--depths", "deepest", "--granularities",
+             argv=[py, "-m", "experiments.study", "--scale", "gpu", *study, "--depths", "deepest", "--granularities",
                    "image", "--ratios", "0.3", "--out", str(args.out / STUDY_CSV)]),
     ]
     for name, value in args.estimate:

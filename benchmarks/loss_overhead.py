@@ -63,13 +63,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
-sys.path.append(str(REPO / "examples"))  # the examples' networks: flat modules
 
 import torch  # noqa: E402
-from models import DnCNN  # noqa: E402
 
 from benchmarks import loss_cases as lc  # noqa: E402
 from benchmarks import measure, results  # noqa: E402
+from experiments.models import DnCNN  # noqa: E402
 
 CSV_NAME = "loss_overhead.csv"
 FIELDS = results.META_FIELDS + [

@@ -37,16 +37,15 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout
-sys.path.insert(1, str(REPO / "examples"))  # the examples' networks: flat modules
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from models import DnCNN  # noqa: E402
 
 from benchmarks import measure, results  # noqa: E402
 from benchmarks.loss_overhead import parse_size  # noqa: E402
 from d2sm_loss import SemanticStatisticsLoss  # noqa: E402
 from d2sm_loss.perceptual import FeatureLosses  # noqa: E402
+from experiments.models import DnCNN  # noqa: E402
 
 CSV_NAME = "perceptual_step.csv"
 FIELDS = results.META_FIELDS + [

@@ -40,15 +40,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout
-sys.path.insert(1, str(REPO / "examples"))  # the examples' networks: flat modules
 
 import torch  # noqa: E402
-from models import DnCNN  # noqa: E402
 
 from benchmarks import loss_cases as lc  # noqa: E402
 from benchmarks import measure, results  # noqa: E402
 from benchmarks.loss_overhead import parse_size  # noqa: E402
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl  # noqa: E402
+from experiments.models import DnCNN  # noqa: E402
 
 CSV_NAME = "queue_cost.csv"
 FIELDS = results.META_FIELDS + [

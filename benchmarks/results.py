@@ -28,9 +28,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
-sys.path.append(str(Path(__file__).resolve().parent.parent / "examples"))  # provenance: flat module
 
-from provenance import COMMIT_ENV, collect_environment  # noqa: E402
+from experiments.provenance import COMMIT_ENV, collect_environment  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"

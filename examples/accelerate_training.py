@@ -20,12 +20,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from data import load_images, sample_batch
-from degradations import add_gaussian_noise
-from models import DnCNN
 from torch.utils.data import DataLoader, TensorDataset
 
 from d2sm_loss import SemanticStatisticsLoss
+from experiments.data import load_images, sample_batch
+from experiments.degradations import add_gaussian_noise
+from experiments.models import DnCNN
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from data import load_images, sample_batch
-from degradations import add_gaussian_noise
-from models import DnCNN
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-from training import backbone_weights
 
 from d2sm_loss import SemanticStatisticsLoss
+from experiments.data import load_images, sample_batch
+from experiments.degradations import add_gaussian_noise
+from experiments.models import DnCNN
+from experiments.training import backbone_weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

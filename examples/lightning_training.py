@@ -34,13 +34,13 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from data import load_images, sample_batch
-from degradations import add_gaussian_noise
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from d2sm_loss import SemanticStatisticsLoss
+from experiments.data import load_images, sample_batch
+from experiments.degradations import add_gaussian_noise
 
 
 class Restorer(L.LightningModule):

