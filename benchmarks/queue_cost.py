@@ -22,9 +22,9 @@ Modes (column ``mode``):
 
 Rows go to ``<out>/queue_cost.csv``::
 
-    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/queue_cost.py                 # CPU: 4x96
-    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/queue_cost.py --mode compile --sizes 4x64
-    python benchmarks/queue_cost.py --quick                                        # smoke run
+    OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.queue_cost                 # CPU: 4x96
+    OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.queue_cost --mode compile --sizes 4x64
+    python -m benchmarks.queue_cost --quick                                        # smoke run
 """
 
 from __future__ import annotations
@@ -35,20 +35,15 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout
-sys.path.insert(1, str(REPO / "examples"))  # the examples' networks: flat modules
+import torch
 
-import torch  # noqa: E402
-from models import DnCNN  # noqa: E402
-
-from benchmarks import loss_cases as lc  # noqa: E402
-from benchmarks import measure, results  # noqa: E402
-from benchmarks.loss_overhead import parse_size  # noqa: E402
-from d2sm_loss import SemanticStatisticsLoss, similarity_kl  # noqa: E402
+from benchmarks import loss_cases as lc
+from benchmarks import measure, results
+from benchmarks.loss_overhead import parse_size
+from d2sm_loss import SemanticStatisticsLoss, similarity_kl
+from experiments.models import DnCNN
 
 CSV_NAME = "queue_cost.csv"
 FIELDS = results.META_FIELDS + [

@@ -10,7 +10,7 @@ deleted.
 
 Merging rows measured elsewhere (e.g. returned from a GPU machine)::
 
-    python benchmarks/results.py merge benchmarks/results/loss_overhead.csv <folder>/loss_overhead.csv
+    python -m benchmarks.results merge benchmarks/results/loss_overhead.csv <folder>/loss_overhead.csv
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
-sys.path.append(str(Path(__file__).resolve().parent.parent / "examples"))  # provenance: flat module
-
-from provenance import COMMIT_ENV, collect_environment  # noqa: E402
+from experiments.provenance import COMMIT_ENV, collect_environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,7 +36,7 @@ META_FIELDS = ["date", "commit", "device", "torch", "triton", "timm", "python", 
 
 
 def metadata(device: torch.device) -> dict[str, Any]:
-    """Columns every row of one run shares: ``examples/provenance.py``'s ``collect_environment`` (the
+    """Columns every row of one run shares: ``experiments/provenance.py``'s ``collect_environment`` (the
     commit from ``$D2SM_COMMIT`` when set, else this checkout's, ``+dirty`` when tracked
     files differ) and a fresh ``run_id``."""
     info = collect_environment(device, repo=REPO_ROOT)

@@ -27,11 +27,11 @@ D = 100352: VGG19 conv5_4 at 224 x 224) is ``--paper-point`` (in the full defaul
 
 Judge and plot the CSV with ``benchmarks/judge.py`` and ``benchmarks/plot.py``::
 
-    python benchmarks/statistics_kernel.py --quick            # CPU smoke run, < 1 minute
-    python benchmarks/statistics_kernel.py                    # full sweep (CUDA; moderate on CPU)
-    python benchmarks/statistics_kernel.py --g 1 --n 4096 --d 64 --modes forward+backward
-    python benchmarks/statistics_kernel.py --paper-point only
-    python benchmarks/statistics_kernel.py --implementations triton --g 8 --n 4096 --d 256 --profile prof.txt
+    python -m benchmarks.statistics_kernel --quick            # CPU smoke run, < 1 minute
+    python -m benchmarks.statistics_kernel                    # full sweep (CUDA; moderate on CPU)
+    python -m benchmarks.statistics_kernel --g 1 --n 4096 --d 64 --modes forward+backward
+    python -m benchmarks.statistics_kernel --paper-point only
+    python -m benchmarks.statistics_kernel --implementations triton --g 8 --n 4096 --d 256 --profile prof.txt
 """
 
 from __future__ import annotations
@@ -45,14 +45,12 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout; an installed d2sm_loss comes first
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import measure, results  # noqa: E402
-from benchmarks.baselines import dense_similarity_kl  # noqa: E402
-from d2sm_loss._compat import tf32_allowed  # noqa: E402
-from d2sm_loss.functional import similarity_kl  # noqa: E402
+from benchmarks import measure, results
+from benchmarks.baselines import dense_similarity_kl
+from d2sm_loss._compat import tf32_allowed
+from d2sm_loss.functional import similarity_kl
 
 CSV_NAME = "statistics_kernel.csv"
 IMPLEMENTATIONS = ("reference", "streaming", "triton", "baseline")
@@ -309,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{where} {row['status']}")
             csv.write(row)
-    print(f"appended {len(csv.written)} rows to {csv.path}; judge: python benchmarks/judge.py --results {args.out}")
+    print(f"appended {len(csv.written)} rows to {csv.path}; judge: python -m benchmarks.judge --results {args.out}")
     return 0
 
 

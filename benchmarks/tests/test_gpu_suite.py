@@ -12,12 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))  # `benchmarks`; an installed d2sm_loss comes first
-
-from benchmarks import gpu_suite as gs  # noqa: E402
-from benchmarks import results  # noqa: E402
+from benchmarks import gpu_suite as gs
+from benchmarks import results
 
 
 def _python(code: str) -> list[str]:
@@ -85,15 +81,15 @@ def test_pytest_summary_line():
     assert gs.pytest_summary(["no summary here"]) == ""
 
 
-def test_rehearsal_then_home(tmp_path):
+def test_rehearsal_then_home(tmp_path, checkout):
     out, wheels = tmp_path / "out", tmp_path / "no-wheels"
     wheels.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_suite.py", "run", "--device", "cpu", "--rehearsal", "--out", str(out),
+        [sys.executable, "-m", "benchmarks.gpu_suite", "run", "--device", "cpu", "--rehearsal", "--out", str(out),
          "--budget", "1500", "--fail-step", "profile", "--estimate", "study=100000", "--wheels", str(wheels)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+        cwd=checkout, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     record = json.loads((out / "suite.json").read_text())
@@ -121,9 +117,9 @@ def test_rehearsal_then_home(tmp_path):
     res, study = tmp_path / "results", tmp_path / "study"
     res.mkdir()
     study.mkdir()
-    home = [sys.executable, "benchmarks/gpu_suite.py", "home", str(out), "--results", str(res),
+    home = [sys.executable, "-m", "benchmarks.gpu_suite", "home", str(out), "--results", str(res),
             "--study-results", str(study)]
-    first = subprocess.run(home, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(home, cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for name in ("statistics_kernel.csv", "loss_overhead.csv", "queue_cost.csv", "triton_configs.csv"):
         assert len(results.read_rows(res / name)) == len(results.read_rows(out / name)), name
@@ -132,7 +128,7 @@ def test_rehearsal_then_home(tmp_path):
     assert {gs.LOG_NAME, gs.RECORD_NAME} <= {p.name for p in kept.iterdir()}
     assert "training step, overhead" in first.stdout and "| target | measured | verdict |" in first.stdout
 
-    again = subprocess.run(home, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(home, cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert "0 rows appended" in again.stdout
     for name in ("statistics_kernel.csv", "loss_overhead.csv"):

@@ -8,25 +8,10 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))  # `benchmarks`; an installed d2sm_loss comes first
-
-from benchmarks import judge  # noqa: E402
-from benchmarks import loss_overhead as lo  # noqa: E402
-
-
-def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+from benchmarks import judge
+from benchmarks import loss_overhead as lo
 
 
 def _rows(folder: Path) -> list[dict[str, str]]:
@@ -45,8 +30,8 @@ def _rows(folder: Path) -> list[dict[str, str]]:
     return rows
 
 
-def test_loss_overhead_quick(tmp_path):
-    _run("benchmarks/loss_overhead.py", "--quick", "--out", str(tmp_path))
+def test_loss_overhead_quick(tmp_path, run):
+    run("-m", "benchmarks.loss_overhead", "--quick", "--out", str(tmp_path))
     rows = _rows(tmp_path)
     ok = [row for row in rows if row["status"] == "ok"]
     steps = {row["config"]: row for row in ok if row["part"] == "step"}
@@ -79,10 +64,10 @@ def test_loss_overhead_quick(tmp_path):
     triton = [row for row in rows if row["config"] == "loc-triton"]
     assert triton and all(row["status"] == "skipped" and "CUDA" in row["note"] for row in triton)
 
-    out = _run("benchmarks/judge.py", "--results", str(tmp_path)).stdout
+    out = run("-m", "benchmarks.judge", "--results", str(tmp_path)).stdout
     assert "statistics <= 5% of the loss's time" in out and "paper step <= 1.05x perceptual step (b)" in out
     assert "triton vs contextual at N=4096: not measured" in out and "CPU: indicative only" in out
-    _run("benchmarks/plot.py", "--results", str(tmp_path))
+    run("-m", "benchmarks.plot", "--results", str(tmp_path))
     assert list(tmp_path.glob("loss_overhead_*_b2_64x64.png"))
 
 
@@ -111,11 +96,11 @@ def test_a_failing_case_is_an_error_row(tmp_path, monkeypatch):
     assert {r["commit"] for r in rows} == {"feedbee"}
 
 
-def test_compile_mode(tmp_path):
+def test_compile_mode(tmp_path, run):
     """Eager and compiled steps side by side (dynamo's graph capture, without inductor's
     code generation, to stay quick): ratios to eager, graphs counted, none compiled during
     the timed calls once the queue is full."""
-    _run("benchmarks/loss_overhead.py", "--mode", "compile", "--compile-backend", "eager", "--device", "cpu",
+    run("-m", "benchmarks.loss_overhead", "--mode", "compile", "--compile-backend", "eager", "--device", "cpu",
          "--configs", "l1", "paper", "--sizes", "2x32", "--depth", "3", "--width", "8", "--repeats", "2",
          "--out", str(tmp_path))
     rows = {(r["config"], r["variant"]): r for r in _rows(tmp_path)}
@@ -128,11 +113,11 @@ def test_compile_mode(tmp_path):
         assert int(compiled["graphs"]) >= 1 and compiled["recompiles"] == "0"
         assert eager["graphs"] == ""
     assert rows[("paper", "compiled-eager")]["implementation"] == "incremental"  # the queue's path
-    assert "compiled-eager" in _run("benchmarks/judge.py", "--results", str(tmp_path)).stdout
+    assert "compiled-eager" in run("-m", "benchmarks.judge", "--results", str(tmp_path)).stdout
 
 
-def test_autocast_mode(tmp_path):
-    _run("benchmarks/loss_overhead.py", "--mode", "autocast", "--device", "cpu", "--configs", "l1", "paper",
+def test_autocast_mode(tmp_path, run):
+    run("-m", "benchmarks.loss_overhead", "--mode", "autocast", "--device", "cpu", "--configs", "l1", "paper",
          "--sizes", "2x32", "--depth", "3", "--width", "8", "--repeats", "2", "--out", str(tmp_path))
     rows = {(r["config"], r["variant"]): r for r in _rows(tmp_path)}
     assert set(rows) == {("l1", "fp32"), ("l1", "bf16"), ("paper", "fp32"), ("paper", "bf16+backbone-fp32"),
@@ -141,9 +126,9 @@ def test_autocast_mode(tmp_path):
         assert row["status"] == "ok" and row["ratio_vs"] == "fp32", row
         assert row["dtype"] == ("float32" if variant == "fp32" else "autocast bfloat16")
         assert float(row["ratio_time_vs_ref"]) > 0 and float(row["ratio_mem_vs_ref"]) > 0
-    out = _run("benchmarks/judge.py", "--results", str(tmp_path)).stdout
+    out = run("-m", "benchmarks.judge", "--results", str(tmp_path)).stdout
     assert "paper bf16+backbone-bf16" in out and "x fp32 (paired" in out
-    _run("benchmarks/plot.py", "--results", str(tmp_path))
+    run("-m", "benchmarks.plot", "--results", str(tmp_path))
     assert list(tmp_path.glob("loss_autocast_*_b2_32x32.png"))
 
 

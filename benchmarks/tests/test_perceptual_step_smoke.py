@@ -8,16 +8,13 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
 
 
-def test_perceptual_step_quick(tmp_path):
+def test_perceptual_step_quick(tmp_path, checkout):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "benchmarks/perceptual_step.py", "--quick", "--sizes", "2x16", "--repeats", "1",
+    command = [sys.executable, "-m", "benchmarks.perceptual_step", "--quick", "--sizes", "2x16", "--repeats", "1",
                "--out", str(tmp_path)]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "perceptual_step.csv", newline="") as f:
         rows = list(csv.DictReader(f))

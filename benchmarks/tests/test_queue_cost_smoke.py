@@ -9,15 +9,12 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
 
 
-def test_queue_cost_quick(tmp_path):
+def test_queue_cost_quick(tmp_path, checkout):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "benchmarks/queue_cost.py", "--quick", "--out", str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.queue_cost", "--quick", "--out", str(tmp_path)],
+                          cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "queue_cost.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))  # `benchmarks`; an installed d2sm_loss comes first
-
-from benchmarks import judge, measure, results  # noqa: E402
-from benchmarks import statistics_kernel as sk  # noqa: E402
+from benchmarks import judge, measure, results
+from benchmarks import statistics_kernel as sk
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -30,15 +23,9 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _run(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc
 
-
-def test_statistics_kernel_quick_then_judge_and_plot(tmp_path):
-    _run("benchmarks/statistics_kernel.py", "--quick", "--out", str(tmp_path), env={"D2SM_COMMIT": "abc1234"})
+def test_statistics_kernel_quick_then_judge_and_plot(tmp_path, run):
+    run("-m", "benchmarks.statistics_kernel", "--quick", "--out", str(tmp_path), env={"D2SM_COMMIT": "abc1234"})
     rows = _read(tmp_path / "statistics_kernel.csv")
     assert {row["implementation"] for row in rows} == {"reference", "streaming", "baseline"}
     assert {row["mode"] for row in rows} == set(sk.MODES)
@@ -51,17 +38,16 @@ def test_statistics_kernel_quick_then_judge_and_plot(tmp_path):
             assert math.isfinite(value) and value >= 0, (column, row)
         assert float(row["time_median_ms"]) > 0 and row["mem_method"] == "vmhwm-reset"
         assert row["commit"] == "abc1234" and row["torch"] and row["date"] and row["run_id"]
-    out = _run("benchmarks/judge.py", "--results", str(tmp_path)).stdout
+    out = run("-m", "benchmarks.judge", "--results", str(tmp_path)).stdout
     assert "streaming forward+backward: G=1 D=64: N>=1024 (no OOM in sweep)" in out
     assert "streaming vs reference" in out and "not measured" in out
-    _run("benchmarks/plot.py", "--results", str(tmp_path))
+    run("-m", "benchmarks.plot", "--results", str(tmp_path))
     assert list(tmp_path.glob("statistics_kernel_*_t1_G1_D64_cosine.png"))
 
 
 _FAILING_DRIVER = """
 import sys
-sys.path.append({repo!r})
-from benchmarks import statistics_kernel as sk  # noqa: E402
+from benchmarks import statistics_kernel as sk
 original = sk.measure_point_cpu
 def measure_point(impl, *args):
     if impl == "streaming":
@@ -72,10 +58,10 @@ sys.exit(sk.main(sys.argv[1:]))
 """
 
 
-def test_statistics_kernel_error_becomes_a_row(tmp_path):
+def test_statistics_kernel_error_becomes_a_row(tmp_path, run):
     """A non-OOM error at a point is a row (first line of the message) and the sweep goes
     on; rows carry the commit given by --commit (a copy without .git)."""
-    _run("-c", _FAILING_DRIVER.format(repo=str(REPO)), "--device", "cpu", "--n", "128", "256", "--d", "32",
+    run("-c", _FAILING_DRIVER, "--device", "cpu", "--n", "128", "256", "--d", "32",
          "--modes", "forward", "--implementations", "reference", "streaming", "--repeats", "1",
          "--commit", "feedbee", "--out", str(tmp_path))
     rows = _read(tmp_path / "statistics_kernel.csv")
@@ -149,12 +135,12 @@ def test_judge_statistics_not_measured_and_cpu():
     assert "time 1.60x" in line and "memory 0.0400" in line and line.endswith("FAIL")
 
 
-def test_tracked_results_still_judge_and_plot(tmp_path):
+def test_tracked_results_still_judge_and_plot(tmp_path, run):
     """The committed CSVs (older columns included) still give their figures."""
-    out = _run("benchmarks/judge.py").stdout
+    out = run("-m", "benchmarks.judge").stdout
     assert "time 0.20x, memory 0.0349 of the reference's -> PASS" in out  # 1 thread, commit 9380902
     assert "14.93%" in out and "1.110x (median of per-round ratios 1.086x)" in out
-    _run("benchmarks/plot.py", "--out", str(tmp_path))
+    run("-m", "benchmarks.plot", "--out", str(tmp_path))
     assert (tmp_path / "loss_overhead_cpu-amd-epyc-2-logical-cores_b4_96x96.png").exists()
 
 
@@ -175,7 +161,7 @@ def test_paper_point_in_default_sweep_only():
     assert [(p.g, p.n, p.d) for p in only] == [(1, 232, 100352)]
 
 
-def test_append_rows_adds_columns_once_and_merge(tmp_path):
+def test_append_rows_adds_columns_once_and_merge(tmp_path, run):
     path = tmp_path / "t.csv"
     results.append_rows(path, [{"a": 1, "tflops": 2}], ["a", "tflops"])
     results.append_rows(path, [{"a": 3, "tflops_nominal": 4}], ["a", "tflops_nominal"])
@@ -186,7 +172,7 @@ def test_append_rows_adds_columns_once_and_merge(tmp_path):
         [("1", "2", ""), ("3", "", "4"), ("5", "", "6")]
     assert not list(tmp_path.glob("*.tmp"))
     target = tmp_path / "target.csv"
-    _run("benchmarks/results.py", "merge", str(target), str(path), str(path))
+    run("-m", "benchmarks.results", "merge", str(target), str(path), str(path))
     assert len(_read(target)) == 6
 
 
@@ -203,7 +189,7 @@ def test_results_csv_is_keyed(tmp_path):
         results.ResultsCSV(tmp_path / "k.csv", ["a"], key=["b"])
 
 
-def test_measure_interleaves_and_survives_an_error():
+def test_measure_interleaves_and_survives_an_error(run):
     import torch
 
     calls: list[str] = []

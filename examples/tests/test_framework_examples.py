@@ -26,7 +26,6 @@ for _module in ("skimage", "sklearn", "matplotlib", "PIL"):
 EXAMPLES = Path(__file__).resolve().parents[1]
 ROOT = EXAMPLES.parent
 CONFIG = EXAMPLES / "configs" / "lightning.yaml"
-sys.path.insert(0, str(EXAMPLES))
 
 
 @pytest.fixture(autouse=True)

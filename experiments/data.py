@@ -1,4 +1,4 @@
-"""Images for the examples: built-in photographs or folders, training crops, test crops.
+"""Images for the experiments: built-in photographs or folders, training crops, test crops.
 
 Built-in data (nothing is downloaded): photographs shipped by scikit-image, scikit-learn and
 matplotlib, split by image into fixed lists. Grayscale photographs are replicated to three
@@ -15,8 +15,8 @@ Images are float32 tensors (3, H, W) in [0, 1].
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -49,7 +49,7 @@ def example_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     g.add_argument("--similarity", default="cosine", choices=("cosine", "softmax"))
     g.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax similarity")
     g.add_argument("--queue-size", type=int, default=0, help="memory queue of earlier batches (image granularity)")
-    g = parser.add_argument_group("data (default: built-in photographs, see examples/data.py)")
+    g = parser.add_argument_group("data (default: built-in photographs, see experiments/data.py)")
     g.add_argument("--data", default=None, help="folder of clean training images")
     g.add_argument("--degraded", default=None, help="folder of real degraded training images paired by file name")
     g.add_argument("--test-data", default=None, help="folder of clean test images (default: last 10%% of --data)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,8 @@ import pytest
 pytest.importorskip("skimage")
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "examples"))
 
-from training import checkpoint_label  # noqa: E402
+from experiments.training import checkpoint_label  # noqa: E402
 
 # A POSIX or Windows absolute path, or a home directory, anywhere in a value.
 ABSOLUTE = re.compile(r"(^|[\s(=,'\"])(/[^/\s]+/|[A-Za-z]:\\|~/)|site-packages")
@@ -40,7 +38,7 @@ def test_the_pattern_finds_absolute_paths():
 
 
 @pytest.mark.parametrize(
-    "path", sorted((REPO / "examples" / "results").glob("*.csv")) + sorted((REPO / "benchmarks" / "results").glob("*.csv")),
+    "path", sorted((REPO / "experiments" / "results").glob("*.csv")) + sorted((REPO / "benchmarks" / "results").glob("*.csv")),
     ids=lambda p: f"{p.parent.parent.name}/{p.name}",
 )
 def test_result_files_hold_no_absolute_paths(path):

@@ -7,8 +7,8 @@ crops, so seed-to-seed variation common to both cancels. Over n seeds the table 
 of d and its 95 % t-interval ``mean +- t_{0.975, n-1} * sd / sqrt(n)`` (sd with n - 1 in the
 denominator). An interval that excludes 0 is an effect this study can tell from seed noise.
 
-    python examples/study_report.py                                   # the CPU study
-    python examples/study_report.py examples/results/study_denoising_gpu.csv
+    python -m experiments.study_report                                   # the CPU study
+    python -m experiments.study_report experiments/results/study_denoising_gpu.csv
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from statistics import NormalDist
-from typing import Iterable, Mapping, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = (("psnr", "PSNR (dB)", "{:+.3f}"), ("ssim", "SSIM", "{:+.4f}"),

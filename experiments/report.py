@@ -7,14 +7,15 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
-from data import Sample, center_crop, to_numpy
-from evaluation import EVALUATOR
-from provenance import collect_environment
 from torch import Tensor
+
+from experiments.data import Sample, center_crop, to_numpy
+from experiments.evaluation import EVALUATOR
+from experiments.provenance import collect_environment
 
 RANDOM_STAMP = "RANDOM BACKBONE - smoke test only, figures are meaningless"
 

@@ -22,9 +22,9 @@ Metrics: PSNR and SSIM, and the judgement of EfficientNet-Lite0 (not the loss's 
 KL(p_clean || p_restored) between class posteriors and top-1 agreement. ``study_report.py``
 turns the CSV into paired differences with 95 % confidence intervals, a table and a plot.
 
-    python examples/study.py                      # CPU scale: about 40 min on 2 busy cores (2 shards)
-    python examples/study.py --scale gpu          # GPU scale: a bigger DnCNN, longer training
-    python examples/study_report.py               # table and plot from the CSV
+    python -m experiments.study                      # CPU scale: about 40 min on 2 busy cores (2 shards)
+    python -m experiments.study --scale gpu          # GPU scale: a bigger DnCNN, longer training
+    python -m experiments.study_report               # table and plot from the CSV
 """
 
 from __future__ import annotations
@@ -34,20 +34,20 @@ import csv
 import fcntl
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from data import BUILTIN_TEST, load_images, random_crops
-from degradations import add_gaussian_noise
-from evaluation import EVAL_SEED, Evaluator, fidelity
-from models import DnCNN
-from provenance import collect_environment
 from torch import Tensor
-from training import backbone_weights, batches, train
 
 import d2sm_loss
+from experiments.data import BUILTIN_TEST, load_images, random_crops
+from experiments.degradations import add_gaussian_noise
+from experiments.evaluation import EVAL_SEED, Evaluator, fidelity
+from experiments.models import DnCNN
+from experiments.provenance import collect_environment
+from experiments.training import backbone_weights, batches, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEPTHS = {"middle": 2, "deepest": -1}  # MobileNetV2 feature taps: blocks.2 and blocks.6
@@ -71,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=tuple(SCALES), default="cpu", help="defaults for the options below")
     parser.add_argument("--out", type=Path, default=None,
-                        help="CSV (default examples/results/study_denoising[_gpu].csv)")
+                        help="CSV (default experiments/results/study_denoising[_gpu].csv)")
     parser.add_argument("--device")
     parser.add_argument("--seeds", type=int, help="seeds 0 .. N-1")
     parser.add_argument("--steps", type=int)

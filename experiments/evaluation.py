@@ -3,18 +3,19 @@ classifier that is not the loss's backbone (EfficientNet-Lite0)."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from data import Sample, center_crop, to_numpy
-from degradations import bicubic_upsample
 from torch import Tensor
-from training import checkpoint_label
 
 import d2sm_loss
+from experiments.data import Sample, center_crop, to_numpy
+from experiments.degradations import bicubic_upsample
+from experiments.training import checkpoint_label
 
 EVAL_SEED = 2022  # the test degradations are drawn once from this seed, identical for every run
 EVALUATOR = "tf_efficientnet_lite0"

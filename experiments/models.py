@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from degradations import bicubic_upsample
 from torch import Tensor
+
+from experiments.degradations import bicubic_upsample
 
 
 class DnCNN(nn.Module):

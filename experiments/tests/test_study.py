@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,7 @@ import pytest
 for _module in ("skimage", "sklearn", "matplotlib", "tqdm", "PIL"):
     pytest.importorskip(_module)
 
-EXAMPLES = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(EXAMPLES))
-
-import study  # noqa: E402
-import study_report  # noqa: E402
+from experiments import study, study_report  # noqa: E402
 
 
 def _t_cdf(q: float, dof: int) -> float:

