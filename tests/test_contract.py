@@ -8,12 +8,8 @@ Each implementation is one class; ``pytest_generate_tests`` gives it the problem
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import contract
-from d2sm_loss import similarity_kl
-from helpers import TOLERANCES, Tolerance, assert_close, conv_loss, images, value_and_grad
+import pytest
 
 
 def pytest_generate_tests(metafunc):
