@@ -13,19 +13,20 @@ True
 """
 
 from . import functional
-from .checkpoints import load_checkpoint, packaged_weights
 from .features import FeatureExtractor
 from .functional import similarity_kl
 from .loss import SemanticStatisticsLoss
 from .queue import FeatureQueue
 from .rows import LayerRows
 from .weighting import gradient_norms, gradient_ratio, suggest_weight
+from .weights import CheckpointError, load_checkpoint, packaged_weights
 
 __version__ = "0.2.0"
 
 __all__ = [
     "SemanticStatisticsLoss",
     "FeatureExtractor",
+    "CheckpointError",
     "FeatureQueue",
     "LayerRows",
     "functional",

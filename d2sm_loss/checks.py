@@ -23,8 +23,14 @@ if TYPE_CHECKING:
     from .rows import LayerRows
 
 __all__ = [
+    "InputSizeError",
+    "SWAPPED_MESSAGE",
     "check_bool",
+    "check_call_images",
     "check_choice",
+    "check_mapping",
+    "check_patch_size",
+    "check_recomputation",
     "check_number",
     "check_int",
     "check_numbers",
@@ -35,6 +41,16 @@ __all__ = [
     "check_values",
     "range_message",
 ]
+
+
+class InputSizeError(ValueError):
+    """Images or batches too small for the statistic. ``remedy`` says what to enlarge:
+    ``"image"`` (the image or crop size) or ``"batch"`` (the images per step), so that a
+    framework adapter (:mod:`d2sm_loss.integrations`) can name its own config key."""
+
+    def __init__(self, message: str, remedy: str = "") -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 def _scalar(value: Any) -> Any:
@@ -59,11 +75,17 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` must be one of the strings ``choices``."""
+def check_choice(name: str, value: Any, choices: Sequence[str], hint: str = "") -> str:
+    """``value`` must be one of the strings ``choices`` (``hint``: appended to the error)."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {_describe(value)}")
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {_describe(value)}{hint}")
     return value
+
+
+def check_mapping(name: str, value: Any) -> None:
+    """``value`` must be a mapping (of keyword arguments)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping of keyword arguments, got {type(value).__name__}")
 
 
 def check_number(
@@ -165,6 +187,50 @@ def check_images(name: str, images: Any) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {images.dtype}")
 
 
+#: The warning for a call whose clean images require grad while the restored ones do not.
+SWAPPED_MESSAGE = (
+    "SemanticStatisticsLoss: `clean` requires grad but `restored` does not. The restored images "
+    "come first, criterion(restored, clean); with the arguments swapped the loss sends no gradient "
+    "to the network. (Warned once.)"
+)
+
+
+def check_call_images(restored: Any, clean: Any, device: torch.device) -> bool:
+    """The images of a call: two batches (:func:`check_images`) of one shape on the loss's
+    ``device``. Returns whether they look swapped (see :data:`SWAPPED_MESSAGE`)."""
+    check_images("restored", restored)
+    check_images("clean", clean)
+    check_pair(restored, clean)
+    if restored.device != device:
+        raise ValueError(
+            f"the images are on {restored.device} but the loss's backbone is on {device}: "
+            "move the loss with criterion.to(device)"
+        )
+    return bool(clean.requires_grad and not restored.requires_grad)
+
+
+def check_recomputation(*, queue: bool, gathers: bool) -> None:
+    """A training call inside a backward pass is activation checkpointing's recomputation
+    (``torch.utils.checkpoint``). With a memory queue (pushed since the original call) or a
+    gather across ranks (a collective inside the backward) it would not repeat the original
+    call: a ``RuntimeError``. Without either the call is a pure function of its images."""
+    task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+    if torch.compiler.is_compiling() or task is None or task() == -1:
+        return
+    reasons = [reason for reason, applies in (
+        ("the memory queue is not as the original call saw it (a training call pushes its batch)", queue),
+        ("it would gather rows across ranks inside the backward pass", gathers),
+    ) if applies]
+    if reasons:
+        raise RuntimeError(
+            "SemanticStatisticsLoss was called again inside a backward pass: activation checkpointing "
+            f"(torch.utils.checkpoint) recomputes the block that calls the loss, and {' and '.join(reasons)}, so "
+            "the recomputed gradient would be wrong. Keep the loss call outside the checkpointed block: checkpoint "
+            "the network, e.g. restored = checkpoint(net, lq, use_reentrant=False); loss = criterion(restored, "
+            "clean)."
+        )
+
+
 def check_pair(restored: Tensor, clean: Tensor) -> None:
     """``restored`` and ``clean`` (already tensors) have the same shape and device."""
     if restored.shape != clean.shape:
@@ -239,16 +305,12 @@ def check_layer_weights(layer_weights: Any) -> list[float]:
     return weights
 
 
-def check_pool_locations(pool_size: tuple[int, int], minimum: int) -> None:
-    """At location granularity, ``pool_size`` fixes the locations per image: at least ``minimum``
-    (2, or 3 without the diagonal, where two locations give a loss that is identically 0)."""
-    locations = pool_size[0] * pool_size[1]
-    if locations < minimum:
+def check_patch_size(patch_size: int, extractor: Any, layers: Any) -> None:
+    """Crops of ``patch_size`` are at least the chosen layers' downsampling factor."""
+    if patch_size < extractor.min_size():
         raise ValueError(
-            f"pool_size={pool_size} leaves {locations} location(s) per image at granularity='location'"
-            + (", and without the diagonal (include_self=False) two locations give a loss that is "
-               "identically 0" if locations == 2 else ": nothing to compare")
-            + f"; use a pool_size of at least {minimum} locations or granularity='image'"
+            f"patch_size={patch_size} is too small for layers {layers} of {extractor.name!r}: "
+            f"each crop side must be at least {extractor.min_size()}"
         )
 
 
@@ -261,9 +323,10 @@ def check_image_size(size: Sequence[int], extractor: Any, *, patch_size: int | N
     if min(height, width) < need:
         what = f"patch_size={patch_size}" if patch_size is not None else f"layers {layers}"
         change = "a smaller patch_size" if patch_size is not None else "a shallower layer (layers=...)"
-        raise ValueError(
+        raise InputSizeError(
             f"images of size {height}x{width} are too small for {what}: each side must be at least {need}. Use "
-            f"larger images or crops (gt_size in BasicSR, lq_size in traiNNer-redux) or {change}"
+            f"larger images or crops or {change}",
+            remedy="image",
         )
     multiple = getattr(extractor, "patch_multiple", None)
     if multiple is not None and patch_size is None and (height % multiple[0] or width % multiple[1]):

@@ -1,4 +1,4 @@
-"""Frozen feature backbones: building timm models, choosing layers, loading weights.
+"""Frozen feature backbones: building timm models, choosing layers, laying out their maps.
 
 :class:`FeatureExtractor` wraps a timm model (by name) or a user's own module and
 returns the feature maps of the chosen layers for images already mapped to [0, 1].
@@ -14,54 +14,23 @@ Layers are chosen
   ``dynamic_img_size=True``, for a name that is not a tap) raises a ``ValueError`` that
   names ``layers`` and lists the integer taps.
 
-Weights come from a checkpoint (``checkpoint=PATH``, ``checkpoint="package:NAME"`` for the file an
-installed distribution ships, or a state dict; timm's own format or a torchvision-style file
-whose tensors match by shape in order, see :func:`map_state_dict`), from timm's pretrained
-weights (``pretrained=True``), or are random (``pretrained=False``, with a warning).
-
-``pretrained=True`` reads no network when the weights are already on the machine. In order:
-
-1. the backbone's own weights in torch hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``,
-   by default ``~/.cache/torch/hub/checkpoints``), under the file name of the URL in timm's
-   pretrained configuration or of the torchvision file they were converted from (e.g.
-   ``vgg19-dcbb9e9d.pth`` for ``vgg19``);
-2. the same weights in the Hugging Face cache (``$HF_HUB_CACHE``), where timm's downloads
-   from the hub are kept;
-3. for a name without a pretrained tag (``"resnet50"``, not ``"resnet50.a1_in1k"``),
-   torchvision's ImageNet weights of the same architecture in torch hub's folder (e.g.
-   ``resnet50-0676ba61.pth``, ``mobilenet_v2-b0353104.pth``), with a warning that names them;
-4. a download. One request with a 5 s timeout checks first that the hub answers, so a
-   machine without network gets the error (which says how to pass weights) within seconds
-   rather than after the hub client's retries; ``HF_HUB_OFFLINE=1`` skips the request.
-
+Weights come from :mod:`d2sm_loss.weights` (a checkpoint, timm's pretrained weights found on this
+machine or downloaded, or random): one call, :func:`~d2sm_loss.weights.weight_source`, made after
+the layers are planned on a shape-only copy of the model.
 :attr:`FeatureExtractor.weights_source` says which was used.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import _hub
-from .checkpoints import (
-    CheckpointError,
-    CheckpointSource,
-    check_complete,
-    checked_checkpoint,
-    load_checkpoint,
-    map_state_dict,
-    quiet_head_keys,
-    read_checkpoint,
-)
 from .checks import check_bool, check_numbers
 from .layers import (
     LayerPlan,
@@ -73,6 +42,7 @@ from .layers import (
     tap_index,
     tracing_explained,
 )
+from .weights import CheckpointSource, WeightSource, checked_checkpoint, load_checkpoint, weight_source
 
 __all__ = ["FeatureExtractor"]
 
@@ -107,20 +77,6 @@ def _private_copy(module: nn.Module) -> nn.Module:
         ) from None
 
 
-@dataclass(frozen=True)
-class _WeightSource:
-    """What ``timm.create_model`` is given: the model name (its pretrained tag may differ from
-    the requested one when a stand-in was found offline), whether to load, the pretrained
-    configuration overlay (a local file or a state dict) and a description for users."""
-
-    model_name: str
-    pretrained: bool
-    overlay: Mapping[str, Any]
-    description: str
-    download: bool = False
-    searched: str = ""
-
-
 class FeatureExtractor(nn.Module):
     """A frozen backbone that returns the feature maps of chosen layers.
 
@@ -135,10 +91,10 @@ class FeatureExtractor(nn.Module):
             container and its last node) raise a ``ValueError``.
         pretrained: load timm's pretrained weights (ignored when ``weights`` is given).
             They are looked for on this machine first (torch hub's checkpoint folder, the
-            Hugging Face cache), then downloaded; see :mod:`d2sm_loss.features`.
+            Hugging Face cache), then downloaded; see :mod:`d2sm_loss.weights`.
         checkpoint: a checkpoint to load instead: a path, ``"package:NAME"`` (the file an
             installed distribution ships) or a state dict. For a user module it is loaded
-            with :func:`~d2sm_loss.checkpoints.load_checkpoint`.
+            with :func:`~d2sm_loss.weights.load_checkpoint`.
         mean, std: the normalisation applied to [0, 1] images before the backbone;
             None takes the model's pretrained config (timm), else (0, 0, 0) / (1, 1, 1).
         backbone_kwargs: extra keyword arguments for :func:`timm.create_model`.
@@ -243,8 +199,10 @@ class FeatureExtractor(nn.Module):
             blueprint = _timm_model_or_error(timm, name, pretrained=False, **kwargs)
         self._read_layout(blueprint)
         plan = self._plan_layers(blueprint, name, layers)
-        source = self._weight_source(name, blueprint, pretrained, checkpoint, kwargs)
-        self.model, cfg = self._create(timm, name, blueprint, source, plan, kwargs)
+        source = weight_source(
+            name, blueprint, pretrained=pretrained, checkpoint=checkpoint, cache_dir=kwargs.get("cache_dir")
+        )
+        self.model, cfg = self._create(timm, name, source, plan, kwargs)
         self.layers = list(plan.names)
         self.reductions = plan.reductions
         if plan.indices is None:
@@ -296,132 +254,29 @@ class FeatureExtractor(nn.Module):
         reject_duplicate_layers(layers, names, repr(name))
         return LayerPlan(None, names, self._probe_reductions(blueprint, names))
 
-    def _weight_source(
-        self,
-        name: str,
-        blueprint: nn.Module,
-        pretrained: bool,
-        checkpoint: CheckpointSource | None,
-        kwargs: Mapping[str, Any],
-    ) -> _WeightSource:
-        """Where the checkpoint come from, in this order: the ``checkpoint`` argument; random
-        (``pretrained=False``, with a warning); a file on this machine (torch hub's checkpoint
-        folder, the Hugging Face cache); a download, after a quick check that the hub answers."""
-        if checkpoint is not None:
-            label = str(checkpoint) if isinstance(checkpoint, Path) else "the checkpoint argument"
-            return _WeightSource(name, True, {"state_dict": map_state_dict(checkpoint, blueprint)}, label)
-        if not pretrained:
-            warnings.warn(
-                f"SemanticStatisticsLoss: backbone {name!r} has random weights (pretrained=False), so the loss "
-                "matches no semantic statistics: fine for tests; otherwise pass pretrained=True or checkpoint=PATH.",
-                UserWarning,
-                stacklevel=5,
-            )
-            return _WeightSource(name, False, {}, "random")
-        cfg = getattr(blueprint, "pretrained_cfg", None) or {}
-        if _hub.names_local_source(cfg):
-            return _WeightSource(name, True, {}, "timm's pretrained_cfg")
-        cache_dir = kwargs.get("cache_dir")
-        search = _hub.candidates(name, cfg)
-        for candidate in search:
-            local = self._load_candidate(candidate, blueprint, cache_dir, name)
-            if local is not None:
-                return local
-        searched = _hub.describe_search(search, cache_dir)
-        blocker = _hub.download_blocker(cfg)
-        if blocker is not None:
-            raise RuntimeError(_hub.download_hint(name, blocker, searched))
-        where = cfg.get("hf_hub_id") or cfg.get("url") or "timm's default source"
-        return _WeightSource(name, True, {}, f"download of {where}", download=True, searched=searched)
-
-    @staticmethod
-    def _load_candidate(
-        candidate: _hub.Candidate, blueprint: nn.Module, cache_dir: Any, name: str
-    ) -> _WeightSource | None:
-        """A weight source for ``candidate`` if its file is on this machine (and, for a
-        stand-in matched by position, fits the model), else None."""
-        path = _hub.locate(candidate, cache_dir)
-        if path is None:
-            return None
-        way_out = (
-            f" It was found in {candidate.place} by pretrained=True: delete it (pretrained=True then downloads "
-            "it again) or pass checkpoint=PATH with a good file."
-        )
-        try:
-            if candidate.by_position:
-                try:
-                    overlay: dict[str, Any] = {"state_dict": map_state_dict(path, blueprint)}
-                except CheckpointError as error:
-                    if candidate.exact or "does not fit" not in str(error):
-                        raise
-                    return None  # a stand-in that does not fit this configuration of the model
-            else:  # timm's own checkpoint filter converts it, as after a download of this file
-                overlay = {"state_dict": read_checkpoint(path)}
-                check_complete(overlay["state_dict"], blueprint, repr(str(path)))
-        except CheckpointError as error:
-            raise CheckpointError(f"{error}{way_out}") from None
-        if not candidate.exact:  # stand-ins are torchvision's files (see _hub.candidates)
-            tagged = "." in candidate.model_name
-            warnings.warn(
-                f"backbone {name!r}: pretrained=True's weights are not on this machine; using torchvision's "
-                + (f"({candidate.model_name!r}) " if tagged else "")
-                + f"from {candidate.place}. To choose them (and silence this) pass "
-                + (f"backbone={candidate.model_name!r} or " if tagged else "")
-                + f"checkpoint={str(path)!r}.",
-                UserWarning,
-                stacklevel=6,
-            )
-        return _WeightSource(candidate.model_name, True, overlay, str(path))
-
     def _create(
         self,
         timm: Any,
         name: str,
-        blueprint: nn.Module,
-        source: _WeightSource,
+        source: WeightSource,
         plan: LayerPlan,
         kwargs: Mapping[str, Any],
     ) -> tuple[nn.Module, Mapping[str, Any] | None]:
-        """Create the model cut after the chosen layers and load its weights; check that
-        timm's load left no tensor unset. Returns the model and its pretrained configuration."""
-        kwargs = dict(kwargs)
-        if source.overlay:
-            kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), **source.overlay}
-        with self._download_errors_explained(name, source), quiet_head_keys():
+        """Create the model cut after the chosen layers, with the weights of ``source``.
+        Returns the model and its pretrained configuration."""
+        kwargs = source.timm_kwargs(kwargs)
+        with source.loading():
             if plan.indices is not None:
-                model = timm.create_model(
-                    source.model_name,
-                    pretrained=source.pretrained,
-                    features_only=True,
-                    out_indices=plan.indices,
-                    **kwargs,
-                )
+                model = timm.create_model(source.model_name, features_only=True, out_indices=plan.indices, **kwargs)
                 cfg = getattr(model, "pretrained_cfg", None)
             else:
                 from timm.models import create_feature_extractor
 
-                full = timm.create_model(source.model_name, pretrained=source.pretrained, **kwargs)
+                full = timm.create_model(source.model_name, **kwargs)
                 with tracing_explained(name, plan.names, list(getattr(full, "feature_info", []) or [])):
                     model = create_feature_extractor(full, return_nodes=plan.names)
                 cfg = getattr(full, "pretrained_cfg", None)
         return model, cfg
-
-    @contextlib.contextmanager
-    def _download_errors_explained(self, name: str, source: _WeightSource):
-        """Turn a failed download (the hub client's errors are not OSErrors everywhere) into
-        the message that says how to pass weights without network."""
-        if not source.download:
-            yield
-            return
-        try:
-            yield
-        except Exception as error:
-            network = isinstance(error, (OSError, ConnectionError)) or type(error).__module__.split(".")[0] in (
-                "huggingface_hub", "requests", "urllib3", "httpx", "httpx2", "urllib",
-            )
-            if not network:
-                raise
-            raise RuntimeError(_hub.download_hint(name, error, source.searched)) from None
 
     def _probe_reductions(self, blueprint: nn.Module, names: list[str]) -> list[int | None]:
         """Downsampling factor of each named node, from one shape-only pass on the meta device."""

@@ -7,18 +7,20 @@ calls it. It validates its arguments once, chooses an implementation from
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ._compat import triton_interpreted
+from ._warnings import warn_user
 from .checks import check_bool, check_choice, check_number, check_pair
 from .ops.reference import SIMILARITIES, similarity_kl_reference
+from .rows import check_group_rows
 
 __all__ = [
     "similarity_kl",
+    "reduce_rows",
     "resolve_implementation",
     "IMPLEMENTATIONS",
     "REDUCTIONS",
@@ -134,13 +136,12 @@ def _triton_self_check(device: torch.device, dtype: torch.dtype = torch.float32,
             return False  # transient: use the streaming path for this call, check again next time
         except Exception as error:  # compilation, launch or accuracy failure
             _, _, config, precision = key
-            warnings.warn(
+            warn_user(
                 f"d2sm_loss: the Triton kernels failed a self-check on {device} for {dtype} rows of {features} "
                 f"features ({config}, {precision} products; {type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}); implementation='auto' uses the streaming "
                 "PyTorch path for this configuration instead. Please report this with your GPU and Triton versions.",
                 RuntimeWarning,
-                stacklevel=4,
             )
             _SELF_CHECKS[key] = False
     return _SELF_CHECKS[key]
@@ -240,8 +241,9 @@ def similarity_kl(
         temperature: temperature of the softmax similarity, a positive finite number
             (checked, but unused, with the cosine similarity).
         include_self: whether ``j = i`` takes part in each row's distribution. ``False``
-            needs ``N >= 3``: with two rows each distribution is the other row with
-            probability 1, and the statistic would be identically 0 (a ``ValueError``).
+            needs ``N >= 3`` (:func:`~d2sm_loss.rows.min_rows`): with two rows each
+            distribution is the other row with probability 1, and the statistic would be
+            identically 0 (a ``ValueError``).
         reduction: ``"mean"`` over all rows of all groups, ``"sum"``, or ``"none"`` for
             the per-row values of shape ``(N,)`` or ``(G, N)``.
         implementation: ``"auto"`` (Triton on CUDA when available and D is at most
@@ -280,14 +282,7 @@ def similarity_kl(
         raise ValueError(
             f"restored must have at least one group, one row and one feature, got shape {tuple(restored.shape)}"
         )
-    if not include_self and n < 3:
-        raise ValueError(
-            f"include_self=False needs at least 3 rows per group, got N={n}: without the diagonal, "
-            + ("a single row has nothing to compare" if n < 2 else
-               "each row's distribution holds the one other row with probability 1, so the statistic is "
-               "identically 0 and has no gradient")
-            + "; use include_self=True or more rows per group"
-        )
+    check_group_rows(n, include_self)
     impl = resolve_implementation(implementation, restored.device, d, torch.promote_types(restored.dtype, clean.dtype))
 
     squeeze = restored.dim() == 2
@@ -312,10 +307,15 @@ def similarity_kl(
                 rows = similarity_kl_reference(
                     x, y, similarity=similarity, temperature=temperature, include_self=include_self
                 )
-    if squeeze:
-        rows = rows.squeeze(0)
-    if reduction == "mean":
-        return rows.mean()
+    return reduce_rows(rows.squeeze(0) if squeeze else rows, reduction)
+
+
+def reduce_rows(rows: Tensor, reduction: str, count: Tensor | int | None = None) -> Tensor:
+    """The per-row values ``rows`` reduced: ``"none"`` as they are, ``"sum"``, or ``"mean"``
+    over ``count`` rows (None: every entry of ``rows``; the queue's path passes its number
+    of filled rows as a 0-d tensor, its unfilled entries being 0)."""
+    if reduction == "none":
+        return rows
     if reduction == "sum":
         return rows.sum()
-    return rows
+    return rows.mean() if count is None else rows.sum() / count

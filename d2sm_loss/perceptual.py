@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .checkpoints import CheckpointSource
 from .checks import check_bool, check_choice, check_image_size, check_images, check_number, check_pair, check_range
 from .features import FeatureExtractor
 from .layers import DEFAULT_LAYERS, LayerSpec
 from .loss import SemanticStatisticsLoss
+from .weights import CheckpointSource
 
 __all__ = ["CRITERIA", "FeatureLosses", "feature_distance", "gram_matrix", "vgg_layer_names"]
 

@@ -39,42 +39,14 @@ _CACHE = ("log_x", "log_y", "inverse_x", "inverse_y", "block_zx", "block_zy", "b
 
 class FeatureQueue(LazyModuleMixin, nn.Module):
     """A ring buffer of detached restored and clean feature rows of earlier batches, with
-    the cached pairwise statistics that make the statistic over batch + queue incremental.
-
-    Storage: fixed-size buffers ``restored`` and ``clean`` of ``size`` rows (allocated at
-    the first training call, when the row width ``D`` is known: a lazy module, which
-    ``torch.compile`` initialises before tracing), a fill count ``filled`` and a write
-    position ``position`` (0-d long tensors). Rows are written in order from slot 0, so the
-    filled slots are always ``0 .. filled - 1``; once full, the position wraps around.
-    Since every shape is fixed and the counters are tensors, a compiled training step
-    compiles once, from the empty queue through filling and wrap-around.
-
-    Cache (derived state, :mod:`d2sm_loss.ops.incremental`): the ``size x size``
-    log-similarity matrices of the stored rows (restored and clean), their inverse norms
-    and each row's sums over the filled rows. A push updates the rows and columns of the
-    written slots from the blocks its call computed (no product over ``D``) and refreshes
-    the sums (``O(size^2)``). It is rebuilt from the rows (``O(size^2 D)``, once) after a
-    dtype or device move, emptied by :meth:`reset`, and saved with the rows (below).
-    Memory: ``2 size D`` floats of rows plus ``2 size^2 + 5 size`` of cache.
-
-    Only finite batches enter the queue (:meth:`push`).
-
-    Checkpoints: with ``save=False`` (the default) the queue is left out of
-    ``state_dict()``; with ``save=True`` it is saved as ``restored`` and ``clean``
-    (the ``filled`` rows), ``position`` and ``size`` (0-d tensors: every entry is a tensor, so
-    formats that hold tensors only, such as safetensors, can save it), with the cache in its
-    exact state (``log_x``, ``log_y``, ``inverse_x``, ``inverse_y``, ``block_zx``,
-    ``block_zy``, ``block_w``: ``2 size^2 + 3 size blocks + 2 size`` floats). A cache rebuilt
-    from the rows differs from the live one in the last bits; restoring it makes a resume
-    bit-exact (in the dtype it was saved in). Loading accepts both: saved rows are restored
-    whatever ``save`` is, and a state dict without them leaves the queue empty; a saved cache
-    is checked against one rebuilt from the rows (``O(size^2 D)``) and taken if they agree to
-    rounding (else a ``ValueError``: a damaged file), and rebuilt when it is absent. Non-finite
-    saved rows are a ``ValueError``. Loading and :meth:`reset` under ``torch.no_grad()`` or
-    ``torch.inference_mode()`` leave ordinary buffers, usable for training.
-
-    Rows are kept in float32 (float64 after ``.double()``): a move to float16 or bfloat16
-    (a low-precision backbone) keeps the queue in float32.
+    the cached pairwise statistics that make the statistic over batch + queue incremental
+    (:mod:`d2sm_loss.ops.incremental`): a call costs ``O(B (B + size) D)``, a push
+    ``O(size (B + sqrt(size)))``. Memory: ``2 size D`` floats of rows plus about
+    ``2 size^2`` of cache. The rows are allocated at the first training call (a lazy
+    module), kept in float32 (float64 after ``.double()``), and only finite batches enter
+    (:meth:`push`). With ``save=True`` ``state_dict()`` holds the rows and the cache, so a
+    resume is bit-exact; loading checks both. Storage, cache, checkpoints and costs in
+    detail: :doc:`/guides/queue`.
 
     Args:
         size: the capacity ``K`` in rows (earlier batches' samples).
@@ -84,7 +56,7 @@ class FeatureQueue(LazyModuleMixin, nn.Module):
             :func:`~d2sm_loss.functional.similarity_kl` (its ``similarity``).
         temperature: the softmax similarity's temperature (unused by ``"cosine"``).
         include_self: whether a row's distribution includes the row itself.
-        save: whether ``state_dict()`` holds the rows (see Checkpoints above).
+        save: whether ``state_dict()`` holds the rows and the cache.
     """
 
     restored: Tensor

@@ -17,17 +17,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._warnings import warn_user
+from .checks import InputSizeError
+
 if TYPE_CHECKING:
     from .queue import FeatureQueue
 
 __all__ = [
     "LayerRows",
+    "MIN_LOCATIONS",
+    "check_group_rows",
+    "check_layer_rows",
+    "check_locations",
+    "check_pool_locations",
     "feature_rows",
     "few_locations_message",
     "image_crops",
+    "min_rows",
     "pair_without_self_message",
     "single_row_message",
 ]
+
+#: At location granularity, a feature map with fewer locations than this gives a warning:
+#: with a handful of samples the statistic is nearly constant and its gradient tiny.
+MIN_LOCATIONS = 16
 
 
 def image_crops(images: Tensor, size: int, stride: int) -> Tensor:
@@ -75,8 +88,7 @@ def single_row_message(granularity: str, layer: str | None) -> str:
     return (
         f"granularity={granularity!r} compares the {what}s of a batch with each other, but this training "
         f"call has a single {what} ({'a batch of one' if what == 'image' else 'one crop in the batch'}, "
-        "queue_size=0): nothing to compare. Use a larger batch (batch_size_per_gpu in BasicSR and traiNNer-redux "
-        "configs), queue_size > 0 or 'location' granularity."
+        "queue_size=0): nothing to compare. Use a larger batch, queue_size > 0 or 'location' granularity."
     )
 
 
@@ -103,6 +115,84 @@ def pair_without_self_message(granularity: str, layer: str, count: int, has_queu
         "holds the one other sample with probability 1 and the loss is identically 0, with no gradient. "
         f"Use include_self=True, or at least {remedy}"
     )
+
+
+def min_rows(include_self: bool) -> int:
+    """The fewest rows a group needs for the statistic to say anything: 2, or 3 without the
+    diagonal (``include_self=False``), where with two rows each row's distribution is the
+    other row with probability 1, so the statistic is identically 0 with no gradient."""
+    return 2 if include_self else 3
+
+
+def _group_rows_message(count: int) -> str:
+    return (
+        f"include_self=False needs at least {min_rows(False)} rows per group, got N={count}: without the diagonal, "
+        + ("a single row has nothing to compare" if count < 2 else
+           "each row's distribution holds the one other row with probability 1, so the statistic is "
+           "identically 0 and has no gradient")
+        + "; use include_self=True or more rows per group"
+    )
+
+
+def check_group_rows(count: int, include_self: bool) -> None:
+    """:func:`~d2sm_loss.functional.similarity_kl`'s rule: groups of ``count`` rows without
+    the diagonal need :func:`min_rows` rows (a ``ValueError``). With the diagonal a group of
+    one row is computed (its statistic is 0)."""
+    if not include_self and count < min_rows(include_self):
+        raise ValueError(_group_rows_message(count))
+
+
+def _warn_once(warned: set[str], key: str, message: str) -> None:
+    if key not in warned and not torch.compiler.is_compiling():
+        warned.add(key)
+        warn_user(message)
+
+
+def check_layer_rows(
+    rows: LayerRows, *, granularity: str, include_self: bool, trains: bool, queue_size: int, warned: set[str]
+) -> bool:
+    """The module's rule for one layer's group: its rows, and the queue's when one is
+    attached, must reach :func:`min_rows`.
+
+    Two rows without the diagonal raise an :class:`~d2sm_loss.checks.InputSizeError` (the
+    loss would be identically 0); a single row raises in a training call or at location
+    granularity, and otherwise (a call that does not train) is warned about once (``warned``
+    holds the warnings given) and returns False: the statistic is 0. True when the
+    statistic can be computed. ``queue_size`` (the module's) only words the remedy.
+    """
+    count = rows.restored.shape[-2] + (rows.queue.size if rows.queue is not None else 0)
+    if count >= min_rows(include_self):
+        return True
+    remedy = "image" if granularity == "location" else "batch"
+    if count == 2:  # only without the diagonal
+        raise InputSizeError(pair_without_self_message(granularity, rows.layer, 2, queue_size > 0), remedy=remedy)
+    if trains or granularity == "location":
+        raise InputSizeError(single_row_message(granularity, rows.layer), remedy=remedy)
+    _warn_once(warned, "single row", single_row_message(granularity, None))
+    return False
+
+
+def check_pool_locations(pool_size: tuple[int, int], include_self: bool) -> None:
+    """At location granularity, ``pool_size`` fixes the locations per image: at least
+    :func:`min_rows` of them, checked at construction."""
+    locations, minimum = pool_size[0] * pool_size[1], min_rows(include_self)
+    if locations < minimum:
+        raise ValueError(
+            f"pool_size={pool_size} leaves {locations} location(s) per image at granularity='location'"
+            + (", and without the diagonal (include_self=False) two locations give a loss that is "
+               "identically 0" if locations == 2 else ": nothing to compare")
+            + f"; use a pool_size of at least {minimum} locations or granularity='image'"
+        )
+
+
+def check_locations(
+    layer: str, count: int, image_size: Sequence[int], include_self: bool, warned: set[str]
+) -> None:
+    """Warn once per layer when a location-granularity map has enough locations to compute
+    (:func:`min_rows`) but fewer than :data:`MIN_LOCATIONS`; fewer than :func:`min_rows` is
+    :func:`check_layer_rows`'s error."""
+    if min_rows(include_self) <= count < MIN_LOCATIONS:
+        _warn_once(warned, f"locations {layer}", few_locations_message(layer, count, image_size, MIN_LOCATIONS))
 
 
 @dataclass

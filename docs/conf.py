@@ -58,7 +58,7 @@ nitpick_ignore_regex = [
 
 
 def _lookup(dotted):
-    """The Python object at a dotted path such as ``d2sm_loss.checkpoints.load_checkpoint``."""
+    """The Python object at a dotted path such as ``d2sm_loss.weights.checkpoints.load_checkpoint``."""
     parts = dotted.split(".")
     for split in range(len(parts), 0, -1):
         try:
@@ -73,7 +73,7 @@ def _lookup(dotted):
 
 def _resolve_short_names(app, env, node, contnode):
     """Resolve a name that a docstring writes as its own module sees it (``packaged_weights`` in
-    ``d2sm_loss.checkpoints``, or ``d2sm_loss.checkpoints.load_checkpoint``) to the one documented
+    ``d2sm_loss.weights.checkpoints``, or ``d2sm_loss.weights.checkpoints.load_checkpoint``) to the one documented
     object that is the same: public objects are documented where users import them
     (``d2sm_loss.packaged_weights``). A name that matches no documented object, or several, stays a
     broken reference and fails the build."""

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from d2sm_loss import FeatureExtractor, SemanticStatisticsLoss, _hub
-from d2sm_loss.checkpoints import map_state_dict
+from d2sm_loss import FeatureExtractor, SemanticStatisticsLoss
+from d2sm_loss.weights import hub as _hub
+from d2sm_loss.weights import map_state_dict
 
 from helpers import subprocess_env
 

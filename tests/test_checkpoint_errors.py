@@ -8,7 +8,7 @@ import torch
 from test_backbones import caches, network, random_resnet10t  # noqa: F401  (fixtures)
 
 from d2sm_loss import FeatureExtractor, load_checkpoint
-from d2sm_loss.checkpoints import CheckpointError, map_state_dict
+from d2sm_loss.weights import CheckpointError, map_state_dict
 
 timm = pytest.importorskip("timm")
 

@@ -8,7 +8,7 @@ loading under inference mode and activation checkpointing.
 - A loss restored from a ``save_queue=True`` state continues bitwise like the uninterrupted
   one (wrap-around, several feature widths, float32 and float64); a damaged state is an error.
 - Loss-state files are written atomically; empty, truncated and foreign files are
-  :class:`~d2sm_loss.checkpoints.CheckpointError` naming the file and what to do.
+  :class:`~d2sm_loss.weights.CheckpointError` naming the file and what to do.
 - ``load_state_dict`` under ``inference_mode`` / ``no_grad`` leaves buffers usable for training.
 - Activation checkpointing: a recomputed call with a queue raises; without one the gradient
   equals the gradient without checkpointing.
@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from d2sm_loss import checkpoints, similarity_kl
+from d2sm_loss import similarity_kl, weights
 from d2sm_loss.queue import FeatureQueue
 
 from helpers import conv_loss, images, triton_skip_reason
@@ -200,7 +200,7 @@ def test_a_damaged_saved_queue_is_an_error():
 
 
 def test_state_files_are_written_atomically(tmp_path, monkeypatch):
-    save_state_dicts, load_state_dicts = checkpoints.save_state_dicts, checkpoints.load_state_dicts
+    save_state_dicts, load_state_dicts = weights.save_state_dicts, weights.load_state_dicts
     path = tmp_path / "4.d2sm.pth"
     save_state_dicts({"cri_pix": {"a": torch.ones(3)}}, path)
 
@@ -217,7 +217,7 @@ def test_state_files_are_written_atomically(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "foreign", "not a mapping", "pickle"])
 def test_a_bad_state_file_names_the_file_and_what_to_do(tmp_path, damage):
-    save_state_dicts, load_state_dicts = checkpoints.save_state_dicts, checkpoints.load_state_dicts
+    save_state_dicts, load_state_dicts = weights.save_state_dicts, weights.load_state_dicts
     path = tmp_path / "8.d2sm.pth"
     save_state_dicts({"cri_pix": {"queues.0.restored": torch.randn(4, 6)}}, path)
     data = path.read_bytes()
@@ -231,7 +231,7 @@ def test_a_bad_state_file_names_the_file_and_what_to_do(tmp_path, damage):
         torch.save([torch.ones(2)], path)
     else:
         torch.save({"cri_pix": {"queues.0.restored": torch.ones(2)}, "opt": object()}, path)
-    with pytest.raises(checkpoints.CheckpointError) as error:
+    with pytest.raises(weights.CheckpointError) as error:
         load_state_dicts(path, remedy="Delete it.")
     assert str(path) in str(error.value) and str(error.value).endswith("Delete it.")
 

@@ -1,5 +1,7 @@
 """The messages a framework user meets first: values outside input_range (with the observed
-ranges, and whether it matters), and images or batches too small (with the config entry to change)."""
+ranges, and whether it matters), and images or batches too small (with what to enlarge, in the
+core's own words: the frameworks' config keys are added by the adapters, tested in
+tests/integrations/test_config_keys.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from d2sm_loss import SemanticStatisticsLoss
+from d2sm_loss.checks import InputSizeError
 
 
 def _loss(**kwargs) -> SemanticStatisticsLoss:
@@ -49,17 +52,24 @@ def test_images_in_another_range_state_it_matters():
         assert "clean images are outside" in message and "loss are wrong" in message and "harmless" not in message
 
 
-def test_too_small_images_name_the_config_entry():
+FRAMEWORK_WORDS = ("BasicSR", "traiNNer", "gt_size", "lq_size", "batch_size_per_gpu")
+
+
+def test_too_small_images_say_what_to_enlarge_without_framework_words():
     criterion = _loss()
     restored, clean = _images(size=20)
-    with pytest.raises(ValueError, match="too small") as error:
+    with pytest.raises(InputSizeError, match="too small") as error:
         criterion(restored, clean)
-    assert "gt_size in BasicSR, lq_size in traiNNer-redux" in str(error.value) and "layers=" in str(error.value)
+    message = str(error.value)
+    assert "larger images or crops" in message and "layers=" in message and error.value.remedy == "image"
+    assert not any(word in message for word in FRAMEWORK_WORDS), message
 
 
-def test_a_single_image_names_the_batch_size_entry():
+def test_a_single_image_says_to_enlarge_the_batch_without_framework_words():
     criterion = _loss()
     restored, clean = _images(batch=1)
-    with pytest.raises(ValueError, match="single image") as error:
+    with pytest.raises(InputSizeError, match="single image") as error:
         criterion(restored.requires_grad_(), clean)
-    assert "batch_size_per_gpu" in str(error.value)
+    message = str(error.value)
+    assert "larger batch" in message and error.value.remedy == "batch"
+    assert not any(word in message for word in FRAMEWORK_WORDS), message

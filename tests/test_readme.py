@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from d2sm_loss.checkpoints import installed_weight_packages
+from d2sm_loss.weights import installed_weight_packages
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent(
                 open(ptx, "w").write(compiled.asm["ptx"])
                 report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".cubin"],
                                         capture_output=True, text=True).stderr
-            results.append(dict(similarity=name, dtype=str(dtype), d=d, cosine=cosine, include_self=include_self,
+            results.append(dict(kernel=name, dtype=str(dtype), d=d, cosine=cosine, include_self=include_self,
                                 cubin=bool(compiled.asm.get("cubin")), shared=compiled.metadata.shared,
                                 spill=int(re.search(r"(\d+) bytes spill stores", report).group(1))))
     print(json.dumps(results))

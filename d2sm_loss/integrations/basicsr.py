@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, load_state_dicts, save_state_dicts
 from ..loss import SemanticStatisticsLoss
 from ..perceptual import FeatureLosses
+from ..weights import CheckpointError, load_state_dicts, save_state_dicts
 from .basicsr_losses import D2SMLoss, D2SMPerceptualLoss, PerceptualD2SMLoss
 
 __all__ = [
@@ -82,7 +82,7 @@ class D2SMSRModel(SRModel):
     ``save_queue=True`` it holds the memory queue: ``queue_size`` rows of two feature
     vectors per layer, 4 bytes a feature), written atomically (a temporary file renamed).
     On resume the file of the resumed iteration is loaded if it exists; one that is empty,
-    truncated, foreign or does not fit the losses is a :class:`~d2sm_loss.checkpoints.CheckpointError`
+    truncated, foreign or does not fit the losses is a :class:`~d2sm_loss.weights.CheckpointError`
     naming the file and what to do.
     """
 

@@ -37,6 +37,7 @@ from ..checks import check_bool, check_number
 from ..layers import LayerSpec
 from ..loss import SemanticStatisticsLoss
 from ..perceptual import FeatureLosses, vgg_layer_names
+from ._config_keys import BASICSR_KEYS, call_with_config_keys
 
 __all__ = ["BASICSR_VGG_PATH", "D2SMLoss", "D2SMPerceptualLoss", "PerceptualD2SMLoss", "VGG19_LAYER_NAMES"]
 
@@ -90,7 +91,7 @@ class D2SMLoss(SemanticStatisticsLoss):
                 "weight: D2SM compares images with each other, so per-pixel weights do not apply; "
                 "call it without weight"
             )
-        return self.loss_weight * super().forward(pred, target)
+        return self.loss_weight * call_with_config_keys(BASICSR_KEYS, super().forward, pred, target)
 
 
 class D2SMPerceptualLoss(SemanticStatisticsLoss):
@@ -116,7 +117,7 @@ class D2SMPerceptualLoss(SemanticStatisticsLoss):
         """``(perceptual_weight * D2SM(pred, target), None)``."""
         if self.perceptual_weight == 0:
             return None, None
-        return self.perceptual_weight * super().forward(pred, target), None
+        return self.perceptual_weight * call_with_config_keys(BASICSR_KEYS, super().forward, pred, target), None
 
 
 class PerceptualD2SMLoss(FeatureLosses):
@@ -182,7 +183,7 @@ class PerceptualD2SMLoss(FeatureLosses):
 
     def forward(self, pred: Tensor, target: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         """``(perceptual + d2sm, style)``; None for a term of weight 0."""
-        terms = super().forward(pred, target)
+        terms = call_with_config_keys(BASICSR_KEYS, super().forward, pred, target)
         parts = [terms[name] for name in ("perceptual", "d2sm") if name in terms]
         percep = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)
         return percep, terms.get("style")

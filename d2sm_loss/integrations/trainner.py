@@ -27,8 +27,7 @@ refills in ``ceil(queue_size / global batch)`` iterations after a resume.
 
 from __future__ import annotations
 
-import warnings
-
+from .._warnings import warn_user
 from .trainner_losses import D2SMLoss, PerceptualD2SMLoss, keep_loss_states
 
 __all__ = ["D2SMLoss", "PerceptualD2SMLoss", "keep_loss_states", "register"]
@@ -61,11 +60,9 @@ register()
 try:
     from traiNNer.models.base_model import BaseModel
 except ImportError as error:  # the losses work; their state is not saved
-    warnings.warn(
+    warn_user(
         f"d2sm_loss.integrations.trainner: traiNNer.models.base_model does not import ({error}); the D2SM "
-        "losses' memory queue is not saved with redux's training states",
-        UserWarning,
-        stacklevel=2,
+        "losses' memory queue is not saved with redux's training states"
     )
 else:
     keep_loss_states(BaseModel)

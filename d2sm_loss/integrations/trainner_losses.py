@@ -35,6 +35,7 @@ from ..checks import check_bool, check_number
 from ..layers import LayerSpec
 from ..loss import SemanticStatisticsLoss
 from ..perceptual import FeatureLosses
+from ._config_keys import TRAINNER_KEYS, call_with_config_keys
 
 __all__ = [
     "D2SMLoss", "PerceptualD2SMLoss", "REDUX_LAYER_WEIGHTS", "keep_loss_states", "load_loss_states", "save_loss_states",
@@ -59,6 +60,11 @@ class D2SMLoss(SemanticStatisticsLoss):
     def __init__(self, loss_weight: float, **options: Any) -> None:
         super().__init__(**options)
         self.loss_weight = check_number("loss_weight", loss_weight)
+
+    def forward(self, restored: Tensor, clean: Tensor, **kwargs: Any) -> Tensor:
+        """The unweighted loss (the model applies ``loss_weight``); a size error names
+        traiNNer-redux's config key."""
+        return call_with_config_keys(TRAINNER_KEYS, super().forward, restored, clean, **kwargs)
 
 
 class PerceptualD2SMLoss(FeatureLosses):
@@ -131,7 +137,7 @@ class PerceptualD2SMLoss(FeatureLosses):
 
     def forward(self, restored: Tensor, clean: Tensor) -> dict[str, Tensor]:
         """``{"perceptual": ..., "d2sm": ...}``, unweighted by ``loss_weight``."""
-        terms = super().forward(restored, clean)
+        terms = call_with_config_keys(TRAINNER_KEYS, super().forward, restored, clean)
         terms["perceptual"] = torch.clamp(terms["perceptual"], min=self.clip_min)
         return terms
 

@@ -55,7 +55,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .reference import NORM_EPS, _row_norms, log_similarity
+from .reference import NORM_EPS, _row_norms, kl_from_log_conditionals, log_conditionals, log_similarity
 
 __all__ = [
     "Blocks", "Journal", "QueueSums", "block_size", "block_sums", "combine_blocks", "inverse_norms",
@@ -180,14 +180,9 @@ def combine_blocks(zx: Tensor, zy: Tensor, w: Tensor) -> QueueSums:
 
 
 def _batch_rows_kl(lx: Tensor, ly: Tensor, columns: Tensor) -> Tensor:
-    """Per-row KL over the masked columns of (B, B + K) log-similarities; 0 for a row
-    without columns."""
-    has = columns.any(dim=-1, keepdim=True)
-    keep = columns | ~has  # a row without columns: finite dummies, zeroed below
-    lpx = torch.log_softmax(lx.masked_fill(~keep, float("-inf")), dim=-1)
-    lpy = torch.log_softmax(ly.masked_fill(~keep, float("-inf")), dim=-1)
-    diff = torch.where(columns, lpy - torch.where(columns, lpx, 0.0), 0.0)
-    return (torch.where(columns, lpy.exp(), 0.0) * diff).sum(dim=-1)
+    """Per-row KL over the masked columns of (B, B + K) log-similarities (the reference's
+    formula, :func:`~.reference.kl_from_log_conditionals`); 0 for a row without columns."""
+    return kl_from_log_conditionals(log_conditionals(lx, columns), log_conditionals(ly, columns), columns)
 
 
 def queue_statistic(

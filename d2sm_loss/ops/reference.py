@@ -54,6 +54,8 @@ __all__ = [
     "COSINE_ETA",
     "NORM_EPS",
     "SIMILARITIES",
+    "kl_from_log_conditionals",
+    "log_conditionals",
     "log_similarity",
     "row_scale",
     "similarity_kl_reference",
@@ -118,14 +120,34 @@ def _row_norms(features: Tensor) -> Tensor:
     return torch.linalg.vector_norm(safe, dim=-1, keepdim=True).masked_fill(zero, 0.0)
 
 
+def log_conditionals(logits: Tensor, columns: Tensor | None = None) -> Tensor:
+    """``log p(j | i)``: the log-softmax of ``logits`` (``log s``, (..., N, M)) over the
+    columns ``j`` where ``columns`` (a bool mask broadcasting to them; None: all) is True,
+    ``-inf`` elsewhere. A row without columns gets finite dummies, which
+    :func:`kl_from_log_conditionals` then counts as 0."""
+    if columns is not None:
+        keep = columns | ~columns.any(dim=-1, keepdim=True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def kl_from_log_conditionals(log_px: Tensor, log_py: Tensor, columns: Tensor | None = None) -> Tensor:
+    """Per-row ``KL(p_y(. | i) || p_x(. | i)) = sum_j p_y (log p_y - log p_x)`` over the last
+    dimension, from log-conditionals (:func:`log_conditionals`; ``log_py`` without a graph).
+    Terms where ``p_y`` is 0 or outside ``columns`` count 0 (``0 log 0 = 0``) and send no
+    gradient, so masked ``-inf`` entries never meet (no ``inf - inf``)."""
+    py = log_py.exp()
+    keep = py != 0 if columns is None else columns & (py != 0)
+    diff = torch.where(keep, log_py - torch.where(keep, log_px, 0.0), 0.0)
+    return (torch.where(keep, py, 0.0) * diff).sum(dim=-1)
+
+
 def _log_conditional(features: Tensor, similarity: str, temperature: float, include_self: bool) -> Tensor:
     """``log p(j | i)`` for every pair of rows of ``features`` (G, N, D) -> (G, N, N)."""
     unit = unit_rows(features)
     logits = log_similarity(unit @ unit.transpose(-1, -2), similarity, temperature)
-    if not include_self:
-        eye = torch.eye(features.shape[-2], dtype=torch.bool, device=features.device)
-        logits = logits.masked_fill(eye, float("-inf"))
-    return torch.log_softmax(logits, dim=-1)
+    off_diagonal = None if include_self else ~torch.eye(features.shape[-2], dtype=torch.bool, device=features.device)
+    return log_conditionals(logits, off_diagonal)
 
 
 def similarity_kl_reference(
@@ -145,12 +167,7 @@ def similarity_kl_reference(
     log_px = _log_conditional(x, similarity, temperature, include_self)
     with torch.no_grad():
         log_py = _log_conditional(y.detach(), similarity, temperature, include_self)
-        py = log_py.exp()
-        if not include_self:
-            # 0 * log 0 is 0: keep the masked diagonal out of the sum instead of -inf * 0.
-            log_py = log_py.masked_fill(py == 0, 0.0)
-    diff = (log_py - log_px).masked_fill(py == 0, 0.0)
-    return (py * diff).sum(dim=-1)
+    return kl_from_log_conditionals(log_px, log_py)
 
 
 def similarity_kl_vjp(

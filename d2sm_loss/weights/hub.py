@@ -30,9 +30,7 @@ from typing import Any, Union
 
 import torch
 
-__all__ = [
-    "Candidate", "candidates", "describe_search", "download_blocker", "download_hint", "locate", "names_local_source",
-]
+__all__ = ["Candidate", "candidates", "describe_search", "download_blocker", "locate", "names_local_source"]
 
 #: Seconds to wait for the hub's answer before a download is given up as impossible.
 PROBE_TIMEOUT_S = 5.0
@@ -246,19 +244,3 @@ def download_blocker(cfg: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_S) -
         except (OSError, ValueError) as error:
             return error
     return None
-
-
-def download_hint(name: str, error: BaseException, searched: str = "") -> str:
-    """The error for weights that are neither on this machine nor downloadable: what failed, where
-    they were looked for, a constructor line that works offline, and how to pass a file."""
-    from .checkpoints import offline_alternatives
-
-    detail = str(error).splitlines()[0] if str(error) else "no network?"
-    looked = f" Not found on this machine either: looked in {searched}." if searched else ""
-    return (
-        f"could not download pretrained weights for backbone {name!r} ({type(error).__name__}: {detail}).{looked} "
-        f"{offline_alternatives()} Or pass a file: SemanticStatisticsLoss(backbone={name!r}, "
-        "checkpoint='/path/to/file.pth') (timm's format, or a torchvision-style file whose tensors match by "
-        "shape in order), or checkpoint='package:NAME' for a file an installed distribution ships "
-        "(d2sm_loss.packaged_weights)."
-    )
