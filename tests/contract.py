@@ -211,9 +211,9 @@ def _oracle(problem: Problem, similarity: str, include_self: bool, oracle_rows=N
         all_x, all_y = all_x[None], all_y[None]
     else:
         all_x, all_y = x.reshape(-1, n, d), y.reshape(-1, n, d)
-    out_shape = all_x.shape[:-1] if problem.reduction == "none" else ()
+    out_shape = tuple(x.shape[:-1]) if problem.reduction == "none" else ()  # (G, N), or (N,) unbatched
     if oracle_rows is not None and problem.reduction == "none":
-        out_shape = out_shape[1:]
+        out_shape = tuple(all_x.shape[1:-1])
     weight = upstream(out_shape, seed=seed + 1)
     x3, y3 = all_x.double(), all_y.double()  # the rounded inputs
     rows = torch.stack([loop_kl(a, b, similarity, problem.temperature, include_self) for a, b in zip(x3, y3)])
