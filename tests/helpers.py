@@ -1,4 +1,5 @@
-"""Shared test helpers: inputs, a float64 oracle, value-and-gradient, tolerances, asserts.
+"""Shared test helpers: inputs (features, images), small losses, a float64 oracle,
+value-and-gradient, tolerances, the one closeness assertion, tables of bad options.
 
 Imported by the test modules as ``helpers`` (pytest puts ``tests/`` on ``sys.path``, as it
 does for ``conftest.py``). ``conftest.py`` has already set ``TRITON_INTERPRET`` when no
@@ -91,13 +92,14 @@ def upstream(shape: tuple[int, ...], dtype: torch.dtype = torch.float64, *, seed
 
 
 def value_and_grad(
-    fn: Callable[..., Tensor], x: Tensor, y: Tensor, grad_out: Tensor, **kwargs
+    fn: Callable[..., Tensor], x: Tensor, y: Tensor, grad_out: Tensor | None = None, **kwargs
 ) -> tuple[Tensor, Tensor]:
-    """``fn(x, y, **kwargs)`` and ``d <fn(x, y), grad_out> / dx`` (``grad_out`` is cast to the
-    output's dtype)."""
+    """``fn(x, y, **kwargs)`` and ``d <fn(x, y), grad_out> / dx`` on a fresh leaf copy of ``x``
+    (``grad_out`` is cast to the output's dtype; None: the gradient of a scalar output). ``fn``
+    is a function of features or a loss module on images alike."""
     x = x.detach().clone().requires_grad_(True)
     out = fn(x, y, **kwargs)
-    (grad,) = torch.autograd.grad(out, x, grad_out.to(out.dtype))
+    (grad,) = torch.autograd.grad(out, x, None if grad_out is None else grad_out.to(out.dtype))
     return out.detach(), grad
 
 
@@ -180,13 +182,15 @@ def kl_gradient(x: Tensor, y: Tensor, upstream: Tensor, kernel: str, temperature
 
 @dataclass(frozen=True)
 class Tolerance:
-    """``|actual - expected| <= atol + rtol |expected| + row_rtol max_row |expected|``
-    elementwise, where ``max_row`` is the largest magnitude along the last dimension (the
-    row a gradient entry belongs to)."""
+    """``|actual - expected| <= atol + rtol |expected| + row_rtol max_row |expected|
+    + max_rtol max |expected|`` elementwise, where ``max_row`` is the largest magnitude along
+    the last dimension (the row a gradient entry belongs to) and ``max`` the largest in the
+    whole tensor."""
 
     rtol: float = 0.0
     atol: float = 0.0
     row_rtol: float = 0.0
+    max_rtol: float = 0.0
 
 
 def assert_close(actual: Tensor, expected: Tensor, tol: Tolerance, what: str = "") -> None:
@@ -198,6 +202,8 @@ def assert_close(actual: Tensor, expected: Tensor, tol: Tolerance, what: str = "
     bound = tol.atol + tol.rtol * e.abs()
     if tol.row_rtol:
         bound = bound + tol.row_rtol * (e.abs().amax(dim=-1, keepdim=True) if e.dim() else e.abs())
+    if tol.max_rtol:
+        bound = bound + tol.max_rtol * e.abs().max()
     err = (a - e).abs()
     bad = err > bound
     if bad.any():
@@ -253,19 +259,86 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def images(batch=3, channels=3, size=48, seed=0):
-    """A batch of clean images in [0, 1] and restored ones (clean + 0.1 Gaussian noise,
-    clamped) that require grad."""
+# --- images and small losses ------------------------------------------------------------
+
+
+def images(
+    batch: int = 3,
+    channels: int = 3,
+    size: int = 48,
+    seed: int = 0,
+    *,
+    noise: float = 0.1,
+    dtype: torch.dtype = torch.float32,
+    requires_grad: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """A batch of clean images in [0, 1] and restored ones (clean + ``noise`` Gaussian noise,
+    clamped to [0, 1]), drawn in float32 (float64 for ``dtype=torch.float64``) and cast to
+    ``dtype``; the restored batch requires grad unless ``requires_grad=False``."""
     g = torch.Generator().manual_seed(seed)
-    clean = torch.rand(batch, channels, size, size, generator=g)
-    restored = (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
-    return restored.requires_grad_(), clean
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+    clean = torch.rand(batch, channels, size, size, generator=g, dtype=draw)
+    restored = (clean + noise * torch.randn(clean.shape, generator=g, dtype=draw)).clamp(0, 1)
+    return restored.to(dtype).requires_grad_(requires_grad), clean.to(dtype)
 
 
-def conv_loss(**kwargs):
-    """A loss on a small random convolution: features that differ a lot between images."""
-    from d2sm_loss import SemanticStatisticsLoss
+class Scale(nn.Module):
+    """Multiplies its input by ``scale`` (features that overflow, when it is inf)."""
 
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def conv_net(scale: float = 1.0) -> nn.Sequential:
+    """A small random convolution (seed 0): 6 channels at stride 4, then tanh (times
+    ``scale`` when it is not 1): features that differ a lot between images, cheap to run."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
-    return SemanticStatisticsLoss(net, **kwargs)
+    if scale != 1.0:
+        net.append(Scale(scale))
+    return net
+
+
+def conv_loss(net: nn.Module | None = None, **kwargs):
+    """A :class:`~d2sm_loss.SemanticStatisticsLoss` on ``net`` (default :func:`conv_net`)."""
+    from d2sm_loss import SemanticStatisticsLoss
+
+    return SemanticStatisticsLoss(conv_net() if net is None else net, **kwargs)
+
+
+def timm_loss(backbone: str = "resnet10t", **kwargs):
+    """A loss on a randomly initialised timm model; the same seed gives the same weights."""
+    from d2sm_loss import SemanticStatisticsLoss
+
+    kwargs.setdefault("pretrained", False)
+    torch.manual_seed(0)
+    return SemanticStatisticsLoss(backbone, **kwargs)
+
+
+# --- bad options -------------------------------------------------------------------------
+
+#: Options that :func:`~d2sm_loss.similarity_kl` and :class:`~d2sm_loss.SemanticStatisticsLoss`
+#: both take, with a bad value, the error and the message it must match.
+BAD_SHARED_OPTIONS = [
+    ({"similarity": "gauss"}, ValueError, "similarity must be one of"),
+    ({"similarity": 3}, ValueError, "similarity must be one of"),
+    ({"temperature": 0.0}, ValueError, "temperature must be positive"),
+    ({"temperature": -0.1}, ValueError, "temperature must be positive"),
+    ({"temperature": float("inf")}, ValueError, "temperature must be a finite number"),
+    ({"temperature": float("nan")}, ValueError, "temperature must be a finite number"),
+    ({"temperature": True}, TypeError, "temperature must be a number"),
+    ({"temperature": "0.1"}, TypeError, "temperature must be a number"),
+    ({"include_self": 1}, TypeError, "include_self must be a bool"),
+    ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+    ({"implementation": "cuda"}, ValueError, "implementation must be one of"),
+]
+
+
+def option_id(case: tuple) -> str:
+    """A test id for a row of a bad-option table: the option's name and its value."""
+    ((name, value),) = list(case[0].items())[:1]
+    return f"{name}={value!r}"[:40]

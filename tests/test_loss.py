@@ -3,6 +3,7 @@
 Backbones are built with random weights (no network in CI) or from checkpoints written here.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -189,18 +190,25 @@ def test_queue_wraps_around_and_matches_manual_statistic():
         seen_y.append(fy)
 
 
-def test_queue_rows_from_a_different_batch_order_give_same_loss():
-    # The ring buffer's row order must not matter: the mean over rows is order-free.
+def test_queue_rows_in_another_order_give_the_same_loss():
+    # The ring buffer's row order must not matter: the mean over rows is order-free. Training
+    # calls read the queue; noise in its rows must change the value, or the comparison is empty.
     criterion = conv_loss(queue_size=7, pool_size=3)
     for seed in range(3):
         criterion(*images(batch=4, seed=seed))
-    queue = criterion.queues[0]
+    permuted, noisy = copy.deepcopy(criterion), copy.deepcopy(criterion)
+    for queue in permuted.queues:
+        perm = torch.randperm(queue.count)
+        queue.restored[: queue.count] = queue.restored[: queue.count][perm]
+        queue.clean[: queue.count] = queue.clean[: queue.count][perm]
+        queue.rebuild()
+    for queue in noisy.queues:
+        queue.restored[: queue.count] = torch.randn_like(queue.restored[: queue.count])
+        queue.rebuild()
     restored, clean = images(seed=10)
-    before = criterion.eval()(restored, clean)
-    perm = torch.randperm(queue.count)
-    queue.restored[: queue.count] = queue.restored[: queue.count][perm]
-    queue.clean[: queue.count] = queue.clean[: queue.count][perm]
-    torch.testing.assert_close(criterion(restored, clean), before)
+    expected = criterion(restored, clean)
+    torch.testing.assert_close(permuted(restored, clean), expected)
+    assert not torch.allclose(noisy(restored, clean), expected)
 
 
 def test_queue_is_only_updated_in_training_mode():
@@ -224,7 +232,8 @@ def test_queue_survives_save_and_load_into_a_fresh_loss(tmp_path):
     assert fresh.queues[0].count == 8 and fresh.queues[0].position == criterion.queues[0].position
     torch.testing.assert_close(fresh.queues[0].restored, criterion.queues[0].restored)
     restored, clean = images(seed=7)
-    torch.testing.assert_close(fresh.eval()(restored, clean), criterion.eval()(restored, clean))
+    # Training calls read the queue: the loaded one must give the saved one's value.
+    torch.testing.assert_close(fresh(restored, clean), criterion(restored, clean))
     with pytest.raises(ValueError, match="queue_size"):
         conv_loss(queue_size=4, pool_size=2).load_state_dict(criterion.state_dict())
 
