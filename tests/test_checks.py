@@ -13,6 +13,8 @@ from torch import nn
 import d2sm_loss.loss
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl
 
+from helpers import images
+
 
 def conv(scale=1.0):
     torch.manual_seed(0)
@@ -29,12 +31,6 @@ class Scale(nn.Module):
 
     def forward(self, x):
         return x * self.scale
-
-
-def images(batch=3, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.rand(batch, 3, size, size, generator=g)
-    return (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1).requires_grad_(), clean
 
 
 BAD_OPTIONS = [

@@ -8,7 +8,7 @@ from torch import nn
 
 from d2sm_loss import SemanticStatisticsLoss
 
-from helpers import conv_loss, images
+from helpers import conv_loss, images, timm_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
 
@@ -104,11 +104,6 @@ def test_a_stand_alone_feature_extractor_stays_in_eval_mode():
 
 
 # --- backbones chosen by name behave like integer taps -----------------------------------
-
-
-def timm_loss(name, **kwargs):
-    torch.manual_seed(0)
-    return SemanticStatisticsLoss(name, pretrained=False, **kwargs)
 
 
 @pytest.mark.parametrize("layers", [["blocks.3"], ["blocks.3.mlp.fc2"], [3]])

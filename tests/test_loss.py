@@ -17,16 +17,9 @@ from torch import nn
 from d2sm_loss import SemanticStatisticsLoss, similarity_kl
 from d2sm_loss.rows import feature_rows
 
-from helpers import conv_loss, images
+from helpers import conv_loss, images, timm_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:SemanticStatisticsLoss. backbone .* has random weights")
-
-
-def make(backbone="resnet10t", **kwargs):
-    """A loss on a randomly initialised timm model; the same seed gives the same weights."""
-    kwargs.setdefault("pretrained", False)
-    torch.manual_seed(0)
-    return SemanticStatisticsLoss(backbone, **kwargs)
 
 
 SHARP = {"similarity": "softmax", "temperature": 0.05}  # random-weight features differ little: sharpen
@@ -43,7 +36,7 @@ FAMILIES = {
 @pytest.mark.parametrize("granularity", ["image", "patch", "location"])
 def test_every_granularity_on_several_families(family, granularity):
     torch.manual_seed(0)
-    criterion = make(family, granularity=granularity, patch_size=32, patch_stride=16, similarity="softmax",
+    criterion = timm_loss(family, granularity=granularity, patch_size=32, patch_stride=16, similarity="softmax",
                      temperature=0.05, **FAMILIES[family])
     clean = images(batch=2, size=64, seed=0)[1]
     restored = images(batch=2, size=64, seed=1)[1].requires_grad_()
@@ -70,7 +63,7 @@ def test_every_granularity_on_several_families(family, granularity):
 
 
 def test_location_granularity_is_the_mean_of_per_image_groups():
-    criterion = make("resnet10t", layers=[2], granularity="location", implementation="reference", **SHARP)
+    criterion = timm_loss("resnet10t", layers=[2], granularity="location", implementation="reference", **SHARP)
     restored, clean = images(batch=2, size=40)
     with torch.no_grad():
         fx = criterion._extractor(restored)[0]
@@ -81,7 +74,7 @@ def test_location_granularity_is_the_mean_of_per_image_groups():
 
 
 def test_patch_granularity_cuts_crops():
-    criterion = make("resnet10t", layers=[1], granularity="patch", patch_size=16, patch_stride=8, pool_size=1, **SHARP)
+    criterion = timm_loss("resnet10t", layers=[1], granularity="patch", patch_size=16, patch_stride=8, pool_size=1, **SHARP)
     restored, clean = images(batch=2, size=32)
     crops_r = restored.unfold(2, 16, 8).unfold(3, 16, 8).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 16, 16)
     crops_c = clean.unfold(2, 16, 8).unfold(3, 16, 8).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 16, 16)
@@ -97,17 +90,17 @@ def test_patch_granularity_cuts_crops():
 def test_layers_by_index_and_by_name_and_weighted_sum():
     restored, clean = images()
     restored = images(seed=5)[1]
-    by_index = make("resnet10t", layers=[1, -1], granularity="location", **SHARP)
+    by_index = timm_loss("resnet10t", layers=[1, -1], granularity="location", **SHARP)
     assert by_index.layers == ["layer1", "layer4"]
-    by_name = make("resnet10t", layers=["layer1", "layer4"], granularity="location", **SHARP)
+    by_name = timm_loss("resnet10t", layers=["layer1", "layer4"], granularity="location", **SHARP)
     value = by_index(restored, clean)
     assert value > 1e-4
     torch.testing.assert_close(value, by_name(restored, clean), rtol=1e-6, atol=0)
-    inner = make("resnet10t", layers=["layer2.0.conv1"])  # a node inside a block
+    inner = timm_loss("resnet10t", layers=["layer2.0.conv1"])  # a node inside a block
     assert inner.layers == ["layer2.0.conv1"] and torch.isfinite(inner(restored, clean))
-    weighted = make("resnet10t", layers=[1, 2], layer_weights=[0.25, 2.0], granularity="location", **SHARP)
-    first = make("resnet10t", layers=[1], granularity="location", **SHARP)
-    second = make("resnet10t", layers=[2], granularity="location", **SHARP)
+    weighted = timm_loss("resnet10t", layers=[1, 2], layer_weights=[0.25, 2.0], granularity="location", **SHARP)
+    first = timm_loss("resnet10t", layers=[1], granularity="location", **SHARP)
+    second = timm_loss("resnet10t", layers=[2], granularity="location", **SHARP)
     a, b = first(restored, clean), second(restored, clean)
     assert a > 1e-4 and b > 1e-4
     torch.testing.assert_close(weighted(restored, clean), 0.25 * a + 2.0 * b, rtol=1e-6, atol=0)
@@ -142,7 +135,7 @@ def test_user_module_backbone():
 
 
 def test_backbone_is_frozen_out_of_parameters_and_state_dict():
-    criterion = make("resnet10t", queue_size=4)
+    criterion = timm_loss("resnet10t", queue_size=4)
     model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1))
     model.criterion = criterion
     model.train()
@@ -157,7 +150,7 @@ def test_backbone_is_frozen_out_of_parameters_and_state_dict():
 
 
 def test_restored_features_get_gradient_but_clean_pass_builds_no_graph():
-    criterion = make("resnet10t")
+    criterion = timm_loss("resnet10t")
     restored, clean = images()
     clean.requires_grad_()
     criterion(restored, clean).backward()
@@ -212,7 +205,7 @@ def test_queue_rows_in_another_order_give_the_same_loss():
 
 
 def test_queue_is_only_updated_in_training_mode():
-    criterion = make("resnet10t", queue_size=6, pool_size=1)
+    criterion = timm_loss("resnet10t", queue_size=6, pool_size=1)
     criterion.eval()
     criterion(*images())
     assert criterion.queues[0].count == 0
@@ -260,7 +253,7 @@ def test_queue_is_not_updated_without_gradients_and_training_continues_after_inf
 
 
 def test_queues_advance_only_when_every_layer_succeeds():
-    criterion = make("resnet10t", layers=[1, 2], queue_size=4, pool_size=1)
+    criterion = timm_loss("resnet10t", layers=[1, 2], queue_size=4, pool_size=1)
     criterion(*images())
     assert [q.count for q in criterion.queues] == [3, 3]
     criterion.queues[1].restored = criterion.queues[1].restored[:, :5]  # the second layer's check fails
@@ -277,10 +270,10 @@ def test_batch_of_one_trains_with_a_queue_and_is_an_error_without():
     assert value.item() == 0.0 and value.requires_grad and criterion.queues[0].count == 1
     with pytest.raises(ValueError, match="single image .*queue_size=0"):
         conv_loss(pool_size=2)(*images(batch=1))
-    patches = make("resnet10t", granularity="patch", patch_size=32)
+    patches = timm_loss("resnet10t", granularity="patch", patch_size=32)
     with pytest.raises(ValueError, match="single crop"):
         patches(*images(batch=1, size=40))  # one 32 x 32 crop
-    location = make("resnet10t", granularity="location")
+    location = timm_loss("resnet10t", granularity="location")
     with pytest.raises(ValueError, match="single location"):
         location(*images(size=32))  # the /32 tap of a 32 x 32 image is 1 x 1
 
@@ -300,24 +293,24 @@ def test_user_module_returning_several_maps_uses_each_with_its_weight():
 
 def test_vit_tokens_by_name_lie_on_the_patch_grid_without_class_token():
     # The block's last graph node (traced), against the same block as a feature tap.
-    by_name = make("vit_tiny_patch16_224", layers=["blocks.5.add_1"], granularity="location")
-    by_index = make("vit_tiny_patch16_224", layers=[5], granularity="location")
+    by_name = timm_loss("vit_tiny_patch16_224", layers=["blocks.5.add_1"], granularity="location")
+    by_index = timm_loss("vit_tiny_patch16_224", layers=[5], granularity="location")
     assert by_name._extractor._select is not None and by_index._extractor._select is None
     x = torch.rand(2, 3, 224, 224)
     named, indexed = by_name._extractor(x)[0], by_index._extractor(x)[0]
     assert named.shape == (2, 192, 14, 14)  # 196 patch tokens, the class token dropped
     torch.testing.assert_close(named, indexed)
-    pooled = make("vit_tiny_patch16_224", layers=["blocks.5"], pool_size=2)
+    pooled = timm_loss("vit_tiny_patch16_224", layers=["blocks.5"], pool_size=2)
     assert feature_rows(pooled._extractor(x)[0], pooled.granularity, pooled.pool_size).shape == (2, 192 * 4)
 
 
 @pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")
 def test_channels_last_timm_maps_are_permuted():
-    extractor = make("swin_tiny_patch4_window7_224", layers=["layers.2"])._extractor
+    extractor = timm_loss("swin_tiny_patch4_window7_224", layers=["layers.2"])._extractor
     (features,) = extractor(torch.rand(1, 3, 224, 224))
     assert features.shape == (1, 384, 14, 14) and extractor.reductions == [16]
     info = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True).feature_info
-    (deepest,) = make("swin_tiny_patch4_window7_224")._extractor(torch.rand(1, 3, 224, 224))
+    (deepest,) = timm_loss("swin_tiny_patch4_window7_224")._extractor(torch.rand(1, 3, 224, 224))
     assert deepest.shape == (1, info.channels()[-1], 7, 7)
 
 
@@ -356,7 +349,7 @@ def test_batch_of_one_with_queue_works_after_first_step():
 
 
 def test_constant_and_black_images_are_finite():
-    criterion = make("resnet10t", granularity="location", layers=[1])
+    criterion = timm_loss("resnet10t", granularity="location", layers=[1])
     for value in (0.0, 1.0):
         restored = torch.full((2, 3, 32, 32), value, requires_grad=True)
         clean = torch.rand(2, 3, 32, 32)
@@ -367,7 +360,7 @@ def test_constant_and_black_images_are_finite():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_on_cpu(dtype):
-    criterion = make("resnet10t", layers=[2], granularity="location", **SHARP)
+    criterion = timm_loss("resnet10t", layers=[2], granularity="location", **SHARP)
     restored, clean = images()
     full = criterion(restored, clean)
     assert full > 1e-4
@@ -398,7 +391,7 @@ def test_grayscale_and_input_range():
 
 
 def test_out_of_range_values_warn_once():
-    criterion = make("resnet10t")
+    criterion = timm_loss("resnet10t")
     restored, clean = images()
     with pytest.warns(UserWarning, match="outside input_range") as record:
         criterion(restored * 3, clean)
@@ -408,7 +401,7 @@ def test_out_of_range_values_warn_once():
 
 
 def test_non_finite_inputs_raise_unless_checks_are_off():
-    criterion = make("resnet10t")
+    criterion = timm_loss("resnet10t")
     restored, clean = images()
     bad = restored.detach().clone()
     bad[0, 0, 0, 0] = float("nan")
@@ -418,7 +411,7 @@ def test_non_finite_inputs_raise_unless_checks_are_off():
     inf[1, 2, 3, 4] = float("inf")
     with pytest.raises(ValueError, match="clean contains NaN or inf"):
         criterion(restored, inf)
-    make("resnet10t", check_inputs=False)(restored, clean)  # runs without the check
+    timm_loss("resnet10t", check_inputs=False)(restored, clean)  # runs without the check
 
 
 @pytest.mark.parametrize(
@@ -435,15 +428,15 @@ def test_non_finite_inputs_raise_unless_checks_are_off():
     ],
 )
 def test_bad_images(restored, clean, error, match):
-    criterion = make("resnet10t")  # deepest tap has reduction 32
+    criterion = timm_loss("resnet10t")  # deepest tap has reduction 32
     with pytest.raises(error, match=match):
         criterion(restored, clean)
 
 
 def test_patch_larger_than_image_and_vit_size():
     with pytest.raises(ValueError, match="too small for patch_size=64"):
-        make("resnet10t", granularity="patch", patch_size=64)(*images(size=48))
-    vit = make("vit_tiny_patch16_224", granularity="location")
+        timm_loss("resnet10t", granularity="patch", patch_size=64)(*images(size=48))
+    vit = timm_loss("vit_tiny_patch16_224", granularity="location")
     with pytest.raises(ValueError, match="exactly 224x224"):
         vit(*images(size=64))
 
@@ -474,7 +467,7 @@ def test_patch_larger_than_image_and_vit_size():
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        make("resnet10t", **kwargs)
+        timm_loss("resnet10t", **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -488,12 +481,12 @@ def test_bad_options(kwargs, match):
 )
 def test_bad_option_types(kwargs, match):
     with pytest.raises(TypeError, match=match):
-        make("resnet10t", **kwargs)
+        timm_loss("resnet10t", **kwargs)
 
 
 def test_unknown_backbone_name():
     with pytest.raises(ValueError, match="not a timm model name.*resnet50"):
-        make("resnet05")
+        timm_loss("resnet05")
     with pytest.raises(TypeError, match="backbone must be"):
         SemanticStatisticsLoss(42)
 
@@ -581,7 +574,7 @@ def test_default_layer_is_vgg19_conv5_4_before_its_relu():
     with torch.no_grad():
         (features,) = criterion.feature_maps(restored)
     assert (features < 0).any()  # not a post-ReLU map
-    assert make("resnet10t").layers == ["layer4"]  # other backbones: the deepest tap
+    assert timm_loss("resnet10t").layers == ["layer4"]  # other backbones: the deepest tap
 
 
 def test_rows_and_statistic_are_the_forward_and_leave_the_queue_alone():

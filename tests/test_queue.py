@@ -5,16 +5,18 @@ The reference is :func:`d2sm_loss.similarity_kl` with ``implementation="referenc
 the batch rows followed by the queue's filled rows, recomputed from scratch every step.
 """
 
+import functools
 import math
 import warnings
 
 import pytest
 import torch
-from torch import nn
 
-from d2sm_loss import SemanticStatisticsLoss, similarity_kl
+from d2sm_loss import similarity_kl
 from d2sm_loss.ops.incremental import pairwise_log_similarities
 from d2sm_loss.queue import FeatureQueue
+
+import helpers
 
 D = 13  # an awkward feature width
 
@@ -157,18 +159,9 @@ def test_unfilled_slots_are_ignored_exactly():
 # -- through the loss ------------------------------------------------------------------
 
 
-def conv_loss(**kwargs):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 6, 5, stride=4), nn.Tanh())
-    kwargs.setdefault("pool_size", 2)
-    return SemanticStatisticsLoss(net, **kwargs)
-
-
-def images(batch=3, size=24, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.rand(batch, 3, size, size, generator=g, dtype=torch.float64)
-    restored = (clean + 0.2 * torch.randn(clean.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-    return restored.to(dtype).requires_grad_(), clean.to(dtype)
+#: The loss and images of this file: pool_size 2 by default; 24-pixel images, noise 0.2.
+conv_loss = functools.partial(helpers.conv_loss, pool_size=2)
+images = functools.partial(helpers.images, size=24, noise=0.2)
 
 
 def loss_step(criterion, restored, clean):
