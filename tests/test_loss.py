@@ -3,7 +3,6 @@
 Backbones are built with random weights (no network in CI) or from checkpoints written here.
 """
 
-import copy
 import os
 import subprocess
 import sys
@@ -157,127 +156,6 @@ def test_restored_features_get_gradient_but_clean_pass_builds_no_graph():
     assert restored.grad is not None and clean.grad is None
 
 
-def test_queue_wraps_around_and_matches_manual_statistic():
-    k, batch = 5, 3
-    criterion = conv_loss(queue_size=k, pool_size=2, similarity="softmax", implementation="reference")
-    seen_x, seen_y = [], []
-    for step in range(4):
-        restored, clean = images(batch=batch, seed=step)
-        restored = images(batch=batch, seed=100 + step)[1]  # unrelated images: a clearly non-zero loss
-        with torch.no_grad():
-            fx = nn.functional.adaptive_avg_pool2d(criterion._extractor(restored)[0], 2).flatten(1)
-            fy = nn.functional.adaptive_avg_pool2d(criterion._extractor(clean)[0], 2).flatten(1)
-        past_x = torch.cat(seen_x)[-k:] if seen_x else fx[:0]
-        past_y = torch.cat(seen_y)[-k:] if seen_y else fy[:0]
-        loss = criterion(restored, clean)
-        queue = criterion.queues[0]
-        assert queue.count == min(batch * (step + 1), k)
-        # The statistic is over the current batch plus the filled queue rows.
-        stored_x, stored_y = queue.rows()
-        assert sorted(map(tuple, stored_x.tolist())) == sorted(map(tuple, torch.cat(seen_x + [fx])[-k:].tolist()))
-        expected = similarity_kl(torch.cat([fx, past_x]), torch.cat([fy, past_y]), similarity="softmax", implementation="reference")
-        assert loss > 1e-4
-        # float32: the KL is a small difference of O(1) logarithms, both paths round at ~1e-7
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
-        seen_x.append(fx)
-        seen_y.append(fy)
-
-
-def test_queue_rows_in_another_order_give_the_same_loss():
-    # The ring buffer's row order must not matter: the mean over rows is order-free. Training
-    # calls read the queue; noise in its rows must change the value, or the comparison is empty.
-    criterion = conv_loss(queue_size=7, pool_size=3)
-    for seed in range(3):
-        criterion(*images(batch=4, seed=seed))
-    permuted, noisy = copy.deepcopy(criterion), copy.deepcopy(criterion)
-    for queue in permuted.queues:
-        perm = torch.randperm(queue.count)
-        queue.restored[: queue.count] = queue.restored[: queue.count][perm]
-        queue.clean[: queue.count] = queue.clean[: queue.count][perm]
-        queue.rebuild()
-    for queue in noisy.queues:
-        queue.restored[: queue.count] = torch.randn_like(queue.restored[: queue.count])
-        queue.rebuild()
-    restored, clean = images(seed=10)
-    expected = criterion(restored, clean)
-    torch.testing.assert_close(permuted(restored, clean), expected)
-    assert not torch.allclose(noisy(restored, clean), expected)
-
-
-def test_queue_is_only_updated_in_training_mode():
-    criterion = timm_loss("resnet10t", queue_size=6, pool_size=1)
-    criterion.eval()
-    criterion(*images())
-    assert criterion.queues[0].count == 0
-    criterion.train()
-    criterion(*images())
-    assert criterion.queues[0].count == 3
-
-
-def test_queue_survives_save_and_load_into_a_fresh_loss(tmp_path):
-    criterion = conv_loss(queue_size=8, pool_size=2, save_queue=True)
-    for seed in range(3):
-        criterion(*images(seed=seed))
-    path = tmp_path / "loss.pt"
-    torch.save(criterion.state_dict(), path)
-    fresh = conv_loss(queue_size=8, pool_size=2)
-    fresh.load_state_dict(torch.load(path))
-    assert fresh.queues[0].count == 8 and fresh.queues[0].position == criterion.queues[0].position
-    torch.testing.assert_close(fresh.queues[0].restored, criterion.queues[0].restored)
-    restored, clean = images(seed=7)
-    # Training calls read the queue: the loaded one must give the saved one's value.
-    torch.testing.assert_close(fresh(restored, clean), criterion(restored, clean))
-    with pytest.raises(ValueError, match="queue_size"):
-        conv_loss(queue_size=4, pool_size=2).load_state_dict(criterion.state_dict())
-
-
-def test_feature_size_change_is_a_clear_error_and_reset_recovers():
-    criterion = conv_loss(queue_size=4)
-    criterion(*images(size=48))
-    with pytest.raises(ValueError, match="image or patch size changed"):
-        criterion(*images(size=64))
-    criterion.reset_queue()
-    assert torch.isfinite(criterion(*images(size=64)))
-
-
-def test_queue_is_not_updated_without_gradients_and_training_continues_after_inference_mode():
-    criterion = conv_loss(queue_size=6, pool_size=2)
-    with torch.no_grad():
-        criterion(*images())
-    with torch.inference_mode():
-        criterion(*images(seed=1))
-    assert criterion.queues[0].count == 0  # validation-style calls leave the queue alone
-    restored, clean = images(seed=2)
-    criterion(restored, clean).backward()
-    assert criterion.queues[0].count == 3 and restored.grad.abs().sum() > 0
-
-
-def test_queues_advance_only_when_every_layer_succeeds():
-    criterion = timm_loss("resnet10t", layers=[1, 2], queue_size=4, pool_size=1)
-    criterion(*images())
-    assert [q.count for q in criterion.queues] == [3, 3]
-    criterion.queues[1].restored = criterion.queues[1].restored[:, :5]  # the second layer's check fails
-    criterion.queues[1].clean = criterion.queues[1].clean[:, :5]
-    with pytest.raises(ValueError, match="image or patch size changed"):
-        criterion(*images(seed=1))
-    assert [q.count for q in criterion.queues] == [3, 3]
-
-
-def test_batch_of_one_trains_with_a_queue_and_is_an_error_without():
-    criterion = conv_loss(queue_size=4, pool_size=2)
-    restored, clean = images(batch=1)
-    value = criterion(restored, clean)  # fills the empty queue: 0, attached to the graph
-    assert value.item() == 0.0 and value.requires_grad and criterion.queues[0].count == 1
-    with pytest.raises(ValueError, match="single image .*queue_size=0"):
-        conv_loss(pool_size=2)(*images(batch=1))
-    patches = timm_loss("resnet10t", granularity="patch", patch_size=32)
-    with pytest.raises(ValueError, match="single crop"):
-        patches(*images(batch=1, size=40))  # one 32 x 32 crop
-    location = timm_loss("resnet10t", granularity="location")
-    with pytest.raises(ValueError, match="single location"):
-        location(*images(size=32))  # the /32 tap of a 32 x 32 image is 1 x 1
-
-
 def test_user_module_returning_several_maps_uses_each_with_its_weight():
     torch.manual_seed(0)
     net = TwoMaps(as_dict=False)
@@ -312,40 +190,6 @@ def test_channels_last_timm_maps_are_permuted():
     info = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True).feature_info
     (deepest,) = timm_loss("swin_tiny_patch4_window7_224")._extractor(torch.rand(1, 3, 224, 224))
     assert deepest.shape == (1, info.channels()[-1], 7, 7)
-
-
-def test_queue_follows_double_and_a_failed_load_changes_nothing():
-    criterion = conv_loss(queue_size=4, pool_size=2, save_queue=True).double()
-    criterion(*(t.double() for t in images()))
-    assert criterion.queues[0].restored.dtype == torch.float64
-    small = conv_loss(queue_size=2, pool_size=2)
-    with pytest.raises(ValueError, match="queue_size"):
-        small.load_state_dict(criterion.state_dict())
-    assert small.queues[0].feature_size is None and small.queues[0].count == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_full_queue_keeps_float32_rows_after_a_low_precision_cast(dtype):
-    criterion = conv_loss(queue_size=4, pool_size=2)
-    for seed in range(2):  # 6 rows: full, the position has wrapped
-        criterion(*images(seed=seed))
-    criterion.to(dtype)  # a low-precision backbone; the queue's buffers are cast with it
-    restored, clean = images(seed=2)
-    value = criterion(restored.to(dtype), clean.to(dtype))
-    queue = criterion.queues[0]
-    assert torch.isfinite(value) and queue.count == 4
-    assert queue.restored.dtype == queue.clean.dtype == torch.float32
-    assert int(queue.position) == (2 + 3) % 4  # 3 rows written from position 2
-
-
-def test_batch_of_one_with_queue_works_after_first_step():
-    criterion = conv_loss(queue_size=4, pool_size=2, similarity="softmax")
-    first = criterion(*images(batch=1, seed=0))
-    assert first.item() == pytest.approx(0.0, abs=1e-7)  # a single row has nothing to compare yet
-    restored, clean = images(batch=1, seed=1)
-    second = criterion(restored, clean)
-    second.backward()
-    assert second > 1e-4 and restored.grad.abs().sum() > 0
 
 
 def test_constant_and_black_images_are_finite():
