@@ -55,12 +55,6 @@ def incremental(queue, x, y, push=True):
     return value.detach(), grad
 
 
-def assert_relative(got, want, tol):
-    scale = want.abs().max()
-    assert scale > 0
-    assert (got - want).abs().max() <= tol * scale, float((got - want).abs().max() / scale)
-
-
 def assert_cache_is_a_rebuild(queue, tol=1e-12):
     names = ("log_x", "log_y", "inverse_x", "inverse_y", "log_zx", "log_zy", "w")
     saved = {name: getattr(queue, name).clone() for name in names}
@@ -94,7 +88,7 @@ def test_incremental_statistic_equals_the_full_one_over_many_steps(similarity, i
             continue
         assert want > 1e-4
         assert abs(got - want) <= 1e-10 * want
-        assert_relative(got_grad, want_grad, 1e-10)
+        helpers.assert_close(got_grad, want_grad, helpers.Tolerance(max_rtol=1e-10))
         compared += 1
         if step % 70 == 69:
             assert_cache_is_a_rebuild(queue)
@@ -115,7 +109,7 @@ def test_float32_incremental_statistic_is_as_close_to_float64_as_the_float32_ref
         # Within float32's tolerance, and no worse than a few times the float32 reference's error.
         error, ref_error = abs(got.double() - want), abs(ref32.double() - want)
         assert error <= max(4 * ref_error, 1e-6 * want + 1e-7), (float(error), float(ref_error))
-        assert_relative(got_grad.double(), want_grad, 1e-4)
+        helpers.assert_close(got_grad.double(), want_grad, helpers.Tolerance(max_rtol=1e-4))
     assert_cache_is_a_rebuild(queue32, tol=1e-5)
 
 
@@ -134,8 +128,8 @@ def test_second_order_derivatives_equal_the_full_statistics():
     value = similarity_kl(torch.cat([x, past_x]), torch.cat([y, past_y]), implementation="reference")
     (ref_grad,) = torch.autograd.grad(value, x, create_graph=True)
     (want,) = torch.autograd.grad((ref_grad * direction).sum(), x)
-    assert_relative(grad.detach(), ref_grad.detach(), 1e-10)
-    assert_relative(got, want, 1e-9)
+    helpers.assert_close(grad.detach(), ref_grad.detach(), helpers.Tolerance(max_rtol=1e-10))
+    helpers.assert_close(got, want, helpers.Tolerance(max_rtol=1e-9))
 
 
 def test_unfilled_slots_are_ignored_exactly():
@@ -189,7 +183,7 @@ def test_loss_with_queue_equals_the_full_statistic(reduction):
         if reduction == "sum":  # the sum over the rows compared: mean times their number
             want, want_grad = want * (batch + count), want_grad * (batch + count)
         assert abs(got - want) <= 1e-10 * want
-        assert_relative(got_grad, want_grad, 1e-10)
+        helpers.assert_close(got_grad, want_grad, helpers.Tolerance(max_rtol=1e-10))
         assert criterion.last_implementation == "incremental"
 
 
@@ -215,7 +209,7 @@ def test_reset_state_dict_round_trips_and_moves_keep_the_statistic_exact(tmp_pat
     for step in range(3):
         got, got_grad, want, want_grad = loss_step(fresh, *images(seed=60 + step, dtype=torch.float64))
         assert abs(got - want) <= 1e-10 * want
-        assert_relative(got_grad, want_grad, 1e-10)
+        helpers.assert_close(got_grad, want_grad, helpers.Tolerance(max_rtol=1e-10))
     # float64 -> float32 -> float64 moves: the cache is rebuilt in the new dtype
     fresh.float()
     assert fresh.queues[0].log_x.dtype == torch.float32
@@ -368,8 +362,8 @@ def test_backward_after_later_pushes_uses_the_rows_of_its_forward():
     g1, g2 = torch.autograd.grad(values[0] + values[1], (x1, x2))
     want1 = incremental(reference, x1, y1)[1]
     want2 = incremental(reference, x2, y2)[1]
-    assert_relative(g1, want1, 1e-12)
-    assert_relative(g2, want2, 1e-12)
+    helpers.assert_close(g1, want1, helpers.Tolerance(max_rtol=1e-12))
+    helpers.assert_close(g2, want2, helpers.Tolerance(max_rtol=1e-12))
 
 
 # -- the module's queues: training calls fill and read them, other calls leave them alone ------

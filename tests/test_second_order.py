@@ -24,7 +24,7 @@ from d2sm_loss.ops import streaming
 from d2sm_loss.ops.reference import similarity_kl_reference, similarity_kl_vjp
 from d2sm_loss.ops.streaming import similarity_kl_streaming
 
-from helpers import features
+from helpers import Tolerance, assert_close, features
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_USABLE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -56,14 +56,6 @@ def _features(groups: int, n: int, d: int, seed: int, dtype: torch.dtype = torch
     return x.requires_grad_(True), y
 
 
-def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
-    """|actual - expected| <= rtol * max|expected| + 1e-12, everywhere."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    err = (actual - expected).abs().max().item()
-    bound = rtol * expected.abs().max().item() + 1e-12
-    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
-
-
 def _second_order(fn, x, y, upstream, direction, **kwargs):
     """First derivative ``g = d<fn(x), w>/dx`` with a graph, and the derivatives of
     ``<g, direction>`` with respect to ``x`` (a Hessian-vector product) and to ``w``."""
@@ -91,7 +83,7 @@ def test_graph_reaches_tensors_before_a_non_contiguous_input(fn) -> None:
         (g,) = torch.autograd.grad(rows.sum(), base, create_graph=True)
         (hvp,) = torch.autograd.grad((g * direction).sum(), base)
         results.append(hvp)
-    _assert_close_scaled(results[0], results[1], 1e-12, "Hessian-vector product")
+    assert_close(results[0], results[1], Tolerance(max_rtol=1e-12, atol=1e-12), "Hessian-vector product")
 
 
 def test_ordinary_backward_keeps_the_streaming_path(monkeypatch) -> None:
@@ -134,9 +126,9 @@ def test_triton_second_order_in_lower_precision(dtype: torch.dtype) -> None:
     ref_g, ref_hvp, ref_dw = _second_order(similarity_kl_reference, x.float(), y.float(), upstream, direction.float(),
                                            **kwargs)
     tol = 1e-6 if dtype == torch.float32 else 2.0**-10
-    _assert_close_scaled(g.float(), ref_g, tol, "first derivative")
-    _assert_close_scaled(hvp.float(), ref_hvp, tol, "Hessian-vector product")
-    _assert_close_scaled(dw, ref_dw, tol, "derivative with respect to the incoming gradient")
+    assert_close(g.float(), ref_g, Tolerance(max_rtol=tol, atol=1e-12), "first derivative")
+    assert_close(hvp.float(), ref_hvp, Tolerance(max_rtol=tol, atol=1e-12), "Hessian-vector product")
+    assert_close(dw, ref_dw, Tolerance(max_rtol=tol, atol=1e-12), "derivative with respect to the incoming gradient")
 
 
 @pytest.mark.parametrize("implementation", ["streaming", pytest.param("triton", marks=needs_triton)])
@@ -151,7 +143,7 @@ def test_public_functional_double_backward(implementation: str) -> None:
         (g,) = torch.autograd.grad(value, x, create_graph=True)
         (hvp,) = torch.autograd.grad((g * direction).sum(), x)
         results.append(hvp)
-    _assert_close_scaled(results[0], results[1], 1e-12, "Hessian-vector product")
+    assert_close(results[0], results[1], Tolerance(max_rtol=1e-12, atol=1e-12), "Hessian-vector product")
 
 
 def test_vjp_helper_needs_x_to_require_grad() -> None:
@@ -173,4 +165,4 @@ def test_streaming_gradient_is_float32_when_backward_runs_inside_autocast(create
         value = (similarity_kl_streaming(x, y, similarity="cosine", temperature=0.1, include_self=True) * upstream).sum()
         (got,) = torch.autograd.grad(value, x, create_graph=create_graph)
     assert got.dtype == torch.float32
-    _assert_close_scaled(got.double(), want, 1e-5, "gradient under autocast")
+    assert_close(got.double(), want, Tolerance(max_rtol=1e-5, atol=1e-12), "gradient under autocast")
