@@ -166,7 +166,7 @@ def triton_unavailable_reason(on_cuda: bool) -> str | None:
 def triton_executed_n2d(mode: str, d: int) -> float | None:
     """FLOPs the Triton kernels execute per group at float32, in units of N^2 D."""
     try:
-        from d2sm_loss.ops.triton_kernels import choose_block_config
+        from d2sm_loss.ops.triton_config import choose_block_config
     except ImportError:  # Triton not installed
         return None
     block_dout = choose_block_config(d, torch.float32, interpreted=False).backward.block_dout

@@ -1,7 +1,7 @@
 """Launch configurations of the Triton kernels, timed side by side at one point.
 
 The kernels take their block sizes from
-:func:`d2sm_loss.ops.triton_kernels.choose_block_config`, a heuristic on D chosen from
+:func:`d2sm_loss.ops.triton_config.choose_block_config`, a heuristic on D chosen from
 ptxas's register report. This script times other candidates against it, one stage at a
 time: ``forward`` (the forward kernel, the backward's configuration left at the default)
 and ``backward`` (the backward kernel after an untimed forward). Every candidate's output
@@ -49,13 +49,14 @@ BACKWARD = [(32, 64, 32, 256, 8, 3), (64, 64, 16, 256, 8, 2), (64, 32, 32, 256, 
 @contextlib.contextmanager
 def block_config(forward: Any = None, backward: Any = None) -> Iterator[None]:
     """Make the kernels launch with ``forward`` / ``backward`` (None: the default) while inside."""
+    from d2sm_loss.ops import triton_config as tc
     from d2sm_loss.ops import triton_kernels as tk
 
     default = tk.choose_block_config
 
     def chosen(d: int, dtype: torch.dtype, interpreted: bool | None = None) -> Any:
         base = default(d, dtype, interpreted)
-        return tk.BlockConfig(forward or base.forward, backward or base.backward)
+        return tc.BlockConfig(forward or base.forward, backward or base.backward)
 
     tk.choose_block_config = chosen
     try:
@@ -125,15 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     results.add_run_arguments(parser, CSV_NAME)
     args = parser.parse_args(argv)
     device, meta = results.start_run(args, parser)
-    from d2sm_loss.ops import triton_kernels as tk
+    from d2sm_loss.ops import triton_config as tc
 
     g, n, d = (2, 40, 24) if args.rehearsal else (args.g, args.n, args.d)
     repeats = 2 if args.rehearsal else args.repeats
     precision = "tf32" if args.tf32 and device.type == "cuda" else "fp32"
-    default = tk.choose_block_config(d, torch.float32)
+    default = tc.choose_block_config(d, torch.float32)
     candidates = {
-        "forward": [tk.ForwardConfig(m, nn, k, w, s) for m, nn, k, w, s in FORWARD[: 2 if args.rehearsal else None]],
-        "backward": [tk.BackwardConfig(m, nn, k, o, w, s) for m, nn, k, o, w, s in BACKWARD[: 2 if args.rehearsal else None]],
+        "forward": [tc.ForwardConfig(m, nn, k, w, s) for m, nn, k, w, s in FORWARD[: 2 if args.rehearsal else None]],
+        "backward": [tc.BackwardConfig(m, nn, k, o, w, s) for m, nn, k, o, w, s in BACKWARD[: 2 if args.rehearsal else None]],
     }
     csv = results.ResultsCSV(args.out / CSV_NAME, FIELDS, KEY)
     torch.manual_seed(0)
