@@ -48,6 +48,7 @@ from helpers import (
     features,
     kl_gradient,
     loop_kl,
+    second_order,
     triton_skip_reason,
     upstream,
     value_and_grad,
@@ -264,18 +265,6 @@ def check_gradcheck(implementation: Implementation, similarity: str, include_sel
     assert torch.autograd.gradcheck(statistic, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def _second_order(statistic, x: Tensor, y: Tensor, upstream_: Tensor, direction: Tensor, **options):
-    """First derivative ``g = d<statistic(x), w>/dx`` with a graph, and the derivatives of
-    ``<g, direction>`` with respect to ``x`` (a Hessian-vector product) and to ``w``."""
-    x = x.detach().clone().requires_grad_(True)
-    w = upstream_.detach().clone().requires_grad_(True)
-    rows = statistic(x, y, **options)
-    (g,) = torch.autograd.grad(rows, x, w, create_graph=True)
-    assert g.requires_grad, "the first derivative carries no graph"
-    hvp, dw = torch.autograd.grad((g * direction).sum(), (x, w))
-    return g.detach(), hvp, dw
-
-
 def check_second_order(implementation: Implementation, similarity: str, include_self: bool) -> None:
     """gradgradcheck on a small input, then second derivatives (with an all-zero row: entries
     of order 1 / NORM_EPS) equal the exact torch path's on the rows the statistic is over."""
@@ -295,9 +284,9 @@ def check_second_order(implementation: Implementation, similarity: str, include_
     gen = torch.Generator().manual_seed(6)
     weight = torch.randn(rows.shape, generator=gen, dtype=F64).to(x.device)
     direction = torch.randn(x.shape, generator=gen, dtype=F64).to(x.device)
-    g, hvp, dw = _second_order(functools.partial(implementation, reduction="none"), x, y, weight, direction, **options)
+    g, hvp, dw = second_order(functools.partial(implementation, reduction="none"), x, y, weight, direction, **options)
     if implementation.oracle_rows is None:
-        ref_g, ref_hvp, ref_dw = _second_order(similarity_kl_reference, x, y, weight, direction, **options)
+        ref_g, ref_hvp, ref_dw = second_order(similarity_kl_reference, x, y, weight, direction, **options)
     else:  # over the call's rows followed by the queue's (constants)
         all_x, all_y = implementation.oracle_rows(x.detach(), y)
         queue_x = all_x[x.shape[0]:]
@@ -305,7 +294,7 @@ def check_second_order(implementation: Implementation, similarity: str, include_
         def exact(a: Tensor, b: Tensor, **kwargs) -> Tensor:
             return similarity_kl_reference(torch.cat([a, queue_x]), all_y, **kwargs)
 
-        ref_g, ref_hvp, ref_dw = _second_order(exact, x, y, weight, direction, **options)
+        ref_g, ref_hvp, ref_dw = second_order(exact, x, y, weight, direction, **options)
     assert hvp.abs().max() > 0 and dw.abs().max() > 0
     tol = Tolerance(atol=1e-12, max_rtol=1e-12)
     assert_close(g, ref_g, tol, "first derivative")

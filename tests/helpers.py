@@ -342,3 +342,15 @@ def option_id(case: tuple) -> str:
     """A test id for a row of a bad-option table: the option's name and its value."""
     ((name, value),) = list(case[0].items())[:1]
     return f"{name}={value!r}"[:40]
+
+
+def second_order(statistic: Callable[..., Tensor], x: Tensor, y: Tensor, upstream_: Tensor, direction: Tensor, **options):
+    """First derivative ``g = d<statistic(x), w>/dx`` with a graph, and the derivatives of
+    ``<g, direction>`` with respect to ``x`` (a Hessian-vector product) and to ``w``."""
+    x = x.detach().clone().requires_grad_(True)
+    w = upstream_.detach().clone().requires_grad_(True)
+    rows = statistic(x, y, **options)
+    (g,) = torch.autograd.grad(rows, x, w, create_graph=True)
+    assert g.requires_grad, "the first derivative carries no graph"
+    hvp, dw = torch.autograd.grad((g * direction).sum(), (x, w))
+    return g.detach(), hvp, dw

@@ -24,7 +24,7 @@ from d2sm_loss.ops import streaming
 from d2sm_loss.ops.reference import similarity_kl_reference, similarity_kl_vjp
 from d2sm_loss.ops.streaming import similarity_kl_streaming
 
-from helpers import Tolerance, assert_close, features
+from helpers import Tolerance, assert_close, features, second_order
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_USABLE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -54,18 +54,6 @@ def _features(groups: int, n: int, d: int, seed: int, dtype: torch.dtype = torch
     """Restored features ``x`` (a leaf requiring grad) and correlated clean features ``y``."""
     x, y = features(groups, n, d, dtype, seed=seed, device=DEVICE)
     return x.requires_grad_(True), y
-
-
-def _second_order(fn, x, y, upstream, direction, **kwargs):
-    """First derivative ``g = d<fn(x), w>/dx`` with a graph, and the derivatives of
-    ``<g, direction>`` with respect to ``x`` (a Hessian-vector product) and to ``w``."""
-    x = x.detach().clone().requires_grad_(True)
-    w = upstream.detach().clone().requires_grad_(True)
-    rows = fn(x, y, **kwargs)
-    (g,) = torch.autograd.grad(rows, x, w, create_graph=True)
-    assert g.requires_grad, "the first derivative carries no graph"
-    hvp, dw = torch.autograd.grad((g * direction).sum(), (x, w))
-    return g.detach(), hvp, dw
 
 
 @pytest.mark.parametrize("fn", IMPLEMENTATIONS)
@@ -121,9 +109,9 @@ def test_triton_second_order_in_lower_precision(dtype: torch.dtype) -> None:
     upstream = torch.randn(2, 9, generator=torch.Generator().manual_seed(14)).to(DEVICE)
     direction = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(15)).to(DEVICE, dtype)
     kwargs = dict(similarity="cosine", temperature=0.1, include_self=True)
-    g, hvp, dw = _second_order(_triton, x, y, upstream, direction, **kwargs)
+    g, hvp, dw = second_order(_triton, x, y, upstream, direction, **kwargs)
     assert g.dtype == dtype and hvp.dtype == dtype
-    ref_g, ref_hvp, ref_dw = _second_order(similarity_kl_reference, x.float(), y.float(), upstream, direction.float(),
+    ref_g, ref_hvp, ref_dw = second_order(similarity_kl_reference, x.float(), y.float(), upstream, direction.float(),
                                            **kwargs)
     tol = 1e-6 if dtype == torch.float32 else 2.0**-10
     assert_close(g.float(), ref_g, Tolerance(max_rtol=tol, atol=1e-12), "first derivative")
