@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import contract
 import pytest
+import torch
+
+from d2sm_loss import similarity_kl
+
+from helpers import BAD_SHARED_OPTIONS, conv_loss, option_id
 
 
 def pytest_generate_tests(metafunc):
@@ -64,3 +69,15 @@ class TestTriton(ContractTests):
 
 class TestQueue(ContractTests):
     implementation = contract.IMPLEMENTATIONS["queue"]
+
+
+@pytest.mark.parametrize("case", BAD_SHARED_OPTIONS, ids=option_id)
+def test_function_and_module_refuse_the_same_bad_options(case):
+    """An option the function and the module share is checked by one rule: the same error and
+    message from :func:`~d2sm_loss.similarity_kl` and from the loss's constructor."""
+    options, error, match = case
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(error, match=match):
+        similarity_kl(x, x + 0.1, **options)
+    with pytest.raises(error, match=match):
+        conv_loss(**options)
